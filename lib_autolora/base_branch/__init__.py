@@ -1,0 +1,6 @@
+"""Base-branch strategies: evaluate the model with every guided LoRA removed."""
+from .batching import batch_size, cat_batches, split_batch
+from .hooks import BatchLayoutError, DeltaHooks
+from .strategies import (STRATEGIES, BatchedStrategy, SequentialStrategy, Strategy, StrategyUnavailable,
+                         SwapStrategy, ToggleStrategy, make_strategy)
+from .auto import choose_strategy

@@ -1,0 +1,188 @@
+"""Ways to evaluate the base model (every guided LoRA removed) while the host keeps the LoRA in.
+
+Each strategy is a context manager that lives for one generation:
+
+    with make_strategy("batched", factors, lora_scale=1.0) as branch:
+        lora_out, base_out = branch.evaluate(forward, lora_args, base_args)   # per model call
+
+`forward(*args)` is the host's model call; args are positional inputs with the batch first.
+On exit (success, exception or interrupt) every hook is removed and every weight is the very
+tensor it was before, bit for bit.
+
+| strategy   | base rows computed by                                  | cost per step           | extra memory        |
+|------------|--------------------------------------------------------|-------------------------|---------------------|
+| batched    | one forward of [LoRA rows; base rows], hooks on base   | one bigger forward      | activations only    |
+| sequential | a second forward with hooks subtracting on every row   | two forwards            | none                |
+| swap       | a second forward over base weights swapped by reference| two forwards, no hooks  | one copy of LoRA'd layers |
+| toggle     | a second forward after restoring the weights in place  | two forwards + 2 copies | one copy (backup)   |
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..factors import LoraFactors
+from .batching import batch_size, cat_batches, split_batch
+from .hooks import DeltaHooks
+
+
+class StrategyUnavailable(RuntimeError):
+    """The strategy cannot run in this host configuration (e.g. swap with a functional LoRA)."""
+
+
+def _base_weights_by_subtraction(module, delta):
+    """W - ΔW in float32, cast back: the base weight when the host gives no exact backup."""
+    weight = (module.weight.detach().float() - delta.delta_weight().to(module.weight.device)).to(module.weight.dtype)
+    bias = None
+    bias_delta = delta.delta_bias()
+    if bias_delta is not None and module.bias is not None:
+        bias = (module.bias.detach().float() - bias_delta.to(module.bias.device)).to(module.bias.dtype)
+    return weight, bias
+
+
+class Strategy:
+    name = "base"
+    needs_merged_weights = False
+
+    def __init__(self, factors: LoraFactors, lora_scale: float = 1.0, *,
+                 weights_merged: bool = True,
+                 base_weights: Optional[Callable] = None):
+        self.factors = factors
+        self.lora_scale = float(lora_scale)
+        self.weights_merged = weights_merged
+        self.base_weights = base_weights or _base_weights_by_subtraction
+        self.hooks = DeltaHooks(factors)
+        self.base_calls = 0  # base-branch evaluations, for tests and the extension's log
+        if self.needs_merged_weights and not weights_merged:
+            raise StrategyUnavailable(
+                f"AutoLoRA: the '{self.name}' strategy needs the LoRA merged into the weights, "
+                f"but the host applies it in the forward pass")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.remove()
+        for delta in self.factors.deltas.values():
+            delta.release()
+        return False
+
+    # The LoRA branch at strength s: the host gives 1x, hooks add (s - 1)x.
+    def _lora_forward(self, forward, args):
+        n = batch_size(args)
+        with self.hooks.rows(n, [(0, n, self.lora_scale - 1.0)]):
+            return forward(*args)
+
+    def evaluate(self, forward, lora_args: tuple, base_args: tuple):
+        lora_out = self._lora_forward(forward, lora_args)
+        return lora_out, self.evaluate_base(forward, base_args)
+
+    def evaluate_base(self, forward, base_args: tuple):
+        raise NotImplementedError
+
+
+class BatchedStrategy(Strategy):
+    name = "batched"
+
+    def evaluate(self, forward, lora_args, base_args):
+        n_lora, n_base = batch_size(lora_args), batch_size(base_args)
+        args = tuple(cat_batches(a, b) for a, b in zip(lora_args, base_args))
+        with self.hooks.rows(n_lora + n_base, [(0, n_lora, self.lora_scale - 1.0),
+                                               (n_lora, n_lora + n_base, -1.0)]):
+            out = forward(*args)
+        self.base_calls += 1
+        return split_batch(out, n_lora)
+
+    def evaluate_base(self, forward, base_args):
+        return SequentialStrategy.evaluate_base(self, forward, base_args)
+
+
+class SequentialStrategy(Strategy):
+    name = "sequential"
+
+    def evaluate_base(self, forward, base_args):
+        n = batch_size(base_args)
+        with self.hooks.rows(n, [(0, n, -1.0)]):
+            out = forward(*base_args)
+        self.base_calls += 1
+        return out
+
+
+class SwapStrategy(Strategy):
+    """Base weights kept on the device for the whole generation and swapped in by reference."""
+
+    name = "swap"
+    needs_merged_weights = True
+
+    def __enter__(self):
+        super().__enter__()
+        self._base = {}
+        with torch.no_grad():
+            for module, delta in self.factors.nonzero().items():
+                weight, bias = self.base_weights(module, delta)
+                self._base[module] = (torch.nn.Parameter(weight, requires_grad=False),
+                                      None if bias is None else torch.nn.Parameter(bias, requires_grad=False))
+        return self
+
+    def __exit__(self, *exc):
+        self._base = {}
+        return super().__exit__(*exc)
+
+    def evaluate_base(self, forward, base_args):
+        saved = []
+        try:
+            for module, (weight, bias) in self._base.items():
+                saved.append((module, module._parameters["weight"], module._parameters.get("bias")))
+                module._parameters["weight"] = weight
+                if bias is not None:
+                    module._parameters["bias"] = bias
+            out = forward(*base_args)
+        finally:
+            for module, weight, bias in saved:
+                module._parameters["weight"] = weight
+                if "bias" in module._parameters:
+                    module._parameters["bias"] = bias
+        self.base_calls += 1
+        return out
+
+
+class ToggleStrategy(Strategy):
+    """Restore the base weights in place, run, put the LoRA'd weights back: what a quick
+    implementation does each step. Slow on purpose; the tests' oracle and the benchmark baseline."""
+
+    name = "toggle"
+    needs_merged_weights = True
+
+    def evaluate_base(self, forward, base_args):
+        backups = []
+        try:
+            with torch.no_grad():
+                for module, delta in self.factors.nonzero().items():
+                    weight, bias = self.base_weights(module, delta)
+                    backups.append((module, module.weight.detach().clone(),
+                                    None if bias is None else module.bias.detach().clone()))
+                    module.weight.copy_(weight)
+                    if bias is not None:
+                        module.bias.copy_(bias)
+            out = forward(*base_args)
+        finally:
+            with torch.no_grad():
+                for module, weight, bias in backups:
+                    module.weight.copy_(weight)
+                    if bias is not None:
+                        module.bias.copy_(bias)
+        self.base_calls += 1
+        return out
+
+
+STRATEGIES = {cls.name: cls for cls in (BatchedStrategy, SequentialStrategy, SwapStrategy, ToggleStrategy)}
+
+
+def make_strategy(name: str, factors: LoraFactors, lora_scale: float = 1.0, **kwargs) -> Strategy:
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"AutoLoRA: unknown base-branch strategy {name!r}; "
+                         f"choose one of {', '.join(['auto', *STRATEGIES])}") from None
+    return cls(factors, lora_scale, **kwargs)

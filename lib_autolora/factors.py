@@ -1,0 +1,191 @@
+"""What the LoRAs add to one module: low-rank terms or dense deltas, host-free.
+
+A `ModuleDelta` is the sum of the guided LoRAs' contributions to one Linear or Conv2d module.
+Low-rank terms (LoRA, LoCon, with optional Tucker mid) keep their factors so that the base branch
+can subtract `x @ down.T @ up.T` cheaply; types with no low-rank form (LoHa, LoKr, full, ...) are
+carried as an exact dense delta of the weight.
+
+`prepare(device, dtype)` is called once per generation: it casts the factors, folds each term's
+scale into its up factor and concatenates same-shaped low-rank terms into one pair, so that the
+per-step work is one down and one up product per module whatever the number of LoRAs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LowRankTerm:
+    """scale * up @ (mid) @ down; Linear: down (r, in), up (out, r).
+
+    Conv (LoCon): down (r, in, kh, kw) with the module's stride/padding and up (out, r, 1, 1); with a
+    Tucker mid, down is (r, in, 1, 1), mid (r, r, kh, kw) carries the spatial kernel.
+    `scale` = alpha / rank * strength, as the host applies it.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    mid: Optional[torch.Tensor] = None
+    source: str = ""
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta_weight(self) -> torch.Tensor:
+        down, up = self.down.float(), self.up.float()
+        if down.ndim == 2:
+            return (up @ down) * self.scale
+        up2 = up.flatten(1)
+        if self.mid is not None:
+            delta = torch.einsum("or,rskl,si->oikl", up2, self.mid.float(), down.flatten(1))
+        else:
+            delta = (up2 @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+        return delta * self.scale
+
+
+@dataclass
+class DenseTerm:
+    """An exact dense weight delta (and optional bias delta) for types with no low-rank form."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    source: str = ""
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.weight.float()
+
+
+@dataclass
+class ModuleDelta:
+    """Sum of every guided LoRA's contribution to one module (nn.Linear or nn.Conv2d)."""
+
+    kind: str  # "linear" or "conv2d"
+    terms: list = field(default_factory=list)
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    _prepared: Optional[tuple] = field(default=None, repr=False)
+
+    @classmethod
+    def for_module(cls, module: torch.nn.Module) -> "ModuleDelta":
+        if isinstance(module, torch.nn.Conv2d):
+            return cls("conv2d", [], tuple(module.stride), tuple(module.padding),
+                       tuple(module.dilation), module.groups)
+        if isinstance(module, torch.nn.Linear):
+            return cls("linear", [])
+        raise TypeError(f"AutoLoRA: LoRA on {type(module).__name__} modules is not supported "
+                        f"(only Linear and Conv2d)")
+
+    def add(self, term) -> None:
+        self.terms.append(term)
+        self._prepared = None
+
+    @property
+    def is_zero(self) -> bool:
+        return all(isinstance(t, LowRankTerm) and t.scale == 0 for t in self.terms)
+
+    def delta_weight(self) -> torch.Tensor:
+        total = None
+        for term in self.terms:
+            d = term.delta_weight()
+            total = d if total is None else total + d
+        return total
+
+    def delta_bias(self) -> Optional[torch.Tensor]:
+        biases = [t.bias.float() for t in self.terms if isinstance(t, DenseTerm) and t.bias is not None]
+        return sum(biases) if biases else None
+
+    # -- per-generation preparation -------------------------------------------------------------
+    def prepare(self, device, dtype) -> None:
+        """Cast and fuse the factors once, so the per-step path does no Python-side tensor work."""
+        fused, spatial, dense = [], [], None
+        low = [t for t in self.terms if isinstance(t, LowRankTerm) and t.scale != 0]
+        # Terms without a Tucker mid and with equally shaped downs fuse by concatenating ranks.
+        plain = [t for t in low if t.mid is None]
+        by_shape = {}
+        for t in plain:
+            by_shape.setdefault(tuple(t.down.shape[1:]), []).append(t)
+        for terms in by_shape.values():
+            down = torch.cat([t.down.to(device=device, dtype=dtype) for t in terms], 0)
+            up = torch.cat([(t.up.float() * t.scale).to(device=device, dtype=dtype) for t in terms], 1)
+            fused.append((down, up))
+        for t in low:
+            if t.mid is not None:
+                spatial.append((t.down.to(device=device, dtype=dtype), t.mid.to(device=device, dtype=dtype),
+                                (t.up.float() * t.scale).to(device=device, dtype=dtype)))
+        dense_terms = [t for t in self.terms if isinstance(t, DenseTerm)]
+        if dense_terms:
+            w = sum(t.weight.float() for t in dense_terms).to(device=device, dtype=dtype)
+            b = self.delta_bias()
+            dense = (w, None if b is None else b.to(device=device, dtype=dtype))
+        self._prepared = (device, dtype, fused, spatial, dense)
+
+    def release(self) -> None:
+        self._prepared = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The LoRAs' contribution to the module output for input x (the module's own layout)."""
+        if self._prepared is None or self._prepared[1] != x.dtype or self._prepared[0] != x.device:
+            self.prepare(x.device, x.dtype)
+        _, _, fused, spatial, dense = self._prepared
+        out = None
+        if self.kind == "linear":
+            for down, up in fused:
+                y = F.linear(F.linear(x, down), up)
+                out = y if out is None else out.add_(y)
+            if dense is not None:
+                y = F.linear(x, dense[0], dense[1])
+                out = y if out is None else out.add_(y)
+            return out
+        for down, up in fused:
+            h = F.conv2d(x, down, None, self.stride, self.padding, self.dilation, self.groups)
+            y = F.conv2d(h, up)
+            out = y if out is None else out.add_(y)
+        for down, mid, up in spatial:
+            h = F.conv2d(x, down)
+            h = F.conv2d(h, mid, None, self.stride, self.padding, self.dilation)
+            y = F.conv2d(h, up)
+            out = y if out is None else out.add_(y)
+        if dense is not None:
+            y = F.conv2d(x, dense[0], dense[1], self.stride, self.padding, self.dilation, self.groups)
+            out = y if out is None else out.add_(y)
+        return out
+
+
+@dataclass
+class LoraFactors:
+    """The guided LoRAs' deltas keyed by module, plus what could not be mapped (for messages)."""
+
+    deltas: dict = field(default_factory=dict)  # torch module -> ModuleDelta
+    names: dict = field(default_factory=dict)  # torch module -> its name in the model
+    unmatched: list = field(default_factory=list)  # LoRA keys naming modules the model lacks
+    skipped: list = field(default_factory=list)  # (key, reason) for unsupported network types
+
+    def add(self, module: torch.nn.Module, name: str, term) -> None:
+        delta = self.deltas.get(module)
+        if delta is None:
+            delta = self.deltas[module] = ModuleDelta.for_module(module)
+            self.names[module] = name
+        delta.add(term)
+
+    def __len__(self) -> int:
+        return len(self.deltas)
+
+    def nonzero(self) -> dict:
+        return {m: d for m, d in self.deltas.items() if not d.is_zero}
+
+    def only(self, modules) -> "LoraFactors":
+        keep = set(modules)
+        sub = LoraFactors()
+        for m, d in self.deltas.items():
+            if m in keep:
+                sub.deltas[m] = d
+                sub.names[m] = self.names[m]
+        return sub

@@ -1,0 +1,138 @@
+"""LoRA factors and the kohya reader: each term reproduces exactly what merging it does."""
+import pytest
+import torch
+
+from helpers import lora_state_dict, make_model
+from lib_autolora.factors import DenseTerm, LoraFactors, LowRankTerm, ModuleDelta
+from lib_autolora.kohya import LoraMismatchError, factors_from_kohya, merge_into
+
+
+def _check_module_delta(module, delta, x, atol=1e-5):
+    """delta.forward(x) must equal module_with_merged_weight(x) - module(x)."""
+    plain = module(x)
+    merged = type(module).__new__(type(module))
+    merged.__dict__ = {**module.__dict__, "_parameters": dict(module._parameters)}
+    merged._parameters["weight"] = torch.nn.Parameter(module.weight + delta.delta_weight().to(module.weight.dtype))
+    if delta.delta_bias() is not None:
+        merged._parameters["bias"] = torch.nn.Parameter(module.bias + delta.delta_bias())
+    torch.testing.assert_close(delta.forward(x), merged(x) - plain, atol=atol, rtol=1e-4)
+    assert (merged(x) - plain).abs().max() > 10 * atol  # the delta is not negligible
+
+
+def test_linear_low_rank_and_fused_terms():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 24)
+    d = ModuleDelta.for_module(lin)
+    d.add(LowRankTerm(torch.randn(4, 16), torch.randn(24, 4), scale=0.5))
+    d.add(LowRankTerm(torch.randn(2, 16), torch.randn(24, 2), scale=-1.25))  # a second LoRA
+    _check_module_delta(lin, d, torch.randn(3, 5, 16))
+    d.prepare(torch.device("cpu"), torch.float32)
+    assert len(d._prepared[2]) == 1  # both terms fused into one down/up pair
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_conv_locon(kernel, stride, padding):
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(8, 12, kernel, stride=stride, padding=padding)
+    d = ModuleDelta.for_module(conv)
+    d.add(LowRankTerm(torch.randn(4, 8, kernel, kernel), torch.randn(12, 4, 1, 1), scale=0.3))
+    _check_module_delta(conv, d, torch.randn(2, 8, 9, 9), atol=1e-4)
+
+
+def test_conv_locon_tucker_mid():
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(8, 12, 3, padding=1)
+    d = ModuleDelta.for_module(conv)
+    d.add(LowRankTerm(torch.randn(4, 8, 1, 1), torch.randn(12, 4, 1, 1), scale=0.2, mid=torch.randn(4, 4, 3, 3)))
+    _check_module_delta(conv, d, torch.randn(2, 8, 7, 7), atol=1e-4)
+
+
+def test_dense_terms_linear_and_conv():
+    torch.manual_seed(3)
+    lin, conv = torch.nn.Linear(6, 5), torch.nn.Conv2d(3, 4, 3, padding=1)
+    dl, dc = ModuleDelta.for_module(lin), ModuleDelta.for_module(conv)
+    dl.add(DenseTerm(torch.randn(5, 6) * 0.3, torch.randn(5) * 0.1))
+    dc.add(DenseTerm(torch.randn(4, 3, 3, 3) * 0.3))
+    _check_module_delta(lin, dl, torch.randn(2, 6))
+    _check_module_delta(conv, dc, torch.randn(2, 3, 6, 6), atol=1e-4)
+
+
+def test_unsupported_module_type_is_a_clear_error():
+    with pytest.raises(TypeError, match="GroupNorm"):
+        ModuleDelta.for_module(torch.nn.GroupNorm(2, 4))
+
+
+def _dense_lycoris_sd(name, module, g):
+    out_f, in_f = module.weight.shape
+    return {
+        f"{name}.hada_w1_a": torch.randn(out_f, 2, generator=g), f"{name}.hada_w1_b": torch.randn(2, in_f, generator=g),
+        f"{name}.hada_w2_a": torch.randn(out_f, 2, generator=g), f"{name}.hada_w2_b": torch.randn(2, in_f, generator=g),
+        f"{name}.alpha": torch.tensor(1.0),
+    }
+
+
+def test_kohya_reader_matches_merging_for_lora_loha_lokr_full():
+    model = make_model(0)
+    mods = model.kohya_modules()
+    g = torch.Generator().manual_seed(5)
+    sd = lora_state_dict(model, seed=3, only=["to_q", "conv_in", "fc1"])
+    sd.update(_dense_lycoris_sd("lora_unet_mid_attn_to_k", mods["lora_unet_mid_attn_to_k"][1], g))
+    w = mods["lora_unet_mid_attn_to_out"][1].weight
+    sd["lora_unet_mid_attn_to_out.lokr_w1"] = torch.randn(2, 4, generator=g)
+    sd["lora_unet_mid_attn_to_out.lokr_w2"] = torch.randn(w.shape[0] // 2, w.shape[1] // 4, generator=g)
+    sd["lora_unet_time_1.diff"] = torch.randn_like(mods["lora_unet_time_1"][1].weight) * 0.1
+    sd["lora_unet_time_1.diff_b"] = torch.randn_like(mods["lora_unet_time_1"][1].bias) * 0.1
+    factors = factors_from_kohya(sd, mods, strength=0.7)
+    kinds = {factors.names[m]: type(d.terms[0]).__name__ for m, d in factors.deltas.items()}
+    assert kinds["mid_attn.to_k"] == "DenseTerm" and kinds["mid_attn.to_out"] == "DenseTerm"
+    assert kinds["time_1"] == "DenseTerm" and kinds["mid_attn.to_q"] == "LowRankTerm"
+    for module, delta in factors.deltas.items():
+        if isinstance(module, torch.nn.Linear):
+            _check_module_delta(module, delta, torch.randn(2, 3, module.in_features), atol=1e-4)
+        else:
+            _check_module_delta(module, delta, torch.randn(2, module.in_channels, 8, 8), atol=1e-4)
+
+
+def test_strength_and_alpha_scale():
+    model = make_model(0)
+    sd = lora_state_dict(model, rank=4, alpha=2.0, only=["mid_attn_to_q"])
+    (module, delta), = factors_from_kohya(sd, model.kohya_modules(), strength=0.5).deltas.items()
+    expected = sd["lora_unet_mid_attn_to_q.lora_up.weight"] @ sd["lora_unet_mid_attn_to_q.lora_down.weight"] * (2.0 / 4) * 0.5
+    torch.testing.assert_close(delta.delta_weight(), expected)
+
+
+def test_te_and_unet_strengths_are_separate():
+    model = make_model(0)
+    sd = lora_state_dict(model, only=["fc1", "mid_attn_to_q"])
+    f = factors_from_kohya(sd, model.kohya_modules(), strengths={"lora_te": 0.0, "lora_unet": 1.0})
+    by_name = {f.names[m]: d for m, d in f.deltas.items()}
+    assert by_name["fc1"].is_zero and not by_name["mid_attn.to_q"].is_zero
+
+
+def test_lora_naming_missing_modules_is_an_error_not_half_applied():
+    model = make_model(0)
+    sd = lora_state_dict(model, only=["to_q"])
+    sd["lora_unet_input_blocks_1_1_proj_in.lora_down.weight"] = torch.zeros(4, 8)
+    sd["lora_unet_input_blocks_1_1_proj_in.lora_up.weight"] = torch.zeros(8, 4)
+    with pytest.raises(LoraMismatchError, match="input_blocks_1_1_proj_in"):
+        factors_from_kohya(sd, model.kohya_modules())
+    with pytest.warns(UserWarning, match="lacks"):
+        f = factors_from_kohya(sd, model.kohya_modules(), strict=False)
+    assert f.unmatched == ["lora_unet_input_blocks_1_1_proj_in"] and len(f) == 2
+
+
+def test_unsupported_network_type_is_reported():
+    model = make_model(0)
+    sd = {"lora_unet_mid_attn_to_q.weight": torch.ones(64), "lora_unet_mid_attn_to_q.on_input": torch.tensor(1.0)}
+    with pytest.warns(UserWarning, match="IA3"):
+        f = factors_from_kohya(sd, model.kohya_modules())
+    assert len(f) == 0 and f.skipped[0][0] == "lora_unet_mid_attn_to_q"
+
+
+def test_reader_reads_safetensors_file(tmp_path):
+    from helpers import write_lora
+    model = make_model(0)
+    path = write_lora(tmp_path / "l.safetensors", lora_state_dict(model))
+    f = factors_from_kohya(path, model.kohya_modules())
+    assert len(f) == len([1 for n in model.kohya_modules()])
+    assert f.deltas  # every Linear and Conv2d of the UNet and text encoder
