@@ -112,13 +112,16 @@ class KarrasDenoiser(nn.Module):
         self.sigma_data = sigma_data
 
     def forward(self, x, sigma, context):
+        # Preconditioning in the sampler's dtype, the network in its own (as the WebUIs do).
         sd = self.sigma_data
+        dtype = self.unet.conv_in.weight.dtype
         s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
         c_skip = sd ** 2 / (s ** 2 + sd ** 2)
         c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
         c_in = 1 / (s ** 2 + sd ** 2).sqrt()
         c_noise = sigma.log() / 4
-        return c_skip * x + c_out * self.unet(x * c_in, c_noise, context.to(x.dtype))
+        f = self.unet((x * c_in).to(dtype), c_noise, context.to(dtype))
+        return c_skip * x + c_out * f.to(x.dtype)
 
 
 class TinyDiffusionModel(nn.Module):

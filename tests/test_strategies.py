@@ -1,0 +1,145 @@
+"""Every base-branch strategy gives the never-LoRA'd model's output and leaves the weights untouched.
+
+Tolerances: fp32 atol 2e-4 (the base weights of swap/toggle are W - ΔW rounded once; hooks subtract
+in the activation, so both differ from the clean model by float rounding only); fp16 atol 2e-2
+relative to outputs of magnitude ~1 (fp16 has 11 bits of mantissa). Each LoRA moves the output
+by far more than the tolerance (asserted), so a strategy that fails to remove it fails the test.
+"""
+import pytest
+import torch
+
+from helpers import fingerprint, lora_state_dict, make_model, merged_copy
+from lib_autolora.base_branch import STRATEGIES, StrategyUnavailable, make_strategy, BatchLayoutError
+from lib_autolora.kohya import factors_from_kohya
+
+TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
+
+
+def _inputs(dtype, batch=2):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(batch, 1, 8, 8, generator=g).to(dtype)
+    sigma = torch.full((batch,), 1.3)
+    context = torch.randn(batch, 4, 32, generator=g).to(dtype)
+    return x, sigma, context
+
+
+def _setup(dtype, loras=None, guided=None):
+    """clean model, merged model (host state), factors of the guided LoRAs read from the merged model."""
+    clean = make_model(0)
+    loras = loras or [(lora_state_dict(clean, seed=1), 1.0)]
+    merged = merged_copy(0, loras, dtype)
+    factors = None
+    for sd, strength in (guided or loras):
+        factors = factors_from_kohya(sd, merged.kohya_modules(), strength=strength, into=factors)
+    return clean.to(dtype), merged, factors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_base_branch_equals_never_lora_model(name, dtype):
+    clean, merged, factors = _setup(dtype)
+    x, sigma, ctx = _inputs(dtype)
+    before = fingerprint(merged)
+    want_base = clean.denoiser(x, sigma, ctx)
+    want_lora = merged.denoiser(x, sigma, ctx)
+    assert (want_lora - want_base).abs().max() > 20 * TOL[dtype]
+    with make_strategy(name, factors) as branch:
+        lora_out, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
+        assert branch.base_calls == 1
+    torch.testing.assert_close(base_out, want_base, atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(lora_out, want_lora, atol=TOL[dtype], rtol=0)
+    assert fingerprint(merged) == before
+    assert all(not m._forward_hooks for m in merged.modules())
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_lora_scale_in_lora_branch(name):
+    clean, merged, factors = _setup(torch.float32)
+    sd = lora_state_dict(clean, seed=1)
+    half = merged_copy(0, [(sd, 0.5)])
+    x, sigma, ctx = _inputs(torch.float32)
+    with make_strategy(name, factors, lora_scale=0.5) as branch:
+        lora_out, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
+    torch.testing.assert_close(lora_out, half.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
+    torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_two_loras_one_guided(name):
+    clean = make_model(0)
+    a, b = lora_state_dict(clean, seed=1), lora_state_dict(clean, seed=2, conv=False)
+    clean_plus_b = merged_copy(0, [(b, 0.8)])
+    _, merged, factors = _setup(torch.float32, loras=[(a, 1.0), (b, 0.8)], guided=[(a, 1.0)])
+    x, sigma, ctx = _inputs(torch.float32)
+    with make_strategy(name, factors) as branch:
+        _, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
+    # The unguided LoRA stays in both branches.
+    torch.testing.assert_close(base_out, clean_plus_b.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_exception_mid_forward_restores_everything(name):
+    _, merged, factors = _setup(torch.float32)
+    x, sigma, ctx = _inputs(torch.float32)
+    before = fingerprint(merged)
+
+    def failing_forward(*args):
+        merged.denoiser.unet.mid_attn.to_q(torch.randn(args[0].shape[0], 16, 64))  # some layers ran ...
+        raise RuntimeError("out of memory (simulated)")  # ... then the host failed
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        with make_strategy(name, factors) as branch:
+            branch.evaluate(failing_forward, (x, sigma, ctx), (x, sigma, ctx))
+    assert fingerprint(merged) == before
+    assert all(not m._forward_hooks for m in merged.modules())
+    assert all(type(p) is torch.nn.Parameter for p in merged.parameters())
+
+
+def test_functional_host_lora_works_with_hooks_and_refuses_swap():
+    """A host that adds the LoRA in forward (A1111 lora_functional, Forge online) instead of merging."""
+    clean = make_model(0)
+    sd = lora_state_dict(clean, seed=1)
+    host_factors = factors_from_kohya(sd, clean.kohya_modules())
+    handles = [m.register_forward_hook(lambda mod, args, out, d=d: out + d.forward(args[0]))
+               for m, d in host_factors.deltas.items()]
+    before = fingerprint(clean)
+    x, sigma, ctx = _inputs(torch.float32)
+    want_lora = merged_copy(0, [(sd, 1.0)]).denoiser(x, sigma, ctx)
+    factors = factors_from_kohya(sd, clean.kohya_modules())
+    with make_strategy("batched", factors, weights_merged=False) as branch:
+        lora_out, base_out = branch.evaluate(clean.denoiser, (x, sigma, ctx), (x, sigma, ctx))
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(lora_out, want_lora, atol=2e-4, rtol=0)
+    torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
+    assert fingerprint(clean) == before
+    for name in ("swap", "toggle"):
+        with pytest.raises(StrategyUnavailable, match=name):
+            make_strategy(name, factors, weights_merged=False)
+
+
+def test_batched_refuses_a_batch_it_cannot_follow():
+    _, merged, factors = _setup(torch.float32)
+    x, sigma, ctx = _inputs(torch.float32)
+
+    def chunked(x, sigma, ctx):  # a host that splits the batch in halves behind our back
+        return torch.cat([merged.denoiser(x[:2], sigma[:2], ctx[:2]), merged.denoiser(x[2:], sigma[2:], ctx[2:])])
+
+    with pytest.raises(BatchLayoutError, match="expected 4"):
+        with make_strategy("batched", factors) as branch:
+            branch.evaluate(chunked, (x, sigma, ctx), (x, sigma, ctx))
+    assert all(not m._forward_hooks for m in merged.modules())
+
+
+def test_unknown_strategy_lists_choices():
+    with pytest.raises(ValueError, match="batched"):
+        make_strategy("fast", None)
+
+
+def test_text_encoder_base_conditioning():
+    clean, merged, factors = _setup(torch.float32)
+    labels = torch.tensor([3, 10])
+    assert (merged.text_encoder(labels) - clean.text_encoder(labels)).abs().max() > 1e-2
+    with make_strategy("sequential", factors) as branch:
+        base_ctx = branch.evaluate_base(merged.text_encoder, (labels,))
+    torch.testing.assert_close(base_ctx, clean.text_encoder(labels), atol=1e-5, rtol=0)
