@@ -143,3 +143,21 @@ def test_text_encoder_base_conditioning():
     with make_strategy("sequential", factors) as branch:
         base_ctx = branch.evaluate_base(merged.text_encoder, (labels,))
     torch.testing.assert_close(base_ctx, clean.text_encoder(labels), atol=1e-5, rtol=0)
+
+
+def test_shared_down_projection_for_qkv_siblings_is_exact():
+    """to_q/to_k/to_v of one attention block share a down matmul when they read the same input."""
+    from lib_autolora.base_branch.hooks import shared_down_groups
+
+    clean = make_model(0)
+    # A self-attention-like case: q, k, v of the tiny model's mid block have in_features 64 / 32 / 32,
+    # so k and v (both reading the context) form a group; q stays alone.
+    _, merged, factors = _setup(torch.float32)
+    groups = shared_down_groups(factors)
+    names = {factors.names[m] for m in groups}
+    assert {"mid_attn.to_k", "mid_attn.to_v"} <= names and "mid_attn.to_q" not in names
+    x, sigma, ctx = _inputs(torch.float32)
+    with make_strategy("batched", factors) as branch:
+        _, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
+        assert branch.hooks.shared_hits >= 2  # v reused k's down projection in both attention blocks
+    torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)

@@ -5,6 +5,11 @@ the module output already holds 1x the LoRA term. Rows with coef -1 see the base
 coef (s - 1) see the LoRA at strength s. Rows are contiguous slices of the batch, set per forward
 by a `RowPlan`: a slice is a view, so the correction costs two small matmuls per module and no
 gather or copy.
+
+Sibling Linears that read the same input (an attention block's to_q/to_k/to_v on x, or to_k/to_v
+on the context) share one down projection: the first of them to run computes the concatenated
+down for the whole group, the others slice it. Whether the input really is the same is checked
+by tensor identity on every call, so a guess that does not hold only costs the shared matmul.
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from ..factors import LoraFactors
+from ..factors import LoraFactors, ModuleDelta
 
 
 class BatchLayoutError(RuntimeError):
@@ -27,30 +33,111 @@ class RowPlan:
     groups: tuple  # ((start, stop, coef), ...) with coef != 0
 
 
+class SharedDown:
+    """Concatenated down projections of sibling Linears that may read one input tensor."""
+
+    def __init__(self, members):
+        self.members = members  # [(module, delta)]
+        self.down = None
+        self.slices = {}
+
+    def prepare(self, device, dtype):
+        downs, start = [], 0
+        for module, delta in self.members:
+            delta.prepare(device, dtype)
+            (down, _up), = delta._prepared[2]
+            downs.append(down)
+            self.slices[module] = slice(start, start + down.shape[0])
+            start += down.shape[0]
+        self.down = torch.cat(downs, 0)
+
+
+def _single_low_rank_linear(delta: ModuleDelta) -> bool:
+    from ..factors import LowRankTerm
+    if delta.kind != "linear" or not delta.terms:
+        return False
+    low = [t for t in delta.terms if isinstance(t, LowRankTerm) and t.scale != 0]
+    if len(low) != len(delta.terms) or any(t.mid is not None for t in low):
+        return False
+    return len({tuple(t.down.shape[1:]) for t in low}) == 1
+
+
+# Attention projections that read one tensor (ldm/sgm/diffusers, and CLIP's text encoder).
+SHARED_INPUT_NAMES = ("to_q", "to_k", "to_v", "q_proj", "k_proj", "v_proj")
+
+
+def shared_down_groups(factors: LoraFactors) -> dict:
+    """module -> SharedDown for attention projections with the same parent and in_features."""
+    by_parent = {}
+    for module, delta in factors.nonzero().items():
+        if not _single_low_rank_linear(delta):
+            continue
+        name = factors.names.get(module, "")
+        parent, _, leaf = name.rpartition(".")
+        if leaf not in SHARED_INPUT_NAMES:
+            continue
+        by_parent.setdefault((parent, module.in_features), []).append((module, delta))
+    groups = {}
+    for members in by_parent.values():
+        if len(members) > 1:
+            group = SharedDown(members)
+            for module, _ in members:
+                groups[module] = group
+    return groups
+
+
 class DeltaHooks:
     """Forward hooks on every module in `factors`, registered only while a row plan is set, so
     that steps outside the guidance interval (and the host's other model calls) pay nothing."""
 
-    def __init__(self, factors: LoraFactors):
+    def __init__(self, factors: LoraFactors, share_down: bool = True):
         self.factors = factors
         self.handles = []
         self.plan: Optional[RowPlan] = None
         self.calls = 0  # module corrections applied, for tests and logs
+        self.shared_hits = 0  # down projections served from a sibling's shared matmul
+        self._share_down = share_down
+        self._hook_fns = None  # built once per generation, registered per planned forward
+        self._down_cache = {}
+
+    def _build(self):
+        groups = shared_down_groups(self.factors) if self._share_down else {}
+        self._hook_fns = [(module, self._make_hook(module, delta, groups.get(module)))
+                          for module, delta in self.factors.nonzero().items()]
 
     def install(self) -> None:
         if self.handles:
             return
-        for module, delta in self.factors.nonzero().items():
-            self.handles.append(module.register_forward_hook(self._make_hook(module, delta)))
+        if self._hook_fns is None:
+            self._build()
+        self.handles = [module.register_forward_hook(fn) for module, fn in self._hook_fns]
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.handles.clear()
+        self.handles = []
         self.plan = None
+        self._down_cache.clear()
 
-    def _make_hook(self, module, delta):
+    def _make_hook(self, module, delta, group: Optional[SharedDown]):
         name = self.factors.names.get(module, type(module).__name__)
+        cache = self._down_cache
+
+        def correction(x_full, x, rows):
+            if group is None:
+                return delta.forward(x)
+            if group.down is None or group.down.dtype != x.dtype or group.down.device != x.device:
+                group.prepare(x.device, x.dtype)
+            key = (id(group), rows.start, rows.stop)
+            hit = cache.get(key)
+            if hit is not None and hit[0] is x_full:
+                h = hit[1]
+                self.shared_hits += 1
+            else:
+                h = F.linear(x, group.down)
+                cache[key] = (x_full, h)
+            (_down, up), = delta._prepared[2]
+            return F.linear(h[..., group.slices[module]], up)
 
         def hook(_module, args, output):
             plan = self.plan
@@ -63,7 +150,7 @@ class DeltaHooks:
                     f"the host split the batch in a way the base branch cannot follow")
             for start, stop, coef in plan.groups:
                 rows = slice(start, stop)
-                output[rows].add_(delta.forward(x[rows]), alpha=coef)
+                output[rows].add_(correction(x, x[rows], rows), alpha=coef)
             self.calls += 1
             return output
 
