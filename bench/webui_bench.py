@@ -1,0 +1,205 @@
+"""Whole-image benchmark of AutoLoRA in a running WebUI (A1111 or Forge), through its HTTP API.
+
+For each case (checkpoint, LoRA, size, batch) it runs, interleaved round by round:
+plain LoRA generation (AutoLoRA off), AutoLoRA with each base-branch strategy, the `toggle`
+baseline (restore + re-merge the LoRA'd weights every step), and optionally AutoLoRA with a 50 %
+guidance interval. Each AutoLoRA time is divided by the plain time *of the same round* (paired),
+and medians over rounds are printed with the peak GPU memory of each call when the extension's
+diagnostics endpoint reports it.
+
+    python bench/webui_bench.py --url http://127.0.0.1:7861 \
+        --case sd15-512-1:random-sd15.safetensors:random_lora:512:1 --rounds 5 --steps 20
+
+`--smoke` runs one tiny round on a CPU: it checks that every variant returns an image, that the
+base branch ran, and that a plain image after all variants is byte-identical to the one before.
+It makes no timing claims. Standard library only, so it runs beside any WebUI.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import statistics
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+VARIANTS = ("plain", "auto", "batched", "sequential", "swap", "toggle", "batched-interval50")
+
+
+@dataclass
+class Case:
+    name: str
+    checkpoint: str
+    lora: str
+    size: int
+    batch: int
+
+
+@dataclass
+class Measurement:
+    seconds: list = field(default_factory=list)
+    ratios: list = field(default_factory=list)
+    peak_bytes: list = field(default_factory=list)
+
+
+def parse_case(text: str) -> Case:
+    name, ckpt, lora, size, batch = text.split(":")
+    return Case(name, ckpt, lora, int(size), int(batch))
+
+
+def _http(url: str, payload=None, timeout=3600):
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if payload is None else "POST")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def _optional(url, payload=None):
+    try:
+        return _http(url, payload, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 405):
+            return None
+        raise
+
+
+def request_for(case: Case, variant: str, steps: int, seed: int, sampler: str) -> dict:
+    req = {"prompt": f"a photo of a cat <lora:{case.lora}:1>", "negative_prompt": "blurry",
+           "steps": steps, "sampler_name": sampler, "cfg_scale": 7, "seed": seed,
+           "width": case.size, "height": case.size, "batch_size": case.batch, "n_iter": 1,
+           "override_settings": {"sd_model_checkpoint": case.checkpoint},
+           "override_settings_restore_afterwards": False}
+    if variant != "plain":
+        strategy, _, interval = variant.partition("-")
+        args = {"enabled": True, "gamma": 1.5, "strategy": strategy}
+        if interval == "interval50":
+            args.update(start=0.0, end=0.5)
+        req["alwayson_scripts"] = {"AutoLoRA": {"args": [args]}}
+    return req
+
+
+def run_one(url: str, req: dict):
+    """(seconds, sha256 of the first image, diagnostics of the extension or None)."""
+    _optional(f"{url}/autolora/v1/reset-peak", {})
+    t0 = time.perf_counter()
+    out = _http(f"{url}/sdapi/v1/txt2img", req)
+    seconds = time.perf_counter() - t0
+    digest = hashlib.sha256(base64.b64decode(out["images"][0])).hexdigest()
+    return seconds, digest, _optional(f"{url}/autolora/v1/stats")
+
+
+def paired_ratios(plain: list, other: list) -> list:
+    """Round-by-round ratios, so drift of the machine's speed cancels out."""
+    return [o / p for p, o in zip(plain, other)]
+
+
+def summarize(results: dict) -> list:
+    """results[case][variant] = Measurement -> table rows (case, variant, median s, ratio, peak GiB, peak %)."""
+    rows = []
+    for case, by_variant in results.items():
+        plain = by_variant.get("plain")
+        plain_peak = statistics.median(plain.peak_bytes) if plain and plain.peak_bytes else None
+        for variant, m in by_variant.items():
+            peak = statistics.median(m.peak_bytes) if m.peak_bytes else None
+            rows.append({
+                "case": case, "variant": variant,
+                "median_s": statistics.median(m.seconds) if m.seconds else None,
+                "ratio": 1.0 if variant == "plain" else (statistics.median(m.ratios) if m.ratios else None),
+                "peak_gib": None if peak is None else peak / 2 ** 30,
+                "peak_over_plain_pct": None if peak is None or not plain_peak else 100 * (peak / plain_peak - 1),
+            })
+    return rows
+
+
+def format_table(rows: list) -> str:
+    f = lambda v, fmt: "n/a" if v is None else format(v, fmt)
+    lines = ["| case | variant | median s | × plain (paired median) | peak GiB | peak vs plain |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['variant']} | {f(r['median_s'], '.2f')} | {f(r['ratio'], '.2f')}× | "
+                     f"{f(r['peak_gib'], '.2f')} | {f(r['peak_over_plain_pct'], '+.1f')} % |")
+    return "\n".join(lines)
+
+
+def benchmark(url, cases, variants, rounds, steps, sampler, warmup=1, log=print):
+    results = {c.name: {v: Measurement() for v in variants} for c in cases}
+    for case in cases:
+        for r in range(warmup + rounds):
+            # Rotate the order each round so no variant always runs right after another.
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            times = {}
+            for variant in order:
+                seconds, _digest, stats = run_one(url, request_for(case, variant, steps, 1000 + r, sampler))
+                times[variant] = seconds
+                if r >= warmup:
+                    m = results[case.name][variant]
+                    m.seconds.append(seconds)
+                    if stats and stats.get("peak_vram_bytes") is not None:
+                        m.peak_bytes.append(stats["peak_vram_bytes"])
+                log(f"{case.name} round {r}{' (warm-up)' if r < warmup else ''} {variant}: {seconds:.2f} s")
+            if r >= warmup and "plain" in times:
+                for variant in variants:
+                    if variant != "plain":
+                        results[case.name][variant].ratios.append(times[variant] / times["plain"])
+    return results
+
+
+def smoke(url, case, steps, sampler, log=print) -> int:
+    """Correctness only: every variant answers, the base branch ran, plain images are unchanged."""
+    failures = 0
+    _, before, _ = run_one(url, request_for(case, "plain", steps, 7, sampler))
+    for variant in VARIANTS[1:]:
+        try:
+            seconds, digest, stats = run_one(url, request_for(case, variant, steps, 7, sampler))
+        except urllib.error.HTTPError as exc:
+            log(f"FAIL {variant}: HTTP {exc.code} {exc.read()[:300]!r}")
+            failures += 1
+            continue
+        ran = None if stats is None else stats.get("base_calls")
+        ok = digest != before and (ran is None or ran > 0)
+        failures += not ok
+        log(f"{'ok  ' if ok else 'FAIL'} {variant}: {seconds:.1f} s, base-branch calls {ran}, "
+            f"strategy {None if stats is None else stats.get('strategy')}")
+    _, after, _ = run_one(url, request_for(case, "plain", steps, 7, sampler))
+    same = after == before
+    failures += not same
+    log(f"{'ok  ' if same else 'FAIL'} plain image byte-identical after all variants: {same}")
+    log(f"{len(VARIANTS) - failures} passed, {failures} failed")
+    return failures
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--url", default="http://127.0.0.1:7861")
+    ap.add_argument("--case", action="append", type=parse_case, required=True,
+                    help="name:checkpoint:lora:size:batch (repeatable)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sampler", default="Euler")
+    ap.add_argument("--smoke", action="store_true", help="one tiny correctness round, no timing claims")
+    ap.add_argument("--json", help="also write the raw results here")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        return 1 if smoke(args.url, args.case[0], args.steps, args.sampler) else 0
+    variants = [v for v in args.variants.split(",") if v]
+    if "plain" not in variants:
+        variants.insert(0, "plain")
+    results = benchmark(args.url, args.case, variants, args.rounds, args.steps, args.sampler, args.warmup)
+    rows = summarize(results)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"rows": rows, "raw": {c: {v: m.__dict__ for v, m in vs.items()} for c, vs in results.items()}},
+                      fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
