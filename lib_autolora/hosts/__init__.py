@@ -10,7 +10,12 @@ The interface every adapter implements (calls come from the AlwaysOn script):
                                               # returns a notice for the user, or None
     before_sampling(p, **kwargs) -> None      # Forge: patch the UNet's model_options; A1111: no-op
     finish(p) -> None                         # free per-generation state; idempotent
-    register_xyz_axes() -> None               # add AutoLoRA axes to the X/Y/Z plot script
+    register_xyz_axes() -> bool               # add AutoLoRA axes to the X/Y/Z plot script (True: added;
+                                              # falsy: the script retries from on_before_ui)
+
+Shared helpers live in hosts/common.py: an adapter whose start_batch set guidance up calls
+`common.mark_active(p, settings)` (writes the infotext) and keeps its counters in the record from
+`common.DIAGNOSTICS.begin(...)` (served at /autolora/v1/stats: base_calls, guided_steps, strategy, ...).
 """
 from __future__ import annotations
 

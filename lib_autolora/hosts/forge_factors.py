@@ -1,0 +1,233 @@
+"""LoRA factors read from Forge's own patches (`ModelPatcher.lora_patches`).
+
+Forge keeps every LoRA as patch lists on its patchers (the UNet, and the text encoder's
+`clip.patcher`), keyed by the LoRA's identity and the parameter each patch changes:
+
+    patcher.lora_patches = {(filename, strength_patch, strength_model, online_mode):
+                                {"diffusion_model.….weight": [[strength_patch, v, strength_model, offset, function], …]}}
+
+with `v = ("lora", (up, down, alpha, mid, dora_scale))` for LoRA/LoCon (Forge's
+`backend/patcher/lora.py: merge_lora_to_weight` applies them in that order). Offline mode merges
+the patches into the weights and keeps the originals in `model.lora_loader.backup`; online mode
+leaves them on the layer (`forge_online_loras`) and applies them in each forward. Either way the
+module output holds the LoRA term, so the base branch subtracts the guided part with `DeltaHooks`:
+nothing is merged again and no weight is loaded twice.
+
+Per patched parameter, the guided LoRAs' contribution is
+- low-rank terms (LoRA / LoCon / Tucker mid; a fused-QKV `offset` slice pads its up or down factor
+  with zeros) when every patch on that parameter is additive, so merged = W + Σ terms exactly;
+- otherwise one exact dense delta, `merge(all patches) - merge(unguided patches)`, computed by
+  Forge's own `merge_lora_to_weight` (LoHa, LoKr, full/diff, DoRA, GLoRA, patches carrying a
+  `function` or a `strength_model`): right for every type Forge can apply, at the cost of a dense
+  weight for that module, and reported by name.
+
+Nothing here imports Forge: the merge function comes in as an argument, so the hermetic tests
+drive this module with stand-ins that copy Forge's data layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from ..factors import DenseTerm, LoraFactors, LowRankTerm, ModuleDelta
+
+ADDITIVE_TYPES = ("lora", "loha", "lokr", "diff")
+
+
+@dataclass
+class PatchedParam:
+    """Everything known about one patched parameter of a Forge model."""
+
+    key: str
+    module: torch.nn.Module
+    attr: str  # "weight" or "bias"
+    guided: list = field(default_factory=list)  # Forge patch entries of guided LoRAs
+    unguided: list = field(default_factory=list)
+    online: bool = False
+
+
+@dataclass
+class ForgeFactors:
+    """The guided LoRAs' deltas on one Forge model, plus what a swap needs and what was skipped."""
+
+    factors: LoraFactors
+    params: dict  # module -> PatchedParam (weight keys only)
+    online: bool  # some guided patch is applied on the fly (Forge's "online"/fp16 LoRA mode)
+    dense: list  # keys whose guided delta had to be dense
+    skipped: list  # (key, reason)
+    files: set  # guided filenames that contributed at least one patch
+
+    @property
+    def empty(self) -> bool:
+        return not self.factors.nonzero()
+
+    def nbytes(self) -> int:
+        total = 0
+        for delta in self.factors.deltas.values():
+            for term in delta.terms:
+                for t in (getattr(term, "down", None), getattr(term, "up", None), getattr(term, "mid", None),
+                          getattr(term, "weight", None), getattr(term, "bias", None)):
+                    if isinstance(t, torch.Tensor):
+                        total += t.numel() * 4
+        return total
+
+    def message(self, model_label: str) -> Optional[str]:
+        parts = []
+        if self.dense:
+            parts.append(f"{len(self.dense)} {model_label} layer(s) use an exact dense delta (non-low-rank LoRA type "
+                         f"or DoRA), e.g. {self.dense[0]}")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} {model_label} patch(es) could not be removed from the base branch "
+                         f"({self.skipped[0][1]}, e.g. {self.skipped[0][0]})")
+        return "; ".join(parts) or None
+
+
+def _patch_type(v) -> str:
+    if isinstance(v, list):
+        return "nested"
+    if len(v) == 1:
+        return "diff"
+    return v[0] if isinstance(v[0], str) else "unknown"
+
+
+def _is_additive(entry) -> bool:
+    """merge_lora_to_weight adds this patch's delta independently of the weight."""
+    _strength, v, strength_model, _offset, function = entry
+    if strength_model != 1.0 or function is not None:
+        return False
+    kind = _patch_type(v)
+    if kind not in ADDITIVE_TYPES:
+        return False
+    if kind == "lora" and v[1][4] is not None:  # DoRA
+        return False
+    if kind == "lokr" and len(v[1]) > 8 and v[1][8] is not None:
+        return False
+    if kind == "loha" and len(v[1]) > 7 and v[1][7] is not None:
+        return False
+    return True
+
+
+def _low_rank_term(entry, weight_shape, module_kind: str, source: str) -> Optional[LowRankTerm]:
+    """A plain LoRA/LoCon patch as a low-rank term, or None when it has no such form."""
+    strength, v, _strength_model, offset, _function = entry
+    if _patch_type(v) != "lora":
+        return None
+    up, down, alpha, mid, _dora = v[1]
+    rank = down.shape[0]
+    scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
+    if module_kind == "linear":
+        up, down = up.flatten(1), down.flatten(1)
+        if mid is not None:
+            return None
+    if offset is not None:
+        dim, start, length = offset
+        if module_kind != "linear" or dim not in (0, 1):
+            return None
+        if dim == 0:
+            full = up.new_zeros((weight_shape[0], up.shape[1]))
+            full[start:start + length] = up
+            up = full
+        else:
+            full = down.new_zeros((down.shape[0], weight_shape[1]))
+            full[:, start:start + length] = down
+            down = full
+    return LowRankTerm(down=down, up=up, mid=mid, scale=scale, source=source)
+
+
+def _module_delta(module: torch.nn.Module, weight: torch.Tensor) -> Optional[ModuleDelta]:
+    # Forge's own layers (backend/operations.py) are not torch.nn.Linear subclasses.
+    if weight.ndim == 2:
+        return ModuleDelta("linear", [])
+    if weight.ndim == 4 and hasattr(module, "stride"):
+        return ModuleDelta("conv2d", [], tuple(module.stride), tuple(module.padding), tuple(module.dilation),
+                           module.groups)
+    return None
+
+
+def read_factors(model: torch.nn.Module, lora_patches: dict, guided_files: Iterable[str], *,
+                 merge: Callable, backup: Optional[dict] = None) -> ForgeFactors:
+    """The guided LoRAs' deltas on `model` (a patcher's `.model`), from the patcher's `lora_patches`.
+
+    `merge(patches, weight, key, computation_dtype=…)` is Forge's `merge_lora_to_weight`; `backup`
+    is `model.lora_loader.backup` (the weights before offline merging).
+    """
+    guided_files = set(guided_files)
+    backup = backup or {}
+    by_key: dict = {}  # key -> [(guided, entry, online_mode)] in Forge's merge order
+    files = set()
+    for identity, patches in lora_patches.items():
+        filename, _strength_patch, _strength_model, online_mode = identity
+        guided = filename in guided_files
+        for key, entries in patches.items():
+            by_key.setdefault(key, []).extend((guided, e, bool(online_mode)) for e in entries)
+            if guided and entries:
+                files.add(filename)
+    result = ForgeFactors(LoraFactors(), {}, False, [], [], files)
+    online = False
+    for key, ordered in by_key.items():
+        guided = [e for g, e, _ in ordered if g]
+        if not guided:
+            continue
+        unguided = [e for g, e, _ in ordered if not g]
+        everything = [e for _, e, _ in ordered]
+        modes = [m for g, _, m in ordered if g]
+        online = online or any(modes)
+        path, _, attr = key.rpartition(".")
+        try:
+            module = model.get_submodule(path)
+            param = getattr(module, attr)
+        except AttributeError:
+            result.skipped.append((key, "no such parameter in the model"))
+            continue
+        if attr != "weight" or not isinstance(param, torch.Tensor):
+            result.skipped.append((key, f"patches on '{attr}' are not supported"))
+            continue
+        delta = _module_delta(module, param)
+        if delta is None:
+            result.skipped.append((key, f"{type(module).__name__} layers are not supported"))
+            continue
+        source = key
+        terms = None
+        if all(_is_additive(e) for e in guided + unguided):
+            terms = [_low_rank_term(e, tuple(param.shape), delta.kind, source) for e in guided]
+            if any(t is None for t in terms):
+                # Additive but not low-rank (LoHa, LoKr, diff): Forge's merge on a zero weight is the delta.
+                zero = torch.zeros(param.shape, dtype=torch.float32)
+                low = [t for t in terms if t is not None]
+                rest = [e for e, t in zip(guided, terms) if t is None]
+                dense = merge(rest, zero, key, computation_dtype=torch.float32)
+                terms = low + [DenseTerm(dense.float(), source=source)]
+                result.dense.append(key)
+        if terms is None:
+            original = backup.get(key, param)
+            w0 = original.detach()
+            full = merge(everything, w0, key, computation_dtype=torch.float32).float()
+            part = merge(unguided, w0, key, computation_dtype=torch.float32).float() if unguided else w0.float()
+            terms = [DenseTerm((full - part).to(w0.device), source=source)]
+            result.dense.append(key)
+        for term in terms:
+            delta.add(term)
+        result.factors.deltas[module] = delta
+        result.factors.names[module] = path
+        result.params[module] = PatchedParam(key, module, attr, guided, unguided, any(modes))
+    result.online = online
+    return result
+
+
+def base_weight(info: PatchedParam, *, merge: Callable, backup: Optional[dict] = None):
+    """The exact weight of `info`'s parameter without the guided LoRAs (for the `swap` strategy).
+
+    The original from Forge's backup, with the unguided LoRAs merged back by Forge's own function.
+    """
+    backup = backup or {}
+    current = getattr(info.module, info.attr)
+    original = backup.get(info.key)
+    if original is None:
+        raise RuntimeError(f"AutoLoRA: no original weight for {info.key} (the LoRA is not merged)")
+    if info.unguided:
+        w = merge(info.unguided, original.detach(), info.key, computation_dtype=torch.float32)
+    else:
+        w = original.detach()
+    return w.to(device=current.device, dtype=current.dtype)

@@ -1,0 +1,153 @@
+"""AutoLoRA AlwaysOn script: UI, argument plumbing and infotext, all derived from lib_autolora.params.
+
+The method lives in lib_autolora (host-free); lib_autolora.hosts picks the adapter that binds it to
+this WebUI (A1111 or Forge). This file only wires the WebUI's script hooks to the adapter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import gradio as gr
+
+from modules import script_callbacks, scripts, shared
+
+try:
+    from modules.ui_components import InputAccordion
+except ImportError:  # very old WebUIs
+    InputAccordion = None
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lib_autolora import params  # noqa: E402
+from lib_autolora.hosts import common, select_adapter  # noqa: E402
+from lib_autolora.params import AutoLoraArgumentError  # noqa: E402
+
+log = logging.getLogger("autolora")
+ADAPTER = select_adapter()
+SETTINGS_ATTR = "_autolora_settings"
+
+
+def _component(param, tab):
+    kwargs = dict(label=param.label, elem_id=common.elem_id(tab, param.name))
+    if param.kind in ("float", "cfg"):
+        default = params.FOLLOW_CFG if param.kind == "cfg" else float(param.default)
+        return gr.Slider(minimum=param.minimum, maximum=param.maximum, step=param.step, value=default, **kwargs)
+    if param.kind == "bool":
+        return gr.Checkbox(value=bool(param.default), **kwargs)
+    if param.kind == "choice":
+        return gr.Dropdown(choices=list(param.choices), value=param.default, **kwargs)
+    if param.kind == "names":
+        return gr.Textbox(value=param.default, placeholder="all LoRAs in the prompt", lines=1, **kwargs)
+    raise AssertionError(param.kind)
+
+
+def _paste(param):
+    return lambda infotext: params.paste_value(param, infotext)
+
+
+class AutoLoraScript(scripts.Script):
+    def title(self):
+        return common.SCRIPT_TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        tab = "img2img" if is_img2img else "txt2img"
+        enabled_param = params.BY_NAME["enabled"]
+        controls = {}
+        accordion_id = common.elem_id(tab, "enabled")
+        if InputAccordion is not None:
+            container = InputAccordion(False, label=enabled_param.label, elem_id=accordion_id)
+            controls["enabled"] = container
+        else:
+            container = gr.Accordion(enabled_param.label, open=False)
+        with container:
+            if InputAccordion is None:
+                controls["enabled"] = gr.Checkbox(False, label="Enable", elem_id=accordion_id)
+            basic = [p for p in params.PARAMS if p.name != "enabled" and not p.advanced]
+            for pair in (basic[i:i + 2] for i in range(0, len(basic), 2)):
+                with gr.Row():
+                    for param in pair:
+                        controls[param.name] = _component(param, tab)
+            with gr.Accordion("Advanced", open=False, elem_id=common.elem_id(tab, "advanced")):
+                for param in params.PARAMS:
+                    if param.advanced:
+                        controls[param.name] = _component(param, tab)
+        ordered = [controls[name] for name in params.ARG_ORDER]
+        self.infotext_fields = [(controls[p.name], _paste(p)) for p in params.PARAMS]
+        self.paste_field_names = [p.infotext for p in params.PARAMS]
+        return ordered
+
+    def process(self, p, *args):
+        ADAPTER.finish(p)  # a previous generation that raised (postprocess never ran)
+        setattr(p, SETTINGS_ATTR, None)
+        try:
+            settings = common.settings_for(p, args)
+        except AutoLoraArgumentError as exc:
+            log.error("%s", exc)
+            p.comment(f"{exc}; generated without AutoLoRA")
+            return
+        if settings.enabled:
+            setattr(p, SETTINGS_ATTR, settings)
+
+    def process_batch(self, p, *args, **kwargs):
+        settings = getattr(p, SETTINGS_ATTR, None)
+        if settings is None:
+            return
+        try:
+            notice = ADAPTER.start_batch(p, settings)
+        except Exception as exc:  # the host would swallow it; make it visible and turn AutoLoRA off
+            self._fail(p, exc)
+            return
+        if notice:
+            log.info("%s", notice)
+            p.comment(notice)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        if getattr(p, SETTINGS_ATTR, None) is None:
+            return
+        try:
+            ADAPTER.before_sampling(p, **kwargs)
+        except Exception as exc:
+            self._fail(p, exc)
+
+    def postprocess(self, p, processed, *args):
+        ADAPTER.finish(p)
+
+    def _fail(self, p, exc):
+        if isinstance(exc, AutoLoraArgumentError):
+            log.error("%s", exc)
+        else:
+            log.exception("AutoLoRA failed")
+        ADAPTER.finish(p)
+        setattr(p, SETTINGS_ATTR, None)
+        common.mark_inactive(p)
+        p.comment(f"{exc if isinstance(exc, AutoLoraArgumentError) else f'AutoLoRA failed: {exc}'}; "
+                  f"generated without AutoLoRA")
+
+
+def on_ui_settings():
+    section = ("autolora", "AutoLoRA")
+    shared.opts.add_option("autolora_default_strategy", shared.OptionInfo(
+        "auto", "Base-branch strategy used when a generation asks for 'auto'", gr.Dropdown,
+        {"choices": list(params.STRATEGY_CHOICES)}, section=section).info(
+        "auto = batched while a step is launch-bound, swap when compute-bound and it fits; "
+        "sequential = least memory"))
+    shared.opts.add_option("autolora_swap_budget_mb", shared.OptionInfo(
+        0, "Memory budget of the 'swap' strategy (MB of base weights kept on the device; 0 = free memory)",
+        gr.Number, {"precision": 0}, section=section))
+
+
+def on_app_started(_demo, app):
+    common.install_api_validation(app)
+    common.register_routes(app, reset_peak=getattr(sys.modules.get(type(ADAPTER).__module__), "reset_peak", None))
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_app_started(on_app_started)
+# The X/Y/Z axes are added now (the built-in X/Y/Z script loads before extensions), so that they
+# exist before the API builds its script args; on_before_ui is the fallback for other load orders.
+if not ADAPTER.register_xyz_axes():
+    script_callbacks.on_before_ui(ADAPTER.register_xyz_axes)

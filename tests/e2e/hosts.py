@@ -1,0 +1,259 @@
+"""The one place the e2e suite knows about WebUIs: where they are, how to start one, which LoRA
+modes and models they have. A host plugs in by adding a `HostSpec` to `HOSTS`.
+
+A host is used when its environment variable points at the folder with its `launch.py`
+(`AUTOLORA_A1111`, `AUTOLORA_FORGE`). Its Python is `AUTOLORA_<HOST>_PYTHON`, else `venv/bin/python`
+in that folder, else `../venv/bin/python`. `AUTOLORA_WEBUI_ARGS` adds launch flags; the environment
+is passed through (for the offline installs here: source `a1111-env.sh` first).
+
+Models: each arch's checkpoint and LoRAs are taken from the WebUI's model folders when files of the
+expected names exist there (the offline installs ship `random-sd15.safetensors`,
+`random-sdxl.safetensors`, `Lora/random_lora.safetensors`, `Lora/random_lora_xl.safetensors`);
+missing ones, and the suite's second LoRA, are made with the random-weight makers in
+`AUTOLORA_MODEL_MAKERS` (default: `../shared/webui` next to this repository) into
+`models/Stable-diffusion/autolora-e2e/` and `models/Lora/autolora-e2e/`, which are kept for the next run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+EXTENSION_LINK = "sd-webui-autolora"
+MAKERS = Path(os.environ.get("AUTOLORA_MODEL_MAKERS", REPO.parent / "shared" / "webui"))
+PERSISTED_FILES = ("config.json", "ui-config.json")  # restored byte for byte after the session
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One model family on one host: checkpoint, the LoRA every test uses, a second LoRA."""
+
+    arch: str  # sd15 | sdxl
+    checkpoint: str  # file name looked up in models/Stable-diffusion (then autolora-e2e/)
+    lora: str  # LoRA name (file stem) looked up in models/Lora (then autolora-e2e/)
+    lora_b: Optional[str] = None  # a second LoRA, made with another seed when missing
+    options: dict = field(default_factory=dict)  # options this arch needs while the suite runs
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    name: str
+    env_var: str
+    base_args: tuple  # always passed; {port} and {ckpt} are filled in
+    cpu_args: tuple  # added when no NVIDIA GPU is visible
+    lora_modes: dict  # mode name -> options that select it (e.g. A1111's lora_functional)
+    sdxl_mode: str  # the LoRA mode SDXL runs in (24 GB machines need A1111's functional mode)
+    archs: dict  # arch -> ArchSpec
+    make_checkpoint: Callable  # (host, arch, out path) -> argv, run with the host's Python
+
+
+def _a1111_checkpoint_cmd(host, arch, out):
+    return [str(host.python), str(MAKERS / "make_random_checkpoint.py"), "--webui-dir", str(host.root),
+            "--arch", arch, "--out", str(out)]
+
+
+HOSTS = {
+    "a1111": HostSpec(
+        name="a1111", env_var="AUTOLORA_A1111",
+        base_args=("--skip-prepare-environment", "--skip-version-check", "--no-download-sd-model", "--api",
+                   "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}"),
+        cpu_args=("--skip-torch-cuda-test", "--use-cpu", "all", "--no-half"),
+        lora_modes={"merged": {"lora_functional": False}, "functional": {"lora_functional": True}},
+        sdxl_mode="functional",
+        archs={"sd15": ArchSpec("sd15", "random-sd15.safetensors", "random_lora", "autolora_e2e_lora_b"),
+               "sdxl": ArchSpec("sdxl", "random-sdxl.safetensors", "random_lora_xl",
+                                options={"show_progress_type": "Approx cheap"})},
+        make_checkpoint=_a1111_checkpoint_cmd),
+}
+
+
+@dataclass
+class Host:
+    spec: HostSpec
+    root: Path
+    python: Path
+
+    @property
+    def name(self):
+        return self.spec.name
+
+
+def configured_hosts() -> list:
+    hosts = []
+    for spec in HOSTS.values():
+        root = os.environ.get(spec.env_var)
+        if not root:
+            continue
+        root = Path(root).resolve()
+        python = os.environ.get(f"{spec.env_var}_PYTHON")
+        candidates = [Path(python)] if python else [root / "venv" / "bin" / "python", root.parent / "venv" / "bin" / "python"]
+        found = next((c for c in candidates if c.exists()), None)
+        hosts.append(Host(spec, root, found or candidates[0]))
+    return hosts
+
+
+def other_webui_processes() -> list:
+    """`launch.py` processes not started by this suite (to keep SDXL off a shared 24 GB machine)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(part.endswith(b"launch.py") for part in cmd):
+            out.append((int(pid), b" ".join(cmd).decode(errors="replace")[:120]))
+    return out
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+def _find(folder: Path, name: str) -> Optional[Path]:
+    for candidate in (folder / name, folder / "autolora-e2e" / name):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def ensure_models(host: Host, arch: str) -> dict:
+    """Paths of the arch's checkpoint and LoRAs, made when missing. Returns {'ckpt', 'lora', 'lora_b'}."""
+    spec = host.spec.archs[arch]
+    sd_dir, lora_dir = host.root / "models" / "Stable-diffusion", host.root / "models" / "Lora"
+    ckpt = _find(sd_dir, spec.checkpoint)
+    if ckpt is None:
+        ckpt = sd_dir / "autolora-e2e" / spec.checkpoint
+        _make(host, host.spec.make_checkpoint(host, arch, ckpt), ckpt)
+    out = {"ckpt": ckpt}
+    for key, name, seed in (("lora", spec.lora, 1), ("lora_b", spec.lora_b, 2)):
+        if name is None:
+            continue
+        path = _find(lora_dir, name + ".safetensors")
+        if path is None:
+            path = lora_dir / "autolora-e2e" / (name + ".safetensors")
+            _make(host, [str(host.python), str(MAKERS / "make_random_lora.py"), "--ckpt", str(ckpt),
+                         "--out", str(path), "--seed", str(seed)], path)
+        out[key] = path
+    return out
+
+
+def _make(host: Host, argv: list, out: Path):
+    if not Path(argv[1]).exists():
+        raise FileNotFoundError(f"{out.name} is missing and the maker {argv[1]} is not there "
+                                f"(set AUTOLORA_MODEL_MAKERS)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(argv, check=True, cwd=str(host.root), stdout=subprocess.DEVNULL)
+
+
+# -- the server ------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One WebUI process with the extension linked in; stops only the process it started."""
+
+    def __init__(self, host: Host, ckpt: Path, log_dir: Path):
+        self.host, self.ckpt = host, ckpt
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"{host.name}-{ckpt.stem}-{self.port}.log"
+        self.proc = None
+        self._link_created = False
+        self._saved = {}
+
+    def _link_extension(self):
+        link = self.host.root / "extensions" / EXTENSION_LINK
+        for other in (self.host.root / "extensions").iterdir():
+            if other.name != EXTENSION_LINK and (other / "scripts" / "autolora.py").exists():
+                raise RuntimeError(f"another copy of AutoLoRA is installed at {other}; move it aside")
+        if link.is_symlink() or link.exists():
+            if link.resolve() != REPO:
+                raise RuntimeError(f"{link} exists and is not this repository; move it aside")
+            return
+        link.symlink_to(REPO, target_is_directory=True)
+        self._link_created = True
+
+    def start(self, timeout: float = 600):
+        for name in PERSISTED_FILES:
+            path = self.host.root / name
+            self._saved[name] = path.read_bytes() if path.exists() else None
+        self._link_extension()
+        args = [a.format(port=self.port, ckpt=self.ckpt) for a in self.host.spec.base_args]
+        if shutil.which("nvidia-smi") is None:
+            args += list(self.host.spec.cpu_args)
+        args += shlex.split(os.environ.get("AUTOLORA_WEBUI_ARGS", ""))
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([str(self.host.python), "launch.py", *args], cwd=str(self.host.root),
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the WebUI exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
+            try:
+                get_json(f"{self.url}/sdapi/v1/options", timeout=5)
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(2)
+        raise TimeoutError(f"the WebUI did not answer within {timeout} s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # this process only (its own session)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        if getattr(self, "log", None):
+            self.log.close()
+        if self._link_created:
+            (self.host.root / "extensions" / EXTENSION_LINK).unlink(missing_ok=True)
+        for name, data in self._saved.items():
+            path = self.host.root / name
+            current = path.read_bytes() if path.exists() else None
+            if current != data:
+                if data is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    path.write_bytes(data)
+
+
+def get_json(url: str, timeout: float = 600):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def post_json(url: str, payload, timeout: float = 1800):
+    """(status, parsed body) without raising on HTTP errors."""
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body)
+        except ValueError:
+            return exc.code, body.decode(errors="replace")

@@ -1,0 +1,297 @@
+"""Issue 5's end-to-end checks on SD1.5, once per LoRA mode of the host (A1111: merged and
+lora_functional), against a real WebUI server. 64x64, 4 steps: about 1 s per step on a CPU.
+
+Order matters: the first test records plain references, the last one proves nothing leaked.
+"""
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from webui import assert_close, assert_differs, diff, png_b64, with_autolora
+
+ARCH = "sd15"
+STEPS = 4
+
+
+def lora_tag(webui, name=None, strength=1):
+    return f"<lora:{name or webui.models['lora'].stem}:{strength}>"
+
+
+def base_req(**kw):
+    req = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": STEPS, "sampler_name": "Euler a",
+           "width": 64, "height": 64, "cfg_scale": 7, "seed": 12345}
+    req.update(kw)
+    return req
+
+
+def lora_req(webui, **kw):
+    req = base_req(**kw)
+    req["prompt"] = f"{req['prompt']} {lora_tag(webui)}"
+    return req
+
+
+ON = {"enabled": True}
+
+
+@pytest.fixture(scope="module")
+def refs(webui):
+    """Plain images (without and with the LoRA) made before any AutoLoRA call of this mode."""
+    plain = webui.txt2img(base_req())
+    lora = webui.txt2img(lora_req(webui))
+    return {"plain": plain, "lora": lora}
+
+
+def test_lora_changes_the_image_and_generation_is_deterministic(webui, refs):
+    assert_differs(refs["plain"].image, refs["lora"].image, "the LoRA must visibly change the image")
+    again = webui.txt2img(lora_req(webui))
+    assert again.pngs[0] == refs["lora"].pngs[0]
+
+
+def test_identity_gamma1_is_the_lora_image_and_base_branch_ran(webui, refs):
+    out = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 1.0}))
+    assert_close(out.image, refs["lora"].image, "γ=1, w2=CFG vs plain LoRA")
+    st = out.stats
+    assert st["active"] and st["base_calls"] >= STEPS and st["guided_steps"] == STEPS, st
+    assert st["te_base_encodes"] >= 1 and st["modules"]["unet"] > 0 and st["modules"]["text_encoder"] > 0, st
+    assert st["weights_merged"] == (webui.mode == "merged")
+    assert "AutoLoRA gamma: 1" in out.infotext
+
+
+def test_identity_gamma0_is_the_image_without_the_lora(webui, refs):
+    out = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 0.0}))
+    assert_close(out.image, refs["plain"].image, "γ=0, w1=CFG vs prompt without the LoRA tag")
+    assert out.stats["guided_steps"] == STEPS
+
+
+def test_default_gamma_differs_from_both_and_repeats_byte_identically(webui, refs):
+    a = webui.txt2img(with_autolora(lora_req(webui), ON))
+    b = webui.txt2img(with_autolora(lora_req(webui), ON))
+    assert_differs(a.image, refs["lora"].image, "γ=1.5 vs plain LoRA")
+    assert_differs(a.image, refs["plain"].image, "γ=1.5 vs no LoRA")
+    assert a.pngs[0] == b.pngs[0], "same seed, same settings: byte-identical PNG"
+    webui.g15 = a
+
+
+def test_disabled_and_no_lora_are_byte_identical_to_the_webui_alone(webui, refs):
+    off = webui.txt2img(with_autolora(lora_req(webui), {"enabled": False, "gamma": 3.0}))
+    assert off.pngs[0] == refs["lora"].pngs[0]
+    no_lora = webui.txt2img(with_autolora(base_req(), ON))
+    assert no_lora.pngs[0] == refs["plain"].pngs[0]
+    assert not no_lora.stats["active"] and any("no LoRA" in n for n in no_lora.stats["notices"])
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("Euler a", None), ("DPM++ 2M", "Karras"), ("DPM++ SDE", None),
+                                               ("DDIM", None), ("UniPC", None)])
+def test_samplers(webui, sampler, scheduler):
+    kw = {"sampler_name": sampler, **({"scheduler": scheduler} if scheduler else {})}
+    plain = webui.txt2img(lora_req(webui, **kw), cache=True)
+    out = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 1.0}))
+    assert_close(out.image, plain.image, f"{sampler}: γ=1 vs plain LoRA")
+    assert out.stats["guided_steps"] >= STEPS and out.stats["base_calls"] >= STEPS
+
+
+def test_hires_fix_guides_both_passes(webui):
+    kw = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6)
+    plain = webui.txt2img(lora_req(webui, **kw))
+    out = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 1.0}))
+    assert out.image.shape[:2] == (128, 128)
+    assert_close(out.image, plain.image, "hires fix: γ=1 vs plain LoRA")
+    assert out.stats["guided_steps"] > STEPS, "the hires pass must be guided too"
+    assert out.stats["te_base_encodes"] >= 2, "the hires pass has its own (base) conditioning"
+    g0 = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 0.0}))
+    assert_close(g0.image, webui.txt2img(base_req(**kw)).image, "hires fix: γ=0 vs no LoRA")
+
+
+def test_img2img_via_webuiapi(webui, refs):
+    import webuiapi  # the PyPI client users call the API with (tests/e2e/requirements.txt)
+    api = webuiapi.WebUIApi(baseurl=webui.url + "/sdapi/v1")
+    init = Image.fromarray(refs["plain"].image.astype(np.uint8))
+    common = dict(images=[init], negative_prompt="blurry", steps=STEPS, sampler_name="Euler a", width=64, height=64,
+                  cfg_scale=7, seed=777, denoising_strength=0.7)
+    plain = api.img2img(prompt="a photo of a dog", **common)
+    lora = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common)
+    g0 = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common,
+                     alwayson_scripts={"AutoLoRA": {"args": [{"enabled": True, "gamma": 0.0}]}})
+    g1 = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common,
+                     alwayson_scripts={"AutoLoRA": {"args": [{"enabled": True, "gamma": 1.0}]}})
+    assert_close(np.asarray(g0.image), np.asarray(plain.image), "img2img: γ=0 vs no LoRA")
+    assert_close(np.asarray(g1.image), np.asarray(lora.image), "img2img: γ=1 vs plain LoRA")
+    assert webui.stats()["guided_steps"] > 0
+
+
+def test_inpaint_with_mask(webui, refs):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    req = lora_req(webui, init_images=[png_b64(refs["plain"].image)], mask=png_b64(np.stack([mask] * 3, -1)),
+                   denoising_strength=0.8, inpainting_fill=1, inpaint_full_res=False, mask_blur=0)
+    plain = webui.img2img(req)
+    out = webui.img2img(with_autolora(req, {"enabled": True, "gamma": 1.0}))
+    assert_close(out.image, plain.image, "inpaint: γ=1 vs plain LoRA")
+    g15 = webui.img2img(with_autolora(req, ON))
+    assert_differs(g15.image[:, 32:], plain.image[:, 32:], "inpaint: γ=1.5 changes the masked half")
+    assert diff(g15.image[:, :20], plain.image[:, :20])[0] < 0.5, "inpaint: the unmasked side is kept"
+
+
+def test_batch_size_and_batch_count(webui):
+    kw = dict(batch_size=2, n_iter=2)
+    plain = webui.txt2img(lora_req(webui, **kw))
+    out = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 1.0}))
+    assert len(out.images) == len(plain.images) >= 4
+    for i, (a, b) in enumerate(zip(out.images, plain.images)):
+        assert_close(a, b, f"batch image {i}: γ=1 vs plain LoRA")
+    assert out.stats["guided_steps"] == 2 * STEPS
+    g0 = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 0.0}))
+    for i, (a, b) in enumerate(zip(g0.images, webui.txt2img(base_req(**kw)).images)):
+        assert_close(a, b, f"batch image {i}: γ=0 vs no LoRA")
+
+
+def test_and_prompt(webui):
+    req = base_req(prompt=f"a photo of a cat AND a red ball :0.6 {lora_tag(webui)}")
+    plain = webui.txt2img(req)
+    out = webui.txt2img(with_autolora(req, {"enabled": True, "gamma": 1.0}))
+    assert_close(out.image, plain.image, "AND prompt: γ=1 vs plain LoRA")
+    g0 = webui.txt2img(with_autolora(req, {"enabled": True, "gamma": 0.0}))
+    assert_close(g0.image, webui.txt2img(base_req(prompt="a photo of a cat AND a red ball :0.6")).image,
+                 "AND prompt: γ=0 vs no LoRA")
+
+
+def test_two_loras_only_one_guided(webui):
+    a, b = webui.models["lora"].stem, webui.models["lora_b"].stem
+    req = base_req(prompt=f"a photo of a cat <lora:{a}:1> <lora:{b}:0.8>")
+    out = webui.txt2img(with_autolora(req, {"enabled": True, "gamma": 0.0, "guided_loras": a}))
+    only_b = webui.txt2img(base_req(prompt=f"a photo of a cat <lora:{b}:0.8>"))
+    assert_close(out.image, only_b.image, "γ=0 guiding only A: the base keeps B")
+    assert out.stats["guided_loras"] == [a]
+    both = webui.txt2img(req)
+    assert_differs(only_b.image, both.image, "A must matter")
+
+
+def test_lora_at_strength_zero(webui):
+    req = base_req(prompt=f"a photo of a cat {lora_tag(webui, strength=0)}")
+    plain = webui.txt2img(req)
+    out = webui.txt2img(with_autolora(req, ON))
+    assert_close(out.image, plain.image, "strength 0: base == LoRA branch, any γ gives the plain image")
+
+
+def test_guidance_interval(webui, refs):
+    full = getattr(webui, "g15", None) or webui.txt2img(with_autolora(lora_req(webui), ON))
+    half = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "start": 0.5, "end": 1.0}))
+    assert half.stats["guided_steps"] == STEPS // 2 and half.stats["plain_steps"] == STEPS - STEPS // 2
+    assert half.stats["base_calls"] == STEPS // 2
+    assert_differs(half.image, refs["lora"].image, "interval [0.5, 1] vs plain LoRA")
+    assert diff(half.image, full.image)[0] > 0, "interval [0.5, 1] vs full interval"
+    empty = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "start": 1.0, "end": 1.0}))
+    assert diff(empty.image, refs["lora"].image) == (0.0, 0), "an empty interval is exactly the plain LoRA run"
+    assert empty.stats["base_calls"] == 0 and empty.stats["guided_steps"] == 0
+
+
+def _xyz_args(webui, axis_label, values):
+    info = webui.get("/sdapi/v1/script-info")
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    labels = xyz["args"][0]["choices"]
+    assert axis_label in labels, f"{axis_label} not among the X/Y/Z axes"
+    # x_type, x_values, x_values_dropdown, y..., z..., draw_legend, include_lone_images,
+    # include_sub_grids, no_fixed_seeds, vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode
+    return [labels.index(axis_label), values, [], 0, "", [], 0, "", [], True, True, False, False,
+            False, False, False, 0, False]
+
+
+def test_xyz_axis_cells_equal_single_calls(webui):
+    req = with_autolora(lora_req(webui), ON)
+    req.update(script_name="x/y/z plot", script_args=_xyz_args(webui, "[AutoLoRA] γ (AutoLoRA scale)", "1, 2.5"))
+    grid = webui.txt2img(req)
+    assert len(grid.images) >= 3, "grid + two cells"
+    cells = grid.images[-2:]
+    for gamma, cell in zip((1.0, 2.5), cells):
+        single = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": gamma}))
+        assert diff(cell, single.image) == (0.0, 0), f"X/Y/Z cell γ={gamma} vs the single call"
+    assert grid.images[0].shape[1] >= 128, "the grid holds both cells"
+
+
+def test_infotext_paste_round_trip_of_every_control(webui):
+    a = webui.models["lora"].stem
+    settings = {"enabled": True, "gamma": 1.2, "w1": 5.0, "w2": 6.0, "lora_scale": 0.8, "start": 0.25,
+                "end": 0.75, "guided_loras": a, "strategy": "sequential", "base_text_encoder": False}
+    first = webui.txt2img(with_autolora(lora_req(webui), settings))
+    assert first.stats["strategy"] == "sequential"
+    for key in ("AutoLoRA gamma: 1.2", "AutoLoRA w1: 5", "AutoLoRA w2: 6", "AutoLoRA LoRA scale: 0.8",
+                "AutoLoRA start: 0.25", "AutoLoRA end: 0.75", f"AutoLoRA guided: {a}", "AutoLoRA strategy: sequential",
+                "AutoLoRA base TE: False"):
+        assert key in first.infotext, key
+    # The API's `infotext` field goes through the same paste functions as PNG Info -> Send to txt2img.
+    pasted = webui.txt2img({"infotext": first.infotext})
+    want = dict(first.stats["settings"])
+    assert pasted.stats["settings"] == want, (pasted.stats["settings"], want)
+    assert diff(pasted.image, first.image) == (0.0, 0)
+    # PNG Info parses the PNG's text with the same parser (infotext_utils.parse_generation_parameters).
+    status, info = webui.post("/sdapi/v1/png-info", {"image": base64.b64encode(first.pngs[0]).decode()})
+    assert status == 200 and info["parameters"]["AutoLoRA gamma"] == "1.2", info
+    assert info["parameters"]["AutoLoRA strategy"] == "sequential"
+
+
+def test_each_strategy(webui):
+    ref = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "strategy": "batched"}))
+    for name in ("sequential", "swap", "toggle"):
+        out = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "strategy": name}))
+        assert_close(out.image, ref.image, f"strategy {name} vs batched")
+        if webui.mode == "merged" or name == "sequential":
+            assert out.stats["strategy"] == name, out.stats
+        else:  # swap and toggle need merged weights: batched, with a notice
+            assert out.stats["strategy"] == "batched" and out.stats["notices"], out.stats
+
+
+BAD = [
+    ({"enabled": True, "gama": 1.5}, "unknown argument"),
+    ([True, "NaN"], "finite"),
+    ([True, "1.5x"], "must be a number"),
+    ({"enabled": True, "w1": -3}, "'w1' must be >= 0"),
+    ({"enabled": True, "start": 0.9, "end": 0.1}, "must not exceed"),
+    ({"enabled": True, "strategy": "fastest"}, "must be one of"),
+    ({"enabled": True, "guided_loras": "no_such_lora"}, "not in the prompt"),
+    ([True] * 11, "at most 10"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[m for _, m in BAD])
+def test_bad_api_values_are_rejected_with_a_message(webui, args, message):
+    status, body = webui.post("/sdapi/v1/txt2img", with_autolora(lora_req(webui), args))
+    assert status == 422 and message in str(body), (status, body)
+
+
+def test_single_dict_args_form(webui):
+    req = lora_req(webui)
+    req["alwayson_scripts"] = {"AutoLoRA": {"args": {"enabled": True, "gamma": 1.0}}}
+    out = webui.txt2img(req)
+    assert out.stats["active"] and out.stats["settings"]["gamma"] == 1.0
+
+
+def test_interrupt_mid_run_leaves_nothing_behind(webui, refs):
+    done = {}
+
+    def run():
+        done["result"] = webui.post("/sdapi/v1/txt2img", with_autolora(lora_req(webui, steps=40), ON))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        progress = webui.get("/sdapi/v1/progress?skip_current_image=true")
+        if progress["state"]["sampling_step"] >= 2:
+            break
+        time.sleep(0.5)
+    webui.post("/sdapi/v1/interrupt", {})
+    worker.join(600)
+    assert done["result"][0] == 200
+    assert webui.stats()["guided_steps"] < 40
+
+
+def test_nothing_leaked_plain_images_unchanged(webui, refs):
+    """After every AutoLoRA call above (and the interrupted one, and the rejected ones)."""
+    assert webui.txt2img(base_req()).pngs[0] == refs["plain"].pngs[0]
+    assert webui.txt2img(lora_req(webui)).pngs[0] == refs["lora"].pngs[0]

@@ -1,0 +1,50 @@
+"""SDXL (two text encoders, OpenCLIP MultiheadAttention layers, the `vector` conditioning), kept
+small: 64x64, 3 steps, through the `webuiapi` client as users call it. Runs only with the machine
+to itself (a 24 GB machine holds one SDXL WebUI; A1111 needs lora_functional for an SDXL LoRA)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from webui import assert_close, assert_differs
+
+ARCH = "sdxl"
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def api(webui):
+    import webuiapi  # the PyPI client users call the API with (tests/e2e/requirements.txt)
+    return webuiapi.WebUIApi(baseurl=webui.url + "/sdapi/v1")
+
+
+def gen(api, webui, lora: bool, args=None):
+    prompt = "a photo of a cat" + (f" <lora:{webui.models['lora'].stem}:1>" if lora else "")
+    result = api.txt2img(prompt=prompt, negative_prompt="blurry", steps=STEPS, sampler_name="Euler a", width=64,
+                         height=64, cfg_scale=7, seed=4242,
+                         alwayson_scripts={"AutoLoRA": {"args": [args]}} if args else {})
+    return np.asarray(result.image).astype(np.int16), result, webui.stats()
+
+
+def test_sdxl_identities_determinism_and_no_leak(api, webui):
+    plain, plain_res, _ = gen(api, webui, lora=False)
+    lora, _, _ = gen(api, webui, lora=True)
+    assert_differs(plain, lora, "SDXL LoRA must change the image")
+
+    g1, res, st = gen(api, webui, True, {"enabled": True, "gamma": 1.0})
+    assert_close(g1, lora, "SDXL γ=1 vs plain LoRA")
+    assert st["active"] and st["guided_steps"] == STEPS and st["base_calls"] >= STEPS, st
+    # both text encoders: CLIP-L Linear layers and OpenCLIP's MultiheadAttention + MLP layers
+    assert st["modules"]["text_encoder"] > 72, st
+
+    g0, _, _ = gen(api, webui, True, {"enabled": True, "gamma": 0.0})
+    assert_close(g0, plain, "SDXL γ=0 vs no LoRA (UNet and both text encoders LoRA-free)")
+
+    a, res_a, _ = gen(api, webui, True, {"enabled": True})
+    b, res_b, _ = gen(api, webui, True, {"enabled": True})
+    assert_differs(a, lora, "SDXL γ=1.5 vs plain LoRA")
+    assert_differs(a, plain, "SDXL γ=1.5 vs no LoRA")
+    assert (a == b).all() and res_a.info["infotexts"] == res_b.info["infotexts"]
+
+    again, _, _ = gen(api, webui, lora=False)
+    assert (again == plain).all(), "plain SDXL image unchanged after AutoLoRA"
