@@ -18,7 +18,9 @@ try:
 except ImportError:  # very old WebUIs
     InputAccordion = None
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _EXTENSION_DIR not in sys.path:  # the WebUIs add it while loading scripts; be explicit
+    sys.path.insert(0, _EXTENSION_DIR)
 from lib_autolora import params  # noqa: E402
 from lib_autolora.hosts import common, select_adapter  # noqa: E402
 from lib_autolora.params import AutoLoraArgumentError  # noqa: E402

@@ -142,8 +142,7 @@ def term_for(net_module, weights_merged: bool, source: str = ""):
         return _dense_term(net_module, sd_module, source)  # bias-carrying / DoRA: exact dense delta
     if isinstance(sd_module, torch.nn.Conv2d):
         in_channels = sd_module.weight.shape[1]
-        if down.ndim != 4 or up.ndim != 4 or (mid is None and down.shape[1] != in_channels) or \
-                (mid is not None and down.shape[1] != in_channels):
+        if down.ndim != 4 or up.ndim != 4 or down.shape[1] != in_channels:  # e.g. inpainting conv_in
             return _dense_term(net_module, sd_module, source)
     dyn_dim = getattr(net_module.network, "dyn_dim", None)
     if mid is None and dyn_dim is not None:  # rebuild_conventional keeps the first dyn_dim ranks

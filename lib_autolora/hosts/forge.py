@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 
 from ..base_branch import StrategyUnavailable, choose_strategy, make_strategy
-from ..guidance import GuidanceInterval, autolora_no_cfg, blend, resolve_cfg_scale
+from ..guidance import GuidanceInterval, blend, resolve_cfg_scale
 from ..params import AutoLoraSettings
 from . import common
 from .forge_factors import base_weight, read_factors
@@ -218,7 +218,7 @@ class Sampling:
             self.run.note(f"AutoLoRA: {reason}", self.p)
         backup = getattr(getattr(self.model, "lora_loader", None), "backup", {})
         kwargs = {"weights_merged": weights_merged}
-        if name == "swap":
+        if name in ("swap", "toggle"):
             kwargs["base_weights"] = lambda module, _delta: (
                 base_weight(self.ff.params[module], merge=api.merge_lora_to_weight, backup=backup), None)
         try:
@@ -396,12 +396,15 @@ class Sampling:
                 step.stash.clear()
             run.record["base_calls"] = run.base_calls_done + self.base_calls()
             lora_c, lora_u = args["cond_denoised"], args["uncond_denoised"]
-            if step.base_uncond is None:  # CFG 1 / skip early CFG / Flux: no uncond pass
-                return x - autolora_no_cfg(base_c, lora_c, gamma=settings.gamma)
             scale = float(args["cond_scale"])
+            w1, w2 = resolve_cfg_scale(settings.w1, scale), resolve_cfg_scale(settings.w2, scale)
+            if step.base_uncond is None:
+                # CFG 1, skip-early-CFG steps, Flux: no uncond pass (its prediction is zero), so w1 and
+                # w2 cannot apply: each branch is what Forge computes for it, the two-evaluation variant.
+                w1 = w2 = scale
             edit_strength = sum(e.get("strength", 1) for e in step.lora_cond)
-            lora = cfg_of(args, x, lora_c, lora_u, resolve_cfg_scale(settings.w2, scale), edit_strength)
-            base = cfg_of(args, x, base_c, base_u, resolve_cfg_scale(settings.w1, scale), edit_strength)
+            lora = cfg_of(args, x, lora_c, lora_u, w2, edit_strength)
+            base = cfg_of(args, x, base_c, base_u, w1, edit_strength)
             return x - blend(base, lora, settings.gamma)
 
         return cfg
@@ -536,6 +539,16 @@ class ForgeAdapter:
         if run is None or run.p is not p or not run.guided_files or run.off:
             return None
         run.close_sampling()  # hires pass: the first pass is over (or this is Forge's repeated call)
+        if getattr(p, "is_hr_pass", False):  # the hires prompt may name other LoRAs
+            loaded = self.api.loaded_loras() or []
+            try:
+                run.guided_files = set(common.select_guided(loaded, run.settings.guided_loras)) if loaded else set()
+            except Exception as exc:
+                run.note(f"{exc}; the hires pass runs without AutoLoRA", p)
+                return None
+            if not run.guided_files:
+                run.note("AutoLoRA: no LoRA in the hires prompt; the hires pass runs without AutoLoRA", p)
+                return None
         conds = {}
         for name, obj in (("c", kwargs.get("c")), ("uc", kwargs.get("uc"))):
             entry = run.conds.get(id(obj)) if obj is not None else None

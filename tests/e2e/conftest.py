@@ -41,10 +41,11 @@ class Pool:
         if self.key != key:
             self.close()
             models = ensure_models(host, arch)
-            server = Server(host, models["ckpt"], self.log_dir)
+            server = Server(host, models["ckpt"], self.log_dir, host.spec.archs[arch].args)
             self.key, self.server, self.models = key, server, models
             server.start()
             self.webui = WebUI(server.url, host.name)
+            self.webui.hires_fields = dict(host.spec.hires_fields)
             self.webui.server = server
             self.webui.models = models
             self.webui.set_options(host.spec.archs[arch].options) if host.spec.archs[arch].options else None

@@ -44,6 +44,7 @@ class ArchSpec:
     lora: str  # LoRA name (file stem) looked up in models/Lora (then autolora-e2e/)
     lora_b: Optional[str] = None  # a second LoRA, made with another seed when missing
     options: dict = field(default_factory=dict)  # options this arch needs while the suite runs
+    args: tuple = ()  # launch flags this arch needs on this host (Forge SDXL: bf16/fp16 storage for RAM)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ class HostSpec:
     sdxl_mode: str  # the LoRA mode SDXL runs in (24 GB machines need A1111's functional mode)
     archs: dict  # arch -> ArchSpec
     make_checkpoint: Callable  # (host, arch, out path) -> argv, run with the host's Python
+    hires_fields: dict = field(default_factory=dict)  # fields a txt2img request with hires fix or infotext needs
+
+
+def _forge_checkpoint_cmd(host, arch, out):
+    return [str(host.python), str(MAKERS / "forge_random_checkpoint.py"), "--forge", str(host.root), "--arch", arch,
+            "--out", str(out)]
 
 
 def _a1111_checkpoint_cmd(host, arch, out):
@@ -75,6 +82,24 @@ HOSTS = {
                "sdxl": ArchSpec("sdxl", "random-sdxl.safetensors", "random_lora_xl",
                                 options={"show_progress_type": "Approx cheap"})},
         make_checkpoint=_a1111_checkpoint_cmd),
+    # Forge (main): the UI is built (the UI test reads /config); "online" is Forge's on-the-fly LoRA
+    # ("... (fp16 LoRA)" storage; Forge applies LoRAs online only to low-bit weights, so fp8 here).
+    # Forge re-reads its model-loading options only when a memory option changes too, hence the
+    # 1024/1025 MB pair. Its txt2img API needs hr_additional_modules set with hires fix (FORGE.md) and
+    # with `infotext` (else apply_infotext fails on that field's list[str] type, with or without AutoLoRA).
+    "forge": HostSpec(
+        name="forge", env_var="AUTOLORA_FORGE",
+        base_args=("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
+                   "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}"),
+        cpu_args=("--skip-torch-cuda-test", "--always-cpu"),
+        lora_modes={"merged": {"forge_unet_storage_dtype": "Automatic", "forge_inference_memory": 1024},
+                    "online": {"forge_unet_storage_dtype": "float8-e4m3fn (fp16 LoRA)", "forge_inference_memory": 1025}},
+        sdxl_mode="merged",
+        archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b"),
+               "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
+                                args=("--unet-in-bf16", "--clip-in-fp16"))},
+        make_checkpoint=_forge_checkpoint_cmd,
+        hires_fields={"hr_additional_modules": ["Use same choices"]}),
 }
 
 
@@ -167,8 +192,8 @@ def free_port() -> int:
 class Server:
     """One WebUI process with the extension linked in; stops only the process it started."""
 
-    def __init__(self, host: Host, ckpt: Path, log_dir: Path):
-        self.host, self.ckpt = host, ckpt
+    def __init__(self, host: Host, ckpt: Path, log_dir: Path, extra_args: tuple = ()):
+        self.host, self.ckpt, self.extra_args = host, ckpt, tuple(extra_args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{host.name}-{ckpt.stem}-{self.port}.log"
@@ -196,6 +221,7 @@ class Server:
         args = [a.format(port=self.port, ckpt=self.ckpt) for a in self.host.spec.base_args]
         if shutil.which("nvidia-smi") is None:
             args += list(self.host.spec.cpu_args)
+        args += list(self.extra_args)
         args += shlex.split(os.environ.get("AUTOLORA_WEBUI_ARGS", ""))
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([str(self.host.python), "launch.py", *args], cwd=str(self.host.root),

@@ -114,6 +114,9 @@ def test_img2img_via_webuiapi(webui, refs):
     init = Image.fromarray(refs["plain"].image.astype(np.uint8))
     common = dict(images=[init], negative_prompt="blurry", steps=STEPS, sampler_name="Euler a", width=64, height=64,
                   cfg_scale=7, seed=777, denoising_strength=0.7)
+    # A1111 quirk (seen without the extension): an img2img right after a txt2img differs from the same
+    # img2img after an img2img (3.8/255 on average here); so the first img2img is a warm-up.
+    api.img2img(prompt="a photo of a dog", **common)
     plain = api.img2img(prompt="a photo of a dog", **common)
     lora = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common)
     g0 = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common,
@@ -130,6 +133,7 @@ def test_inpaint_with_mask(webui, refs):
     mask[:, 32:] = 255
     req = lora_req(webui, init_images=[png_b64(refs["plain"].image)], mask=png_b64(np.stack([mask] * 3, -1)),
                    denoising_strength=0.8, inpainting_fill=1, inpaint_full_res=False, mask_blur=0)
+    webui.img2img(req)  # warm-up: see test_img2img_via_webuiapi
     plain = webui.img2img(req)
     out = webui.img2img(with_autolora(req, {"enabled": True, "gamma": 1.0}))
     assert_close(out.image, plain.image, "inpaint: γ=1 vs plain LoRA")
@@ -181,11 +185,12 @@ def test_lora_at_strength_zero(webui):
 
 def test_guidance_interval(webui, refs):
     full = getattr(webui, "g15", None) or webui.txt2img(with_autolora(lora_req(webui), ON))
-    half = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "start": 0.5, "end": 1.0}))
+    # the first half: late steps of a 4-step run move few pixels (0.25/255 on Forge's random SD1.5)
+    half = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "start": 0.0, "end": 0.5}))
     assert half.stats["guided_steps"] == STEPS // 2 and half.stats["plain_steps"] == STEPS - STEPS // 2
     assert half.stats["base_calls"] == STEPS // 2
-    assert_differs(half.image, refs["lora"].image, "interval [0.5, 1] vs plain LoRA")
-    assert diff(half.image, full.image)[0] > 0, "interval [0.5, 1] vs full interval"
+    assert_differs(half.image, refs["lora"].image, "interval [0, 0.5] vs plain LoRA")
+    assert diff(half.image, full.image)[0] > 0, "interval [0, 0.5] vs full interval"
     empty = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "start": 1.0, "end": 1.0}))
     assert diff(empty.image, refs["lora"].image) == (0.0, 0), "an empty interval is exactly the plain LoRA run"
     assert empty.stats["base_calls"] == 0 and empty.stats["guided_steps"] == 0
@@ -295,3 +300,20 @@ def test_nothing_leaked_plain_images_unchanged(webui, refs):
     """After every AutoLoRA call above (and the interrupted one, and the rejected ones)."""
     assert webui.txt2img(base_req()).pngs[0] == refs["plain"].pngs[0]
     assert webui.txt2img(lora_req(webui)).pngs[0] == refs["lora"].pngs[0]
+
+
+def test_ui_controls_tooltips_and_settings(webui):
+    """The Gradio UI has every control under the ids javascript/autolora.js looks up, the page loads
+    that script, its tooltip table is served, and the Settings page has the AutoLoRA section."""
+    config = webui.get("/config")
+    ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+    table = webui.get("/autolora/v1/params")
+    for tab in ("txt2img", "img2img"):
+        for param in table["params"]:
+            assert f"autolora_{tab}_{param['name']}" in ids, (tab, param["name"])
+    assert all(p["tooltip"] for p in table["params"]) and table["arg_order"][0] == "enabled"
+    import urllib.request
+    with urllib.request.urlopen(webui.url + "/", timeout=120) as resp:
+        assert b"autolora.js" in resp.read()
+    options = webui.get("/sdapi/v1/options")
+    assert options["autolora_default_strategy"] == "auto" and options["autolora_swap_budget_mb"] == 0

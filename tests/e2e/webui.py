@@ -69,6 +69,8 @@ class WebUI:
         return self.get("/autolora/v1/stats")
 
     def generate(self, kind: str, req: dict, *, cache: bool = False) -> Result:
+        if kind == "txt2img" and (req.get("enable_hr") or "infotext" in req):
+            req = {**getattr(self, "hires_fields", {}), **req}
         key = (kind, json.dumps(req, sort_keys=True))
         if cache and key in self._cache:
             return self._cache[key]

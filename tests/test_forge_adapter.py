@@ -1,0 +1,526 @@
+"""The Forge adapter's hooks, driven by stand-ins of Forge's sampling code (no Forge needed).
+
+The stand-ins copy what the adapter relies on from Forge main @ dfdcbab6, call order included:
+- `standin_sampling_function_inner` = backend/sampling/sampling_function.py `sampling_function_inner`
+  (cfg1 optimization, `sampler_pre_cfg_function` list, `calc_cond_uncond_batch`,
+  `sampler_cfg_function` or the edit-strength formula, `sampler_post_cfg_function` list);
+- `standin_calc_cond_uncond_batch` = `calc_cond_uncond_batch` without areas and masks: entries are
+  batched by `can_concat`, at most `max_entries` per forward (Forge's free-memory limit),
+  `model_function_wrapper(apply_model, {input, timestep, c, cond_or_uncond})`, outputs accumulated
+  with `mult` = strength and divided by the count;
+- `StandInCondition` / `StandInConditionCrossAttn`, `standin_compile_*` = backend/sampling/condition.py;
+- `standin_merge_lora_to_weight` = backend/patcher/lora.py `merge_lora_to_weight` for the "lora" and
+  "diff" patch types, with `offset`, `strength_model` and `function`;
+- `StandInKModel` stands in for KModel (`apply_model(x, t, c_crossattn=…, y=…, transformer_options=…)`)
+  with Forge's offline LoRA state: merged weights, originals in `lora_loader.backup`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lib_autolora.factors import DenseTerm
+from lib_autolora.guidance import GuidanceInterval
+from lib_autolora.hosts.forge import OUR_KEYS, Run, Sampling, scaled_text_encoder
+from lib_autolora.hosts.forge_factors import base_weight, read_factors
+from lib_autolora.params import AutoLoraSettings
+
+# -- stand-ins of Forge -----------------------------------------------------------------------------
+
+
+def standin_merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=torch.float32):
+    weight = weight.clone() if weight.dtype == computation_dtype else weight.to(dtype=computation_dtype)
+    for strength, v, strength_model, offset, function in patches:
+        function = function or (lambda a: a)
+        old = None
+        if offset is not None:
+            old, weight = weight, weight.narrow(offset[0], offset[1], offset[2])
+        if strength_model != 1.0:
+            weight *= strength_model
+        if len(v) == 1:
+            weight += strength * v[0].to(weight)
+        elif v[0] == "lora":
+            up, down, alpha, mid, _dora = v[1]
+            scale = alpha / down.shape[0] if alpha is not None else 1.0
+            diff = torch.mm(up.flatten(1).float(), down.flatten(1).float()).reshape(weight.shape)
+            weight += function((strength * scale) * diff).to(weight.dtype)
+        else:
+            raise NotImplementedError(v[0])
+        if old is not None:
+            weight = old
+    return weight
+
+
+class StandInCondition:
+    def __init__(self, cond):
+        self.cond = cond
+
+    def process_cond(self, batch_size, device, **kwargs):
+        c = self.cond
+        if c.shape[0] < batch_size:
+            c = c.repeat([math.ceil(batch_size / c.shape[0])] + [1] * (c.ndim - 1))[:batch_size]
+        return type(self)(c[:batch_size].to(device))
+
+    def can_concat(self, other):
+        return self.cond.shape == other.cond.shape
+
+    def concat(self, others):
+        return torch.cat([self.cond] + [o.cond for o in others])
+
+
+class StandInConditionCrossAttn(StandInCondition):
+    pass
+
+
+def standin_compile_conditions(cond):
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return [dict(cross_attn=cond, model_conds=dict(c_crossattn=StandInConditionCrossAttn(cond)))]
+    return [dict(cross_attn=cond["crossattn"], pooled_output=cond["vector"],
+                 model_conds=dict(c_crossattn=StandInConditionCrossAttn(cond["crossattn"]),
+                                  y=StandInCondition(cond["vector"])))]
+
+
+def standin_compile_weighted_conditions(cond, weights):
+    results = []
+    for cond_pre in map(list, zip(*weights)):
+        indices = [i for i, _ in cond_pre]
+        feed = {k: v[indices] for k, v in cond.items()} if isinstance(cond, dict) else cond[indices]
+        h = standin_compile_conditions(feed)
+        h[0]["strength"] = cond_pre[-1][1]
+        results += h
+    return results
+
+
+def standin_compute_cond_mark(cond_or_uncond, sigmas):
+    return torch.tensor([c for c in cond_or_uncond for _ in range(sigmas.shape[0])]).to(sigmas)
+
+
+def standin_compute_cond_indices(cond_or_uncond, sigmas):
+    n, cond, uncond = sigmas.shape[0], [], []
+    for i, c in enumerate(cond_or_uncond):
+        (cond if c == 0 else uncond).extend(range(i * n, (i + 1) * n))
+    return cond, uncond
+
+
+def standin_calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options, max_entries=99):
+    out = {0: torch.zeros_like(x_in), 1: torch.zeros_like(x_in)}
+    count = {0: torch.ones_like(x_in) * 1e-37, 1: torch.ones_like(x_in) * 1e-37}
+    to_run = []
+    for kind, entries in ((0, cond), (1, uncond)):
+        for e in entries or []:
+            conditioning = {k: v.process_cond(batch_size=x_in.shape[0], device=x_in.device)
+                            for k, v in e["model_conds"].items()}
+            to_run.append((x_in, torch.ones_like(x_in) * e.get("strength", 1.0), conditioning, kind))
+    while to_run:
+        first = to_run[0]
+        batch = [i for i, r in enumerate(to_run) if r[2].keys() == first[2].keys() and
+                 all(r[2][k].can_concat(first[2][k]) for k in first[2])][:max_entries]
+        picked = [to_run[i] for i in batch]
+        for i in reversed(batch):
+            to_run.pop(i)
+        input_x = torch.cat([r[0] for r in picked])
+        c = {k: picked[0][2][k].concat([r[2][k] for r in picked[1:]]) for k in first[2]}
+        cou = [r[3] for r in picked]
+        to = dict(model_options.get("transformer_options", {}))
+        to.update(cond_or_uncond=cou[:], sigmas=timestep, cond_mark=standin_compute_cond_mark(cou, timestep))
+        to["cond_indices"], to["uncond_indices"] = standin_compute_cond_indices(cou, timestep)
+        c["transformer_options"] = to
+        t = torch.cat([timestep] * len(cou))
+        if "model_function_wrapper" in model_options:
+            output = model_options["model_function_wrapper"](
+                model.apply_model, {"input": input_x, "timestep": t, "c": c, "cond_or_uncond": cou}).chunk(len(cou))
+        else:
+            output = model.apply_model(input_x, t, **c).chunk(len(cou))
+        for o, r in zip(output, picked):
+            out[r[3]] += o * r[1]
+            count[r[3]] += r[1]
+    return out[0] / count[0], out[1] / count[1]
+
+
+def standin_sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options, calc):
+    edit_strength = sum(item.get("strength", 1) for item in cond)
+    uncond_ = None if math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization") else uncond
+    for fn in model_options.get("sampler_pre_cfg_function", []):
+        model, cond, uncond_, x, timestep, model_options = fn(model, cond, uncond_, x, timestep, model_options)
+    cond_pred, uncond_pred = calc(model, cond, uncond_, x, timestep, model_options)
+    if "sampler_cfg_function" in model_options:
+        args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale, "timestep": timestep,
+                "input": x, "sigma": timestep, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
+                "model": model, "model_options": model_options}
+        result = x - model_options["sampler_cfg_function"](args)
+    elif not math.isclose(edit_strength, 1.0):
+        result = uncond_pred + (cond_pred - uncond_pred) * cond_scale * edit_strength
+    else:
+        result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
+    for fn in model_options.get("sampler_post_cfg_function", []):
+        result = fn({"denoised": result, "cond": cond, "uncond": uncond, "model": model, "uncond_denoised": uncond_pred,
+                     "cond_denoised": cond_pred, "sigma": timestep, "model_options": model_options, "input": x})
+    return result
+
+
+class StandInLinear(torch.nn.Module):
+    """Forge's ForgeOperations.Linear is a torch.nn.Module, not a torch.nn.Linear."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.in_features, self.out_features = i, o
+        self.weight = torch.nn.Parameter(torch.randn(o, i) / i ** 0.5, requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.randn(o) * 0.1, requires_grad=False)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, c=4, d=16, e=8, v=6):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, d, 3, padding=1)
+        self.to_k = StandInLinear(e, d)
+        self.qkv = StandInLinear(d, 3 * d)  # a fused projection, patched through `offset` slices
+        self.vec = StandInLinear(v, d)
+        self.out = StandInLinear(d, c)
+
+    def forward(self, x, t, context, y=None):
+        h = self.conv(x).flatten(2).transpose(1, 2)  # B, HW, d
+        q, k, v = self.qkv(torch.tanh(h)).chunk(3, -1)
+        ctx = self.to_k(context)  # B, L, d
+        attn = torch.softmax(q @ ctx.transpose(1, 2) / 4, -1) @ ctx
+        h = h + attn + k * torch.tanh(v)
+        if y is not None:
+            h = h + self.vec(y)[:, None]
+        out = self.out(torch.tanh(h)).transpose(1, 2).reshape(x.shape)
+        return x - out * t.reshape(-1, 1, 1, 1).clamp(max=2)
+
+
+class StandInKModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.diffusion_model = TinyNet()
+        self.lora_loader = SimpleNamespace(backup={})
+        self.calls = 0
+
+    def apply_model(self, x, t, c_crossattn=None, y=None, transformer_options=None, **kwargs):
+        assert not set(OUR_KEYS) & set(kwargs), "AutoLoRA's extra model_conds must not reach the model"
+        self.calls += 1
+        return self.diffusion_model(x, t, c_crossattn, y)
+
+    def memory_required(self, shape):
+        return 0
+
+
+def lora_patch(shape, rank, seed, strength=1.0, alpha=2.0, offset=None, function=None, conv=False):
+    g = torch.Generator().manual_seed(seed)
+    out_f = shape[0] if offset is None else offset[2]
+    up = torch.randn(out_f, rank, *((1, 1) if conv else ()), generator=g) * 0.4
+    down = torch.randn(rank, *shape[1:], generator=g) * 0.4
+    return [strength, ("lora", (up, down, torch.tensor(alpha), None, None)), 1.0, offset, function]
+
+
+def forge_lora_patches(model, guided_seed=1, other_seed=2, nonlinear=False):
+    """Two LoRAs in Forge's lora_patches layout: A (guided) and B (kept in both branches)."""
+    dm = model.diffusion_model
+    d = dm.qkv.weight.shape[1]
+    a = {
+        "diffusion_model.conv.weight": [lora_patch(tuple(dm.conv.weight.shape), 2, guided_seed, conv=True)],
+        "diffusion_model.to_k.weight": [lora_patch(tuple(dm.to_k.weight.shape), 3, guided_seed + 10)],
+        "diffusion_model.qkv.weight": [lora_patch((d, d), 2, guided_seed + 20, offset=(0, 0, d)),
+                                       lora_patch((d, d), 2, guided_seed + 21, offset=(0, 2 * d, d))],
+        "diffusion_model.vec.weight": [lora_patch(tuple(dm.vec.weight.shape), 2, guided_seed + 30)],
+        "diffusion_model.out.weight": [lora_patch(tuple(dm.out.weight.shape), 2, guided_seed + 40,
+                                                  function=(lambda w: w * 1.5) if nonlinear else None)],
+    }
+    b = {"diffusion_model.to_k.weight": [lora_patch(tuple(dm.to_k.weight.shape), 2, other_seed, strength=0.7)],
+         "diffusion_model.out.weight": [lora_patch(tuple(dm.out.weight.shape), 2, other_seed + 1, strength=0.7)]}
+    return {("A.safetensors", 1.0, 1.0, False): a, ("B.safetensors", 0.7, 1.0, False): b}
+
+
+def merge_offline(model, lora_patches, only=None):
+    """LoraLoader.refresh in offline mode: originals to `backup`, merged weights as new Parameters."""
+    merged = {}
+    for (filename, *_), patches in lora_patches.items():
+        if only is not None and filename not in only:
+            continue
+        for key, entries in patches.items():
+            merged.setdefault(key, []).extend(entries)
+    for key, entries in merged.items():
+        path, _, attr = key.rpartition(".")
+        module = model.get_submodule(path)
+        original = getattr(module, attr)
+        model.lora_loader.backup[key] = original
+        setattr(module, attr, torch.nn.Parameter(standin_merge_lora_to_weight(entries, original, key), requires_grad=False))
+
+
+def standin_api(max_entries=99):
+    return SimpleNamespace(
+        calc_cond_uncond_batch=lambda *a: standin_calc_cond_uncond_batch(*a, max_entries=max_entries),
+        compute_cond_mark=standin_compute_cond_mark, compute_cond_indices=standin_compute_cond_indices,
+        compile_conditions=standin_compile_conditions,
+        compile_weighted_conditions=standin_compile_weighted_conditions,
+        Condition=StandInCondition, ConditionCrossAttn=StandInConditionCrossAttn,
+        reconstruct_multicond_batch=lambda c, step: c, reconstruct_cond_batch=lambda c, step: c,
+        merge_lora_to_weight=standin_merge_lora_to_weight,
+        options=lambda: SimpleNamespace(autolora_default_strategy="auto", autolora_swap_budget_mb=0),
+        lean_memory=lambda: False, free_memory=lambda device: 2 ** 40)
+
+
+def weights_of(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# -- a test bench: the LoRA'd model, the LoRA-free model, text conditionings -------------------------
+
+class Bench:
+    def __init__(self, nonlinear=False, pooled=True, batch=2, and_weights=(1.0,)):
+        torch.manual_seed(0)
+        self.model = StandInKModel().eval()
+        self.clean = copy.deepcopy(self.model)
+        self.lora_patches = forge_lora_patches(self.model, nonlinear=nonlinear)
+        merge_offline(self.model, self.lora_patches)
+        self.base_model = copy.deepcopy(self.clean)  # what the base branch must equal: B only
+        merge_offline(self.base_model, self.lora_patches, only={"B.safetensors"})
+        g = torch.Generator().manual_seed(3)
+        n = len(and_weights)
+        self.x = torch.randn(batch, 4, 4, 4, generator=g)
+        self.sigma = torch.full((batch,), 1.2)
+        self.texts = {}
+        for branch in ("lora", "base"):  # the LoRA'd and the LoRA-free text encoder's outputs
+            crossattn_c = torch.randn(batch * n, 5, 8, generator=g)
+            crossattn_u = torch.randn(batch, 5, 8, generator=g)
+            if pooled:
+                c = {"crossattn": crossattn_c, "vector": torch.randn(batch * n, 6, generator=g)}
+                u = {"crossattn": crossattn_u, "vector": torch.randn(batch, 6, generator=g)}
+            else:
+                c, u = crossattn_c, crossattn_u
+            composition = [[(i * n + j, w) for j, w in enumerate(and_weights)] for i in range(batch)]
+            self.texts[branch] = ((composition, c), u)
+
+    def entries(self, branch):
+        (composition, c), u = self.texts[branch]
+        return standin_compile_weighted_conditions(c, composition), standin_compile_conditions(u)
+
+    def plain(self, model, branch, cond_scale, options=None, max_entries=99):
+        cond, uncond = self.entries(branch)
+        return standin_sampling_function_inner(
+            model, self.x, self.sigma, uncond, cond, cond_scale, options or {},
+            lambda *a: standin_calc_cond_uncond_batch(*a, max_entries=max_entries))
+
+    def autolora(self, settings, cond_scale, options=None, max_entries=99, step=(0, 4), base_text=True):
+        api = standin_api(max_entries)
+        ff = read_factors(self.model, self.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
+                          backup=self.model.lora_loader.backup)
+        record = {"guided_steps": 0, "plain_steps": 0, "base_calls": 0, "notices": []}
+        p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=step[0], total_steps=step[1])),
+                            comment=lambda text: None)
+        run = Run(settings, record, GuidanceInterval(settings.start, settings.end), p=p)
+        conds = {"base_c": self.texts["base"][0], "base_uc": self.texts["base"][1]} if base_text else {}
+        sampling = Sampling(api, run, p, SimpleNamespace(model=self.model), ff, conds)
+        options = dict(options or {})
+        options["sampler_pre_cfg_function"] = options.get("sampler_pre_cfg_function", []) + [sampling.pre_cfg_function()]
+        options = copy.deepcopy(options)  # Forge deep-copies model_options on every patcher clone
+        cond, uncond = self.entries("lora")
+        try:
+            out = standin_sampling_function_inner(
+                self.model, self.x, self.sigma, uncond, cond, cond_scale, options,
+                lambda *a: standin_calc_cond_uncond_batch(*a, max_entries=max_entries))
+        finally:
+            sampling.close()
+        return out, record, sampling
+
+
+TOL = 2e-5
+
+
+@pytest.mark.parametrize("strategy", ["batched", "sequential", "swap", "toggle"])
+@pytest.mark.parametrize("max_entries", [99, 1])
+@pytest.mark.parametrize("pooled", [True, False])
+def test_identities_through_forge_sampling(strategy, max_entries, pooled):
+    bench = Bench(pooled=pooled)
+    before = weights_of(bench.model)
+    lora = bench.plain(bench.model, "lora", 7.0)
+    base = bench.plain(bench.base_model, "base", 7.0)
+    assert (lora - base).abs().max() > 100 * TOL
+    g1, record, sampling = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.0, strategy=strategy), 7.0,
+                                          max_entries=max_entries)
+    torch.testing.assert_close(g1, lora, atol=TOL, rtol=0)
+    assert record["guided_steps"] == 1 and sampling.run.base_calls_done >= 1
+    g0, _, _ = bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0, strategy=strategy), 7.0,
+                              max_entries=max_entries)
+    torch.testing.assert_close(g0, base, atol=TOL, rtol=0)
+    w = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.5, w1=3.0, w2=5.0, strategy=strategy), 7.0,
+                       max_entries=max_entries)[0]
+    want = bench.plain(bench.base_model, "base", 3.0)
+    want = want + (bench.plain(bench.model, "lora", 5.0) - want) * 1.5
+    torch.testing.assert_close(w, want, atol=1e-4, rtol=0)
+    after = weights_of(bench.model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights must be bit-identical afterwards"
+
+
+def test_batched_runs_both_branches_in_one_forward_per_batch():
+    bench = Bench()
+    bench.model.calls = 0
+    bench.autolora(AutoLoraSettings(enabled=True, strategy="batched"), 7.0)
+    assert bench.model.calls == 1, "cond+uncond of both branches in one forward"
+    bench.model.calls = 0
+    bench.autolora(AutoLoraSettings(enabled=True, strategy="sequential"), 7.0)
+    assert bench.model.calls == 2
+
+
+def test_and_prompt_weights_and_no_uncond_pass():
+    bench = Bench(and_weights=(1.0, 0.6))
+    lora, base = bench.plain(bench.model, "lora", 6.0), bench.plain(bench.base_model, "base", 6.0)
+    g0 = bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0), 6.0)[0]
+    g1 = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.0), 6.0)[0]
+    torch.testing.assert_close(g0, base, atol=TOL, rtol=0)
+    torch.testing.assert_close(g1, lora, atol=TOL, rtol=0)
+    # CFG 1 (and Flux): Forge skips the uncond pass; AutoLoRA is the two-evaluation blend
+    lora1, base1 = bench.plain(bench.model, "lora", 1.0), bench.plain(bench.base_model, "base", 1.0)
+    out = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.5), 1.0)[0]
+    torch.testing.assert_close(out, base1 + (lora1 - base1) * 1.5, atol=1e-4, rtol=0)
+
+
+def test_lora_scale_scales_the_guided_lora_in_the_lora_branch():
+    bench = Bench()
+    half = copy.deepcopy(bench.clean)
+    patches = copy.deepcopy(bench.lora_patches)
+    for entries in patches[("A.safetensors", 1.0, 1.0, False)].values():
+        for e in entries:
+            e[0] = 0.5
+    merge_offline(half, patches)
+    out = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.0, lora_scale=0.5, base_text_encoder=False), 7.0)[0]
+    (composition, c), u = bench.texts["lora"]
+    torch.testing.assert_close(out, bench.plain(half, "lora", 7.0), atol=TOL, rtol=0)
+
+
+def test_interval_outside_is_the_plain_step_with_no_extra_call():
+    bench = Bench()
+    lora = bench.plain(bench.model, "lora", 7.0)
+    bench.model.calls = 0
+    out, record, _ = bench.autolora(AutoLoraSettings(enabled=True, start=0.5, end=1.0), 7.0, step=(1, 4))
+    assert torch.equal(out, lora) and bench.model.calls == 1
+    assert record["plain_steps"] == 1 and record["guided_steps"] == 0
+
+
+def test_another_cfg_function_is_applied_to_each_branch():
+    """Dynamic thresholding sets sampler_cfg_function; AutoLoRA applies it per branch, then blends."""
+    def standin_dynthres(args):  # the shape of DynamicThresholdingNode's sampler_dyn_thresh
+        cond, uncond = args["input"] - args["cond"], args["input"] - args["uncond"]
+        out = uncond + (cond - uncond) * args["cond_scale"]
+        return args["input"] - out.clamp(-1.5, 1.5)
+
+    bench = Bench()
+    options = {"sampler_cfg_function": standin_dynthres}
+    lora = bench.plain(bench.model, "lora", 7.0, options)
+    base = bench.plain(bench.base_model, "base", 7.0, options)
+    torch.testing.assert_close(bench.autolora(AutoLoraSettings(enabled=True, gamma=1.0), 7.0, options)[0], lora,
+                               atol=TOL, rtol=0)
+    torch.testing.assert_close(bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0), 7.0, options)[0], base,
+                               atol=TOL, rtol=0)
+
+
+def test_post_cfg_model_calls_see_the_plain_lora_model():
+    """Perturbed attention calls calc_cond_uncond_batch again from a post-CFG function with the
+    step's cond list: AutoLoRA's extra model_conds are stripped and no hook is active."""
+    bench = Bench()
+    seen = {}
+
+    def standin_pag(args):
+        cond_pred, _ = standin_calc_cond_uncond_batch(args["model"], args["cond"], None, args["input"], args["sigma"],
+                                                      args["model_options"].copy())
+        seen["pred"] = cond_pred
+        return args["denoised"]
+
+    options = {"sampler_post_cfg_function": [standin_pag]}
+    bench.autolora(AutoLoraSettings(enabled=True), 7.0, options)
+    cond, _ = bench.entries("lora")
+    want, _ = standin_calc_cond_uncond_batch(bench.model, cond, None, bench.x, bench.sigma, {})
+    torch.testing.assert_close(seen["pred"], want, atol=1e-6, rtol=0)
+
+
+def test_weights_restored_when_the_step_raises():
+    bench = Bench()
+    before = weights_of(bench.model)
+
+    def boom(args):
+        raise RuntimeError("interrupted")
+
+    for strategy in ("swap", "toggle", "batched"):
+        with pytest.raises(RuntimeError):
+            bench.autolora(AutoLoraSettings(enabled=True, strategy=strategy), 7.0,
+                           {"sampler_post_cfg_function": [boom]})
+        after = weights_of(bench.model)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert not any(m._forward_hooks for m in bench.model.modules()), "no hook may stay registered"
+
+
+# -- factors read from Forge's patches ----------------------------------------------------------------
+
+def test_factors_low_rank_with_fused_qkv_offsets():
+    bench = Bench()
+    ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight,
+                      backup=bench.model.lora_loader.backup)
+    assert not ff.dense and not ff.skipped and ff.files == {"A.safetensors"}
+    dm, base_dm = bench.model.diffusion_model, bench.base_model.diffusion_model
+    for name in ("conv", "to_k", "qkv", "vec", "out"):
+        module = getattr(dm, name)
+        delta = ff.factors.deltas[module]
+        rank = sum(t.rank for t in delta.terms)
+        assert all(not isinstance(t, DenseTerm) for t in delta.terms) and rank <= 4, name
+        torch.testing.assert_close(module.weight - delta.delta_weight(), getattr(base_dm, name).weight,
+                                   atol=1e-5, rtol=0)
+
+
+def test_nonlinear_patches_become_an_exact_dense_delta():
+    bench = Bench(nonlinear=True)
+    ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight,
+                      backup=bench.model.lora_loader.backup)
+    assert ff.dense == ["diffusion_model.out.weight"] and "exact dense delta" in ff.message("UNet")
+    out = bench.model.diffusion_model.out
+    torch.testing.assert_close(out.weight - ff.factors.deltas[out].delta_weight(),
+                               bench.base_model.diffusion_model.out.weight, atol=1e-5, rtol=0)
+    g0 = bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0), 7.0)[0]
+    torch.testing.assert_close(g0, bench.plain(bench.base_model, "base", 7.0), atol=TOL, rtol=0)
+
+
+def test_swap_base_weight_is_the_original_with_unguided_loras_merged_back():
+    bench = Bench()
+    ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight,
+                      backup=bench.model.lora_loader.backup)
+    for name in ("conv", "to_k", "out"):
+        info = ff.params[getattr(bench.model.diffusion_model, name)]
+        w = base_weight(info, merge=standin_merge_lora_to_weight, backup=bench.model.lora_loader.backup)
+        assert torch.equal(w, getattr(bench.base_model.diffusion_model, name).weight)
+
+
+def test_bias_patches_are_reported_not_silently_dropped():
+    bench = Bench()
+    patches = copy.deepcopy(bench.lora_patches)
+    patches[("A.safetensors", 1.0, 1.0, False)]["diffusion_model.out.bias"] = [[1.0, (torch.ones(4),), 1.0, None, None]]
+    ff = read_factors(bench.model, patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight,
+                      backup=bench.model.lora_loader.backup)
+    assert ff.skipped and "bias" in ff.message("UNet")
+
+
+def test_text_encoder_hooks_give_the_lora_free_encoder():
+    """Base conditioning: hooks subtracting the guided LoRA on every row, any batch size."""
+    torch.manual_seed(5)
+    te = torch.nn.Sequential(StandInLinear(8, 8), torch.nn.GELU(), StandInLinear(8, 8)).eval()
+    clean = copy.deepcopy(te)
+    patches = {("A.safetensors", 0.8, 1.0, False): {"0.weight": [lora_patch((8, 8), 2, 7, strength=0.8)],
+                                                     "2.weight": [lora_patch((8, 8), 2, 8, strength=0.8)]}}
+    wrapper = SimpleNamespace(lora_loader=SimpleNamespace(backup={}))
+    te.lora_loader = wrapper.lora_loader
+    merge_offline(te, patches)
+    ff = read_factors(te, patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight, backup=te.lora_loader.backup)
+    x = torch.randn(3, 5, 8)
+    assert (te(x) - clean(x)).abs().max() > 1e-2
+    counter = [0]
+    with scaled_text_encoder(ff.factors, -1.0, counter):
+        torch.testing.assert_close(te(x), clean(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(te(x[:1]), clean(x[:1]), atol=1e-5, rtol=0)
+    assert counter[0] == 4 and not any(m._forward_hooks for m in te.modules())
