@@ -146,7 +146,7 @@ def term_for(net_module, weights_merged: bool, source: str = ""):
             return _dense_term(net_module, sd_module, source)
     dyn_dim = getattr(net_module.network, "dyn_dim", None)
     if mid is None and dyn_dim is not None:  # rebuild_conventional keeps the first dyn_dim ranks
-        up, down = up[:, :dyn_dim], down[:dyn_dim]
+        up, down = up[:, :int(dyn_dim)], down[:int(dyn_dim)]
     return LowRankTerm(down=down, up=up, scale=scale, mid=mid, source=source)
 
 
@@ -772,7 +772,7 @@ def on_cfg_denoiser(params_):
         run.note("AutoLoRA: the sampler's conditioning is not the one prepared for this pass "
                  "(refiner switch or another extension); those steps run without AutoLoRA", p)
         return
-    if not run.interval.contains_step(denoiser.step, denoiser.total_steps):
+    if not run.interval.contains_step(denoiser.step, denoiser.total_steps or 0):
         run.record["plain_steps"] += 1
         return
     pair = entry[1]

@@ -1,0 +1,191 @@
+"""The offline demo: AutoLoRA on a tiny digits diffusion model; no WebUI, no GPU, no download.
+
+    python -m lib_autolora.demo --grid docs/demo_grid.png
+
+It runs the WebUI scripts' core path: the kohya reader turns the shipped LoRA into LoraFactors,
+the LoRA is merged into the model's weights at the requested scale (`kohya.merge_into`, as a
+host's merged LoRA mode does), and the base branch is evaluated by a base-branch strategy
+(`make_strategy`) inside `AutoLoraGuider`, never by a second, clean model. Sampling uses
+k-diffusion's samplers.
+
+It writes a PNG grid (rows: the LoRA's training digits, base + CFG, LoRA + CFG, AutoLoRA + CFG at a
+few gammas; one seed per column, the same in every row) and prints a Table 1-like comparison of
+LoRA + CFG and AutoLoRA + CFG over a sweep of LoRA scales. About a minute on two idle CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..base_branch import make_strategy, split_batch
+from ..guidance import cfg
+from ..guider import AutoLoraGuider, BranchConds
+from ..kohya import factors_from_kohya, merge_into
+from . import data, ksampling
+from .metrics import Evaluators, Scores, format_table
+from .train import ASSETS, BASE_FILE, LORA, LORA_FILE, load_base
+
+BASE_PATH = ASSETS / BASE_FILE
+LORA_PATH = ASSETS / LORA_FILE
+
+GRID_GAMMAS = (1.25, 1.5, 2.0)
+TABLE_SCALES = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
+DEFAULT_GAMMA = 1.5  # the paper's default AutoLoRA scale
+
+
+@dataclass(frozen=True)
+class Settings:
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    sigma_min: float = 0.02
+    sigma_max: float = 20.0
+    cfg: float = 4.0  # w1 = w2, as in the paper's experiments
+    strategy: str = "batched"
+
+    def sigmas(self) -> torch.Tensor:
+        return ksampling.karras_sigmas(self.steps, self.sigma_min, self.sigma_max)
+
+
+def load_lora_model(scale: float, base_path=BASE_PATH, lora_path=LORA_PATH):
+    """The base model with the LoRA merged in at `scale`, and the LoRA's factors (read at `scale`)."""
+    model = load_base(Path(base_path))
+    factors = factors_from_kohya(str(lora_path), model.kohya_modules(), strength=scale)
+    merge_into(factors)
+    return model, factors
+
+
+def forward_of(model):
+    """`forward(x, sigma, labels) -> x0`: the host's model call (text encoder inside, so the base
+    branch also sees the text encoder without the LoRA)."""
+    def forward(x, sigma, labels):
+        return model.denoiser(x, sigma, model.text_encoder(labels))
+    return forward
+
+
+def initial_noise(seeds: Sequence[int], settings: Settings) -> torch.Tensor:
+    """One generator per seed, so a sample depends on its seed only, not on its batch."""
+    return torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
+        * settings.sigma_max
+
+
+def sample_lora_cfg(model, labels, seeds, settings: Settings) -> torch.Tensor:
+    """Plain CFG on the LoRA'd model: what the WebUI does without AutoLoRA."""
+    forward, n = forward_of(model), len(labels)
+    nulls = torch.full_like(labels, model.null_class)
+
+    def denoiser(x, sigma, **_):
+        out = forward(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, nulls]))
+        cond, uncond = split_batch(out, n)
+        return cfg(cond, uncond, settings.cfg)
+
+    with torch.no_grad():
+        return ksampling.sample(settings.sampler, denoiser, initial_noise(seeds, settings), settings.sigmas()).clamp(-1, 1)
+
+
+def sample_autolora(model, factors, labels, seeds, gamma: float, settings: Settings) -> torch.Tensor:
+    """AutoLoRA + CFG (w1 = w2 = settings.cfg); gamma 0 gives the base model + CFG, via the strategy."""
+    nulls = torch.full_like(labels, model.null_class)
+    sigmas = settings.sigmas()
+    with torch.no_grad(), make_strategy(settings.strategy, factors, 1.0, weights_merged=True) as strategy:
+        guider = AutoLoraGuider(forward_of(model), strategy, lora=BranchConds(labels, nulls),
+                                base=BranchConds(labels, nulls), gamma=gamma, w1=settings.cfg,
+                                w2=settings.cfg, cfg_scale=settings.cfg, sigmas=sigmas)
+        return ksampling.sample(settings.sampler, guider, initial_noise(seeds, settings), sigmas).clamp(-1, 1)
+
+
+def prompts(samples_per_class: int, first_seed: int = 1000):
+    """Every digit, `samples_per_class` seeds each (the same seeds for every digit and method)."""
+    labels = torch.arange(data.NUM_DIGITS).repeat_interleave(samples_per_class)
+    seeds = [first_seed + i for i in range(samples_per_class)] * data.NUM_DIGITS
+    return labels, seeds
+
+
+def compare(scale: float, gamma: float, samples_per_class: int, settings: Settings,
+            evaluators: Evaluators) -> tuple[Scores, Scores]:
+    """(LoRA + CFG, AutoLoRA + CFG) scores at one LoRA scale, on the same seeds."""
+    model, factors = load_lora_model(scale)
+    labels, seeds = prompts(samples_per_class)
+    lora = evaluators.score(sample_lora_cfg(model, labels, seeds, settings), labels)
+    auto = evaluators.score(sample_autolora(model, factors, labels, seeds, gamma, settings), labels)
+    return lora, auto
+
+
+# -- the grid -----------------------------------------------------------------------------------
+def render_grid(rows, path: Path, cell: int = 4, gap: int = 2, label_width: int = 150) -> None:
+    """rows: [(label, images (n, 1, 8, 8) in [-1, 1] or None for an empty cell)] -> PNG."""
+    from PIL import Image, ImageDraw
+    columns = max(len(images) for _, images in rows)
+    size = 8 * cell
+    width = label_width + columns * (size + gap)
+    height = len(rows) * (size + gap) + gap
+    canvas = Image.new("L", (width, height), 96)
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        top = gap + r * (size + gap)
+        draw.text((6, top + size // 2 - 6), label, fill=255)
+        for c, img in enumerate(images):
+            if img is None:
+                continue
+            pixels = data.to_pixels(img[0]).numpy()
+            tile = Image.fromarray(pixels, "L").resize((size, size), Image.NEAREST)
+            canvas.paste(tile, (label_width + c * (size + gap), top))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def grid_rows(settings: Settings, seeds_per_class: int = 3, scale: float = 1.0, gammas=GRID_GAMMAS):
+    images, labels = data.load_digits()
+    subset = data.lora_subset(labels, LORA["per_class"], LORA["subset_seed"])
+    styled = data.stylize(images[subset])
+    reference = []
+    for digit in range(data.NUM_DIGITS):
+        mine = [styled[i] for i in range(len(subset)) if int(labels[subset[i]]) == digit]
+        reference.extend((mine + [None] * seeds_per_class)[:seeds_per_class])
+
+    model, factors = load_lora_model(scale)
+    labels, seeds = prompts(seeds_per_class)
+    rows = [("LoRA training set", reference),
+            (f"base + CFG {settings.cfg:g}", sample_autolora(model, factors, labels, seeds, 0.0, settings)),
+            (f"LoRA {scale:g} + CFG", sample_lora_cfg(model, labels, seeds, settings))]
+    for gamma in gammas:
+        rows.append((f"AutoLoRA g={gamma:g} + CFG", sample_autolora(model, factors, labels, seeds, gamma, settings)))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lib_autolora.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", type=Path, default=Path("out/demo_grid.png"), help="where to write the PNG grid")
+    parser.add_argument("--samples", type=int, default=32, help="samples per digit class for the table")
+    parser.add_argument("--scales", type=float, nargs="+", default=list(TABLE_SCALES), help="LoRA scales")
+    parser.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="AutoLoRA scale for the table")
+    parser.add_argument("--cfg", type=float, default=Settings.cfg, help="CFG scale of both branches")
+    parser.add_argument("--sampler", default=Settings.sampler, choices=sorted(ksampling.SAMPLERS))
+    parser.add_argument("--steps", type=int, default=Settings.steps)
+    parser.add_argument("--strategy", default=Settings.strategy, choices=["batched", "sequential", "swap", "toggle"])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = replace(Settings(), cfg=args.cfg, sampler=args.sampler, steps=args.steps, strategy=args.strategy)
+    start = time.time()
+
+    render_grid(grid_rows(settings), args.grid)
+    print(f"grid: {args.grid}")
+
+    evaluators = Evaluators.load()
+    base_model, base_factors = load_lora_model(1.0)
+    labels, seeds = prompts(args.samples)
+    base = evaluators.score(sample_autolora(base_model, base_factors, labels, seeds, 0.0, settings), labels)
+    rows = [(scale, *compare(scale, args.gamma, args.samples, settings, evaluators)) for scale in args.scales]
+    print(f"\nLoRA+CFG vs AutoLoRA+CFG (gamma {args.gamma:g}), CFG {settings.cfg:g} in both branches, "
+          f"{settings.sampler} {settings.steps} steps, {args.samples} seeds x 10 digits per cell")
+    print(format_table(rows, base))
+    print(f"\n({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The offline demo: shipped weights, the training pieces, and the quality claim on real samples."""
+import time
+
+import pytest
+import torch
+
+from lib_autolora.demo import data
+from lib_autolora.demo.__main__ import (BASE_PATH, LORA_PATH, Settings, load_lora_model, main, prompts,
+                                        sample_autolora, sample_lora_cfg)
+from lib_autolora.demo.metrics import Evaluators, diversity
+from lib_autolora.demo.train import ASSETS, LORA, TrainingLora, load_base, train_base, train_lora
+from lib_autolora.kohya import factors_from_kohya, load_state_dict, merge_into
+
+from helpers import fingerprint
+
+SETTINGS = Settings()
+
+# The quality check: AutoLoRA + CFG at the paper's default gamma against LoRA + CFG, same LoRA
+# scale, same seeds. Style presence (0-5) may drop by at most this much.
+QUALITY_SCALE = 1.0
+QUALITY_GAMMA = 1.5
+QUALITY_SEEDS_PER_CLASS = 24  # x 10 digits = 240 samples per method
+STYLE_MARGIN = 0.25
+
+
+@pytest.fixture(scope="module")
+def evaluators():
+    return Evaluators.load()
+
+
+def test_shipped_assets_are_small_and_kohya_format():
+    files = sorted(ASSETS.glob("*.safetensors"))
+    assert {f.name for f in files} >= {BASE_PATH.name, LORA_PATH.name, "evaluators.safetensors"}
+    assert sum(f.stat().st_size for f in files) < 5 * 1024 * 1024
+    sd = load_state_dict(LORA_PATH)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in sd)
+    assert max(v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")) <= 8
+    model = load_base(BASE_PATH)
+    factors = factors_from_kohya(str(LORA_PATH), model.kohya_modules())  # strict: every key maps
+    assert len(factors) == len(model.kohya_modules())
+    assert not factors.skipped
+
+
+def test_demo_samples_deterministically_and_does_not_change_the_weights():
+    model, factors = load_lora_model(1.0)
+    before = fingerprint(model)
+    labels, seeds = prompts(1)
+    a = sample_autolora(model, factors, labels, seeds, 1.5, SETTINGS)
+    b = sample_autolora(model, factors, labels, seeds, 1.5, SETTINGS)
+    assert torch.equal(a, b)
+    assert fingerprint(model) == before
+    # A sample depends on its seed, not on its batch.
+    one = sample_autolora(model, factors, labels[3:4], seeds[3:4], 1.5, SETTINGS)
+    torch.testing.assert_close(one, a[3:4], atol=1e-4, rtol=0)
+
+
+def test_strategies_agree_on_the_demo(evaluators):
+    model, factors = load_lora_model(0.8)
+    labels, seeds = prompts(1)
+    ref = sample_autolora(model, factors, labels, seeds, 1.5, SETTINGS)
+    for name in ("sequential", "swap"):
+        out = sample_autolora(model, factors, labels, seeds, 1.5, Settings(strategy=name))
+        torch.testing.assert_close(out, ref, atol=2e-4, rtol=0)
+
+
+def test_the_shipped_models_do_what_the_demo_says(evaluators):
+    """Base + CFG draws the digits asked for, plain; LoRA + CFG draws them in the LoRA's style."""
+    model, factors = load_lora_model(1.0)
+    labels, seeds = prompts(4)
+    base = evaluators.score(sample_autolora(model, factors, labels, seeds, 0.0, SETTINGS), labels)
+    lora = evaluators.score(sample_lora_cfg(model, labels, seeds, SETTINGS), labels)
+    assert base.accuracy >= 0.8 and base.style < 1.0
+    assert lora.accuracy >= 0.8 and lora.style > 4.0
+
+
+def _lora_vs_autolora(evaluators, scale, gamma, seeds_per_class):
+    model, factors = load_lora_model(scale)
+    labels, seeds = prompts(seeds_per_class, first_seed=5000)  # not the demo's seeds
+    lora = evaluators.score(sample_lora_cfg(model, labels, seeds, SETTINGS), labels)
+    auto = evaluators.score(sample_autolora(model, factors, labels, seeds, gamma, SETTINGS), labels)
+    return lora, auto
+
+
+@pytest.fixture(scope="module")
+def quality_run(evaluators):
+    start = time.time()
+    lora, auto = _lora_vs_autolora(evaluators, QUALITY_SCALE, QUALITY_GAMMA, QUALITY_SEEDS_PER_CLASS)
+    return lora, auto, time.time() - start
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Measured on the shipped weights (CFG 4, dpmpp_2m 20 steps, 240 samples): at LoRA scale 1.0, "
+    "AutoLoRA gamma 1.5 is LESS diverse than LoRA+CFG (about 0.011 vs 0.024; style 5.0 vs 5.0). "
+    "gamma > 1 extrapolates away from the base and concentrates samples on the overfit LoRA's "
+    "training digits; only gamma < 1 raised diversity. See docs/demo.md. Strict: if the claim "
+    "starts to hold (new weights, a core change), this XPASS fails and the marker must go."))
+def test_quality_autolora_is_more_diverse_at_equal_lora_scale(quality_run):
+    """The paper's claim (Tables 1-2) on the tiny model: higher Diversity, style kept."""
+    lora, auto, _ = quality_run
+    summary = f"LoRA+CFG {lora}, AutoLoRA+CFG {auto}"
+    assert auto.style >= lora.style - STYLE_MARGIN, summary
+    assert auto.diversity > lora.diversity, summary
+
+
+def test_quality_autolora_strengthens_a_weak_lora(evaluators):
+    """The part of Table 1 that does reproduce: at a low LoRA scale, AutoLoRA + CFG (gamma 1.5)
+    shows the LoRA's style more than LoRA + CFG (the paper's CPS column)."""
+    lora, auto = _lora_vs_autolora(evaluators, 0.4, QUALITY_GAMMA, 12)
+    assert auto.style > lora.style + 0.3, f"LoRA+CFG {lora}, AutoLoRA+CFG {auto}"
+
+
+def test_diversity_is_eq_8():
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # pairs: 0, 1/sqrt2, 1/sqrt2
+    assert diversity(f) == pytest.approx(1 - (2 ** -0.5) * 2 / 3)
+    assert diversity(torch.ones(5, 3)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_training_lora_is_what_the_kohya_reader_merges():
+    """The training-time hooks and `kohya.merge_into` of the saved keys give the same model."""
+    model = load_base(BASE_PATH)
+    g = torch.Generator().manual_seed(0)
+    lora = TrainingLora(model.kohya_modules(), rank=4, alpha=2.0, g=g)
+    with torch.no_grad():
+        for _, down, up in lora.factors.values():
+            up.normal_(0, 0.05, generator=g)
+    x, sigma, labels = torch.randn(3, 1, 8, 8), torch.tensor([0.5, 2.0, 9.0]), torch.tensor([1, 7, 10])
+    hooked = model.denoiser(x, sigma, model.text_encoder(labels))
+    lora.remove()
+    merge_into(factors_from_kohya(lora.kohya_state_dict(), model.kohya_modules()))
+    merged = model.denoiser(x, sigma, model.text_encoder(labels))
+    torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-4)
+
+
+def test_training_is_deterministic():
+    images, labels = data.load_digits()
+    cfg_base = dict(seed=0, steps=3, batch=16, lr=1e-3, warmup=1, ema=0.9, label_dropout=0.1)
+    a, b = train_base(images, labels, cfg_base), train_base(images, labels, cfg_base)
+    assert fingerprint(a) == fingerprint(b)
+    cfg_lora = {**LORA, "steps": 2}
+    sd1, subset = train_lora(a, images, labels, cfg_lora)
+    sd2, _ = train_lora(b, images, labels, cfg_lora)
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    assert len(subset) == 2 * data.NUM_DIGITS
+
+
+def test_demo_command_writes_the_grid(tmp_path, capsys):
+    main(["--grid", str(tmp_path / "grid.png"), "--samples", "2", "--scales", "1.0", "--threads", "2"])
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "LoRA+CFG" in out and "AutoLoRA+CFG" in out
