@@ -23,6 +23,16 @@ QUALITY_SEEDS_PER_CLASS = 24  # x 10 digits = 240 samples per method
 STYLE_MARGIN = 0.25
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The demo's batches are small: on a shared CPU two OpenMP threads wait on each other at every
+    op (7x slower measured under load), one thread does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def evaluators():
     return Evaluators.load()
@@ -55,7 +65,7 @@ def test_demo_samples_deterministically_and_does_not_change_the_weights():
     torch.testing.assert_close(one, a[3:4], atol=1e-4, rtol=0)
 
 
-def test_strategies_agree_on_the_demo(evaluators):
+def test_strategies_agree_on_the_demo():
     model, factors = load_lora_model(0.8)
     labels, seeds = prompts(1)
     ref = sample_autolora(model, factors, labels, seeds, 1.5, SETTINGS)
@@ -91,7 +101,7 @@ def quality_run(evaluators):
 
 @pytest.mark.xfail(strict=True, reason=(
     "Measured on the shipped weights (CFG 4, dpmpp_2m 20 steps, 240 samples): at LoRA scale 1.0, "
-    "AutoLoRA gamma 1.5 is LESS diverse than LoRA+CFG (about 0.011 vs 0.024; style 5.0 vs 5.0). "
+    "AutoLoRA gamma 1.5 is LESS diverse than LoRA+CFG (0.009 vs 0.024; style 5.00 vs 4.98). "
     "gamma > 1 extrapolates away from the base and concentrates samples on the overfit LoRA's "
     "training digits; only gamma < 1 raised diversity. See docs/demo.md. Strict: if the claim "
     "starts to hold (new weights, a core change), this XPASS fails and the marker must go."))
@@ -146,7 +156,7 @@ def test_training_is_deterministic():
 
 
 def test_demo_command_writes_the_grid(tmp_path, capsys):
-    main(["--grid", str(tmp_path / "grid.png"), "--samples", "2", "--scales", "1.0", "--threads", "2"])
+    main(["--grid", str(tmp_path / "grid.png"), "--samples", "2", "--scales", "1.0", "--threads", "1"])
     assert (tmp_path / "grid.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "LoRA+CFG" in out and "AutoLoRA+CFG" in out

@@ -61,8 +61,16 @@ class Pool:
         self.key = self.server = self.webui = self.models = None
 
 
+def _interrupt_on_sigterm(signum, frame):
+    # A SIGTERM (a job runner, `timeout`) becomes a KeyboardInterrupt, so that pytest still tears the
+    # session down: the server is stopped and the install's options and config files are put back.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory):
+    import signal
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     log_dir = os.environ.get("AUTOLORA_E2E_LOGS")
     log_dir = tmp_path_factory.mktemp("webui-logs") if not log_dir else log_dir
     os.makedirs(log_dir, exist_ok=True)
