@@ -563,3 +563,47 @@ def test_model_exception_mid_step_leaves_the_denoiser_clean():
         run.close()  # ...and removed by finish / the next start
         assert denoiser._modules["model_wrap"] is real and "combine_denoised" not in denoiser.__dict__
         assert not run.strategy and all(not m._forward_hooks for m in merged.modules())
+
+
+def test_base_text_encoding_with_sequence_first_layers_and_mha():
+    """OpenCLIP (SDXL's second text encoder) runs its layers on (tokens, batch, dim) tensors and its
+    attention is a MultiheadAttention the Lora extension always merges: the base encoding must
+    remove the LoRA from both, for any batch size."""
+    from lib_autolora.hosts import a1111
+    torch.manual_seed(0)
+
+    class TinyOpenClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2)
+            self.c_fc = torch.nn.Linear(8, 8)
+
+        def get_learned_conditioning(self, texts):
+            x = torch.stack([torch.full((5, 8), float(len(t))) + torch.arange(8.0) / 8 for t in texts]).permute(1, 0, 2)
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+            return (x + self.c_fc(x)).permute(1, 0, 2)
+
+    model = TinyOpenClip().eval()
+    texts = ["a", "bb", "cccc"]
+    clean = model.get_learned_conditioning(texts)
+    net = StandInNetwork("xl")
+    g = torch.Generator().manual_seed(1)
+    for part in ("q", "k", "v"):
+        net.modules[part] = StandInNetworkModuleLora(net, f"1_model_transformer_resblocks_0_attn_{part}_proj", model.attn,
+                                                    torch.randn(8, 2, generator=g), torch.randn(2, 8, generator=g), 2.0)
+    net.modules["out"] = StandInNetworkModuleLora(net, "1_model_transformer_resblocks_0_attn_out_proj", model.attn.out_proj,
+                                                 torch.randn(8, 2, generator=g), torch.randn(2, 8, generator=g), 2.0)
+    net.modules["fc"] = StandInNetworkModuleLora(net, "1_model_transformer_resblocks_0_mlp_c_fc", model.c_fc,
+                                                torch.randn(8, 2, generator=g), torch.randn(2, 8, generator=g), 2.0)
+    with torch.no_grad():  # the host's merge (MHA: q/k/v thirds of in_proj, out_proj; Linear: its weight)
+        for part, sl in (("q", slice(0, 8)), ("k", slice(8, 16)), ("v", slice(16, 24))):
+            model.attn.in_proj_weight[sl] += net.modules[part].calc_updown(model.attn.in_proj_weight[sl])[0]
+        model.attn.out_proj.weight += net.modules["out"].calc_updown(model.attn.out_proj.weight)[0]
+        model.c_fc.weight += net.modules["fc"].calc_updown(model.c_fc.weight)[0]
+    lora = model.get_learned_conditioning(texts)
+    assert (lora - clean).abs().max() > 1e-2
+    factors = a1111.read_factors([net], [net], True, {"1_model_transformer_resblocks_0_attn": model.attn})
+    assert set(factors.mha) == {model.attn} and model.c_fc in factors.te.deltas
+    base = a1111.EncodeWith(model, DeltaHooks(factors.te), a1111.MhaSwap(factors), -1.0).get_learned_conditioning(texts)
+    torch.testing.assert_close(base, clean, atol=1e-5, rtol=0)
+    assert torch.equal(model.get_learned_conditioning(texts), lora)  # nothing left behind

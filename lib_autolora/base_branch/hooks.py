@@ -144,7 +144,7 @@ class DeltaHooks:
             if plan is None:
                 return None
             x = args[0]
-            if x.shape[0] != plan.batch:
+            if plan.batch is not None and x.shape[0] != plan.batch:
                 raise BatchLayoutError(
                     f"AutoLoRA: module {name} got a batch of {x.shape[0]} rows, expected {plan.batch}; "
                     f"the host split the batch in a way the base branch cannot follow")
@@ -157,8 +157,18 @@ class DeltaHooks:
         return hook
 
     @contextmanager
-    def rows(self, batch: int, groups):
-        groups = tuple((a, b, float(c)) for a, b, c in groups if c != 0 and b > a)
+    def all_rows(self, coef: float):
+        """`coef` x the LoRA term on the whole output of every hooked module, whatever its layout:
+        for calls that are all one branch, e.g. a text encoder (OpenCLIP's layers see the sequence,
+        not the batch, as their first dimension)."""
+        with self.rows(None, [(0, None, coef)]):
+            yield
+
+    @contextmanager
+    def rows(self, batch: Optional[int], groups):
+        """Row groups ((start, stop, coef), ...) of a batch of `batch` rows; batch None: no check,
+        stop None: to the end."""
+        groups = tuple((a, b, float(c)) for a, b, c in groups if c != 0 and (b is None or b > a))
         if not groups:
             yield
             return

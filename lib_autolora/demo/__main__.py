@@ -10,7 +10,7 @@ k-diffusion's samplers.
 
 It writes a PNG grid (rows: the LoRA's training digits, base + CFG, LoRA + CFG, AutoLoRA + CFG at a
 few gammas; one seed per column, the same in every row) and prints a Table 1-like comparison of
-LoRA + CFG and AutoLoRA + CFG over a sweep of LoRA scales. About a minute on two idle CPU cores.
+LoRA + CFG and AutoLoRA + CFG over a sweep of LoRA scales. A few minutes on a CPU.
 """
 from __future__ import annotations
 

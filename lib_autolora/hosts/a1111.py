@@ -261,9 +261,8 @@ class EncodeWith:
         self.calls = 0
 
     def get_learned_conditioning(self, texts):
-        n = len(texts)
         self.calls += 1
-        with self.mha_swap.swapped(self.coef), self.hooks.rows(n, [(0, n, self.coef)]):
+        with self.mha_swap.swapped(self.coef), self.hooks.all_rows(self.coef):
             return self.model.get_learned_conditioning(texts)
 
     def __getattr__(self, name):

@@ -85,8 +85,9 @@ HOSTS = {
     # Forge (main): the UI is built (the UI test reads /config); "online" is Forge's on-the-fly LoRA
     # ("... (fp16 LoRA)" storage; Forge applies LoRAs online only to low-bit weights, so fp8 here).
     # Forge re-reads its model-loading options only when a memory option changes too, hence the
-    # 1024/1025 MB pair. Its txt2img API needs hr_additional_modules set with hires fix (FORGE.md) and
-    # with `infotext` (else apply_infotext fails on that field's list[str] type, with or without AutoLoRA).
+    # 1024/1025 MB pair. Its txt2img API needs hr_additional_modules set with hires fix (FORGE.md), and
+    # with `infotext` also styles: apply_infotext fails on fields typed list[str] that the request does
+    # not set (its paste functions return ['Use same choices'] / a gradio 4 update), with or without AutoLoRA.
     "forge": HostSpec(
         name="forge", env_var="AUTOLORA_FORGE",
         base_args=("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
@@ -99,7 +100,7 @@ HOSTS = {
                "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
                                 args=("--unet-in-bf16", "--clip-in-fp16"))},
         make_checkpoint=_forge_checkpoint_cmd,
-        hires_fields={"hr_additional_modules": ["Use same choices"]}),
+        hires_fields={"hr_additional_modules": ["Use same choices"], "styles": []}),
 }
 
 
