@@ -144,7 +144,8 @@ def on_ui_settings():
 
 def on_app_started(_demo, app):
     common.install_api_validation(app)
-    common.register_routes(app, reset_peak=getattr(sys.modules.get(type(ADAPTER).__module__), "reset_peak", None))
+    common.register_routes(app, reset_peak=getattr(sys.modules.get(type(ADAPTER).__module__), "reset_peak", None),
+                           residue=getattr(ADAPTER, "residue", None))
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

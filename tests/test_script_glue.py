@@ -607,3 +607,25 @@ def test_base_text_encoding_with_sequence_first_layers_and_mha():
     base = a1111.EncodeWith(model, DeltaHooks(factors.te), a1111.MhaSwap(factors), -1.0).get_learned_conditioning(texts)
     torch.testing.assert_close(base, clean, atol=1e-5, rtol=0)
     assert torch.equal(model.get_learned_conditioning(texts), lora)  # nothing left behind
+
+
+def test_residue_counts_what_a_run_registers_and_returns_to_the_baseline():
+    """The soak test's leak check (GET /autolora/v1/residue) counts hooks on the model's modules and
+    entries in the host's callback lists; it must see a live strategy and see it gone after close."""
+    clean = make_model(0)
+    lora_sd = lora_state_dict(clean, seed=1)
+    merged = merged_copy(0, [(lora_sd, 1.0)])
+    factors = factors_from_kohya(lora_sd, merged.kohya_modules())
+    callback_map = {"callbacks_cfg_denoiser": [SimpleNamespace(name="autolora", script="x/autolora.py")],
+                    "callbacks_ui_settings": [SimpleNamespace(name=None, script="other.py")] * 2}
+    before = common.residue_counts(callback_map, [merged])
+    assert before["module_hooks"] == 0 and before["callbacks_total"] == 3 and before["callbacks_autolora"] == 1
+    strategy = make_strategy("batched", factors).__enter__()
+    with strategy.hooks.rows(2, [(0, 1, -1.0)]):  # hooks exist only while a row plan is active
+        during = common.residue_counts(callback_map, [merged])
+    strategy.__exit__(None, None, None)
+    after = common.residue_counts(callback_map, [merged])
+    assert during["module_hooks"] > 0, during
+    assert {k: v for k, v in after.items() if k != "resident_bytes"} == \
+        {k: v for k, v in before.items() if k != "resident_bytes"}
+    assert after["resident_bytes"] is None or after["resident_bytes"] > 0

@@ -363,12 +363,7 @@ class Run:
     off: Optional[str] = None  # set when guidance stopped mid-generation (refiner switch, layout)
 
     def note(self, text: str, p=None):
-        if text not in self.notices:
-            self.notices.append(text)
-            self.record["notices"].append(text)
-            log.warning(text)
-            if p is not None:
-                p.comment(text)
+        common.note_once(self.notices, self.record, text, p)
 
     def close(self):
         for denoiser in list(self.wrapped):
@@ -479,6 +474,16 @@ class A1111Adapter:
         if xyz is not None:
             common.add_xyz_axes(xyz)
         return xyz is not None
+
+    def residue(self) -> dict:
+        """What is registered now (GET /autolora/v1/residue): the host's callback lists, hooks on
+        the loaded model's modules, runs not finished, CFG denoisers still wrapped."""
+        from modules import script_callbacks
+        shared = _host()[0]
+        model = shared.sd_model
+        roots = [model] if isinstance(model, torch.nn.Module) else []
+        return common.residue_counts(script_callbacks.callback_map, roots, {
+            "open_runs": len(_LIVE_RUNS), "wrapped_denoisers": sum(len(r.wrapped) for r in _LIVE_RUNS)})
 
     # -- internals ---------------------------------------------------------------------------------
     def _close(self, run: Run, p=None):

@@ -9,11 +9,15 @@ takes what it needs as an argument, so the hermetic tests drive it with stand-in
   script runner logs and swallows exceptions, so a bad value would otherwise be ignored silently)
 - settings of one generation: UI/API args with the X/Y/Z overrides applied, and the infotext
 - X/Y/Z axes built from `params.XYZ_PARAMS`
-- diagnostics: the last generation's counters, served at `/autolora/v1/stats`
+- diagnostics: the last generation's counters, served at `/autolora/v1/stats`, and what is
+  registered in the host right now (callbacks, module hooks, open runs, process memory), served at
+  `/autolora/v1/residue` for the soak test
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import threading
 import time
@@ -22,6 +26,7 @@ from typing import Iterable, Optional, Sequence
 from .. import params
 from ..params import AutoLoraArgumentError, AutoLoraSettings
 
+log = logging.getLogger("autolora")
 SCRIPT_TITLE = "AutoLoRA"
 API_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 ROUTE_PREFIX = "/autolora/v1"
@@ -247,6 +252,18 @@ class Diagnostics:
 DIAGNOSTICS = Diagnostics()
 
 
+def note_once(notices: list, record: dict, text: str, p=None) -> None:
+    """A notice of one generation, given once: in its stats record, the log, and (with `p`) the
+    infotext's comments, where users see it under the image."""
+    if text in notices:
+        return
+    notices.append(text)
+    record["notices"].append(text)
+    log.warning(text)
+    if p is not None:
+        p.comment(text)
+
+
 def settings_dict(settings: AutoLoraSettings) -> dict:
     return {p.name: (list(v) if isinstance(v := getattr(settings, p.name), tuple) else v) for p in params.PARAMS}
 
@@ -265,9 +282,46 @@ def elem_id(tab: str, name: str) -> str:
     return f"autolora_{tab}_{name}"
 
 
-def register_routes(app, reset_peak=None) -> None:
-    """GET /autolora/v1/params, GET /autolora/v1/stats, POST /autolora/v1/reset-peak."""
+def resident_bytes() -> Optional[int]:
+    """Resident memory of this process (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def residue_counts(callback_map: dict, module_roots: Iterable, extra: Optional[dict] = None) -> dict:
+    """What is registered in the host now: callbacks per list of the host's `script_callbacks`
+    (ours counted apart, by the `autolora` name or script path), forward (pre-)hooks on every module
+    of the model, and the adapter's own open state. Between generations, a clean extension leaves
+    these exactly as they were before its first generation."""
+    callbacks, ours = {}, 0
+    for name, entries in callback_map.items():
+        callbacks[name] = len(entries)
+        for entry in entries:
+            tag = f"{getattr(entry, 'name', '') or ''} {getattr(entry, 'script', '') or ''}".lower()
+            ours += "autolora" in tag
+    hooks, modules = 0, 0
+    seen = set()
+    for root in module_roots:
+        for module in getattr(root, "modules", lambda: [])():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            modules += 1
+            hooks += len(module._forward_hooks) + len(module._forward_pre_hooks)
+    return {"callbacks_total": sum(callbacks.values()), "callbacks_autolora": ours, "callbacks": callbacks,
+            "module_hooks": hooks, "modules": modules, "resident_bytes": resident_bytes(), **(extra or {})}
+
+
+def register_routes(app, reset_peak=None, residue=None) -> None:
+    """GET /autolora/v1/params, GET /autolora/v1/stats, GET /autolora/v1/residue,
+    POST /autolora/v1/reset-peak."""
     existing = {getattr(r, "path", None) for r in getattr(app, "routes", [])}
+
+    def residue_now():
+        return residue() if residue is not None else {"resident_bytes": resident_bytes()}
 
     def stats():
         return DIAGNOSTICS.snapshot()
@@ -281,6 +335,7 @@ def register_routes(app, reset_peak=None) -> None:
         return {"ok": True}
 
     for path, fn, methods in ((f"{ROUTE_PREFIX}/params", table, ["GET"]), (f"{ROUTE_PREFIX}/stats", stats, ["GET"]),
+                              (f"{ROUTE_PREFIX}/residue", residue_now, ["GET"]),
                               (f"{ROUTE_PREFIX}/reset-peak", reset, ["POST"])):
         if path not in existing:
             app.add_api_route(path, fn, methods=methods)

@@ -439,14 +439,11 @@ class Run:
     notices: list = field(default_factory=list)
     off: Optional[str] = None
     p: object = None
+    unet_before: object = None  # forge_objects.unet before our clone took its place...
+    unet_ours: object = None  # ...and the clone carrying our sampler_pre_cfg_function
 
     def note(self, text: str, p=None):
-        if text not in self.notices:
-            self.notices.append(text)
-            self.record["notices"].append(text)
-            log.warning(text)
-            if p is not None:
-                p.comment(text)
+        common.note_once(self.notices, self.record, text, p)
 
     def close_sampling(self):
         if self.sampling is not None:
@@ -564,11 +561,12 @@ class ForgeAdapter:
         if ff.empty and not any(v is not None for v in conds.values()):
             run.note("AutoLoRA: the guided LoRAs change nothing in this model; sampling without AutoLoRA", p)
             return None
+        run.unet_before = unet
         unet = unet.clone()
         sampling = Sampling(self.api, run, p, unet, ff, conds)
         unet.add_sampler_pre_cfg_function(sampling.pre_cfg_function())
         unet.add_extra_preserved_memory_during_sampling(ff.nbytes())
-        p.sd_model.forge_objects.unet = unet
+        p.sd_model.forge_objects.unet = run.unet_ours = unet
         run.sampling = sampling
         return None
 
@@ -580,6 +578,12 @@ class ForgeAdapter:
         run.close_sampling()
         if run.p is not None and "get_conds_with_caching" in vars(run.p):
             del run.p.get_conds_with_caching
+        # Forge resets forge_objects at the next generation anyway; putting the patcher back now
+        # drops our pre-CFG function and what its closure holds (conds, factors) between generations.
+        objects = getattr(getattr(run.p, "sd_model", None), "forge_objects", None)
+        if objects is not None and run.unet_ours is not None and objects.unet is run.unet_ours:
+            objects.unet = run.unet_before
+        run.unet_before = run.unet_ours = None
         run.conds.clear()
         record = run.record
         record["peak_vram_bytes"] = _peak_bytes()
@@ -595,3 +599,15 @@ class ForgeAdapter:
         if xyz is not None:
             common.add_xyz_axes(xyz)
         return xyz is not None
+
+    def residue(self) -> dict:
+        """What is registered now (GET /autolora/v1/residue): the host's callback lists, hooks on the
+        UNet and text encoder modules, our sampler hooks on the current UNet patcher, open runs."""
+        from modules import script_callbacks, shared
+        objects = getattr(shared.sd_model, "forge_objects", None)
+        roots, pre_cfg = [], 0
+        if objects is not None:
+            roots = [getattr(objects.unet, "model", None), getattr(objects.clip, "cond_stage_model", None)]
+            pre_cfg = len(objects.unet.model_options.get("sampler_pre_cfg_function", []))
+        return common.residue_counts(script_callbacks.callback_map, [r for r in roots if r is not None], {
+            "open_runs": int(self.run is not None), "unet_pre_cfg_functions": pre_cfg})
