@@ -195,7 +195,8 @@ class Soak:
         self.tally.add(action, "ok" if status == 200 else f"HTTP {status}")
         worker.join(1800)
         status = result.get("r", (None,))[0]
-        self.tally.add(f"txt2img {action}ped", "ok" if status == 200 else f"HTTP {status}")
+        self.tally.add(f"txt2img, {'interrupted' if action == 'interrupt' else 'skipped'} mid-run",
+                       "ok" if status == 200 else f"HTTP {status}")
         if status != 200:
             self.tally.fail(f"{action}: the run answered {status}")
 
@@ -291,7 +292,7 @@ class Soak:
         for kind in sorted(self.tally.by_kind):
             outcomes = self.tally.by_kind[kind]
             lines.append(f"{kind:44s} {sum(outcomes.values()):5d}  " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items())))
-        mb = lambda b: f"{b / 2 ** 20:.0f} MB" if b else "n/a"  # noqa: E731
+        mb = lambda b: "n/a" if b is None else f"{b / 2 ** 20:+.0f} MB" if b < 0 else f"{b / 2 ** 20:.0f} MB"  # noqa: E731
         lines += [f"resident memory: after warm-up (call {warmup_calls}) {mb(rss_warm)}, end {mb(rss_end)}, "
                   f"max {mb(rss_max)}; growth {mb(growth) if growth is not None else 'n/a'} "
                   f"(limit {self.args.rss_tolerance_mb} MB): {'flat' if rss_ok else 'NOT FLAT'}",
