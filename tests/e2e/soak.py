@@ -296,6 +296,8 @@ class Soak:
         lines += [f"resident memory: after warm-up (call {warmup_calls}) {mb(rss_warm)}, end {mb(rss_end)}, "
                   f"max {mb(rss_max)}; growth {mb(growth) if growth is not None else 'n/a'} "
                   f"(limit {self.args.rss_tolerance_mb} MB): {'flat' if rss_ok else 'NOT FLAT'}",
+                  "resident memory by call: " + ", ".join(f"{n}: {b / 2 ** 20:.0f}" for n, b in self.rss[::10] if b)
+                  + " MB",
                   "registered before -> after: " + ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in keys
                                                               if k in before or k in after),
                   f"plain image identical: {'yes' if identical.get('plain') else 'NO'}; "
