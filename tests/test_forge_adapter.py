@@ -524,3 +524,17 @@ def test_text_encoder_hooks_give_the_lora_free_encoder():
         torch.testing.assert_close(te(x), clean(x), atol=1e-5, rtol=0)
         torch.testing.assert_close(te(x[:1]), clean(x[:1]), atol=1e-5, rtol=0)
     assert counter[0] == 4 and not any(m._forward_hooks for m in te.modules())
+
+
+def test_a_finished_pass_holds_nothing_and_its_function_passes_through():
+    """Forge may keep the patcher clone (with our pre-CFG function in its model_options) in its
+    loaded-models list after the generation: once closed, the pass must hold no factors, conds or
+    `p`, and its function, if still called, must change nothing (the soak's memory leak)."""
+    bench = Bench()
+    lora = bench.plain(bench.model, "lora", 7.0)
+    guided, _, sampling = bench.autolora(AutoLoraSettings(enabled=True), 7.0)
+    assert not torch.allclose(guided, lora)
+    assert sampling.ff is None and sampling.p is None and sampling.conds == {} and sampling.strategy is None
+    bench.model.calls = 0
+    again = bench.plain(bench.model, "lora", 7.0, options={"sampler_pre_cfg_function": [sampling.pre_cfg_function()]})
+    assert torch.equal(again, lora) and bench.model.calls == 1
