@@ -57,6 +57,7 @@ TWIN_CROSSATTN = "autolora_base_c_crossattn"
 TWIN_Y = "autolora_base_y"
 TAG = "autolora_entry"
 OUR_KEYS = (TWIN_CROSSATTN, TWIN_Y, TAG)
+OUR_MARK = "_autolora"  # attribute on the functions AutoLoRA puts into model_options
 
 
 class ForgeAPI:
@@ -199,6 +200,7 @@ class Sampling:
         self.model = unet.model
         self.strategy = None
         self.strategy_name = None
+        self.closed = False
 
     # -- strategy, entered at the first guided step (the UNet is loaded and merged by then) ------
     def _enter_strategy(self, x: torch.Tensor):
@@ -239,12 +241,9 @@ class Sampling:
             self.strategy = None
         # Forge's memory manager may keep the patcher clone (and with it our closures) in its list of
         # loaded models after the generation: let them hold nothing heavy (factors, conds, `p`).
+        self.closed = True
         self.ff = self.p = self.unet = self.model = None
         self.conds = {}
-
-    @property
-    def closed(self) -> bool:
-        return self.ff is None
 
     def base_calls(self) -> int:
         return self.strategy.base_calls if self.strategy is not None else 0
@@ -427,6 +426,7 @@ class Sampling:
             options["model_function_wrapper"] = self.wrapper(step, model_options.get("model_function_wrapper"))
             return model, step.lora_cond, step.lora_uncond, x, timestep, options
 
+        setattr(pre_cfg, OUR_MARK, True)
         return pre_cfg
 
 
@@ -591,6 +591,10 @@ class ForgeAdapter:
         objects = getattr(getattr(run.p, "sd_model", None), "forge_objects", None)
         if objects is not None and run.unet_ours is not None and objects.unet is run.unet_ours:
             objects.unet = run.unet_before
+        if run.unet_ours is not None:  # the clone may live on in Forge's loaded-models list
+            hooks = run.unet_ours.model_options.get("sampler_pre_cfg_function", [])
+            hooks[:] = [f for f in hooks if not getattr(f, OUR_MARK, False)]
+            run.unet_ours.extra_preserved_memory_during_sampling = run.unet_before.extra_preserved_memory_during_sampling
         run.unet_before = run.unet_ours = None
         run.conds.clear()
         record = run.record
