@@ -8,6 +8,7 @@ from lib_autolora.demo import data
 from lib_autolora.demo.__main__ import (BASE_PATH, LORA_PATH, Settings, load_lora_model, main, prompts,
                                         sample_autolora, sample_lora_cfg)
 from lib_autolora.demo.metrics import Evaluators, diversity
+from lib_autolora.demo import sweep
 from lib_autolora.demo.train import ASSETS, LORA, TrainingLora, load_base, train_base, train_lora
 from lib_autolora.kohya import factors_from_kohya, load_state_dict, merge_into
 
@@ -20,7 +21,7 @@ SETTINGS = Settings()
 QUALITY_SCALE = 1.0
 QUALITY_GAMMA = 1.5
 QUALITY_SEEDS_PER_CLASS = 24  # x 10 digits = 240 samples per method
-STYLE_MARGIN = 0.25
+STYLE_MARGIN = sweep.STYLE_MARGIN
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,6 +64,37 @@ def test_demo_samples_deterministically_and_does_not_change_the_weights():
     # A sample depends on its seed, not on its batch.
     one = sample_autolora(model, factors, labels[3:4], seeds[3:4], 1.5, SETTINGS)
     torch.testing.assert_close(one, a[3:4], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2s_a"])
+def test_ancestral_samplers_draw_per_seed_noise(sampler):
+    """Ancestral samplers draw fresh noise every step: it comes from each seed's own generator, so
+    gamma 1 still reproduces LoRA + CFG (same noise in both methods) and a sample does not depend
+    on its batch."""
+    settings = Settings(sampler=sampler, steps=8)
+    model, factors = load_lora_model(1.0)
+    labels, seeds = prompts(1)
+    plain = sample_lora_cfg(model, labels, seeds, settings)
+    auto = sample_autolora(model, factors, labels, seeds, 1.0, settings, w1=7.0)
+    torch.testing.assert_close(auto, plain, atol=2e-4, rtol=0)
+    alone = sample_lora_cfg(model, labels[5:6], seeds[5:6], settings)
+    torch.testing.assert_close(alone, plain[5:6], atol=1e-4, rtol=0)
+    other_seeds = sample_lora_cfg(model, labels, [s + 1 for s in seeds], settings)
+    assert (other_seeds - plain).abs().max() > 0.1
+
+
+def test_sweep_baseline_is_what_gamma_1_gives(evaluators):
+    """The sweep's baseline (LoRA + CFG at w2) is AutoLoRA at gamma 1 whatever w1 is, so at gamma 1
+    both columns score the same and the claim (strictly more diverse) does not hold."""
+    cells = list(sweep.run(evaluators, gamma=1.0, scales=[1.0], samplers=["euler_a"], pairs=[(7.0, 2.0)],
+                           samples_per_class=2, settings=Settings(steps=8)))
+    assert len(cells) == 1
+    cell = cells[0]
+    assert (cell.w1, cell.w2) == (7.0, 2.0)
+    assert cell.auto.diversity == pytest.approx(cell.lora.diversity, abs=1e-3)
+    assert cell.auto.style == pytest.approx(cell.lora.style, abs=1e-3)
+    assert not cell.holds
+    assert "euler_a" in sweep.format_cell(cell) and sweep.format_cell(cell).endswith("no")
 
 
 def test_strategies_agree_on_the_demo():
@@ -111,6 +143,7 @@ def test_quality_autolora_is_more_diverse_at_equal_lora_scale(quality_run):
     summary = f"LoRA+CFG {lora}, AutoLoRA+CFG {auto}"
     assert auto.style >= lora.style - STYLE_MARGIN, summary
     assert auto.diversity > lora.diversity, summary
+    assert sweep.claim_holds(lora, auto)
 
 
 def test_quality_autolora_strengthens_a_weak_lora(evaluators):

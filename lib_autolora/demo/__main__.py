@@ -18,7 +18,7 @@ import argparse
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -67,10 +67,28 @@ def forward_of(model):
     return forward
 
 
-def initial_noise(seeds: Sequence[int], settings: Settings) -> torch.Tensor:
-    """One generator per seed, so a sample depends on its seed only, not on its batch."""
-    return torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
-        * settings.sigma_max
+class SeedNoise:
+    """Per-seed noise, as the WebUI draws it: one generator per seed gives the initial noise and,
+    for ancestral samplers, every later draw, so that a sample depends on its seed only, not on its
+    batch, and two methods sampled on the same seeds see the same noise."""
+
+    def __init__(self, seeds: Sequence[int], shape=(1, 8, 8)):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.shape = shape
+
+    def draw(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+
+    def __call__(self, sigma, sigma_next) -> torch.Tensor:  # k-diffusion's noise_sampler contract
+        return self.draw()
+
+
+def run_sampler(denoiser, seeds: Sequence[int], settings: Settings) -> torch.Tensor:
+    noise = SeedNoise(seeds)
+    x = noise.draw() * settings.sigma_max
+    extra = {"noise_sampler": noise} if settings.sampler in ksampling.ANCESTRAL else {}
+    with torch.no_grad():
+        return ksampling.sample(settings.sampler, denoiser, x, settings.sigmas(), **extra).clamp(-1, 1)
 
 
 def sample_lora_cfg(model, labels, seeds, settings: Settings) -> torch.Tensor:
@@ -83,19 +101,21 @@ def sample_lora_cfg(model, labels, seeds, settings: Settings) -> torch.Tensor:
         cond, uncond = split_batch(out, n)
         return cfg(cond, uncond, settings.cfg)
 
-    with torch.no_grad():
-        return ksampling.sample(settings.sampler, denoiser, initial_noise(seeds, settings), settings.sigmas()).clamp(-1, 1)
+    return run_sampler(denoiser, seeds, settings)
 
 
-def sample_autolora(model, factors, labels, seeds, gamma: float, settings: Settings) -> torch.Tensor:
-    """AutoLoRA + CFG (w1 = w2 = settings.cfg); gamma 0 gives the base model + CFG, via the strategy."""
+def sample_autolora(model, factors, labels, seeds, gamma: float, settings: Settings,
+                    w1: Optional[float] = None, w2: Optional[float] = None) -> torch.Tensor:
+    """AutoLoRA + CFG, w1 and w2 defaulting to settings.cfg (the WebUI's "same as CFG"); gamma 0
+    gives the base model + CFG, via the strategy."""
     nulls = torch.full_like(labels, model.null_class)
-    sigmas = settings.sigmas()
+    w1 = settings.cfg if w1 is None else w1
+    w2 = settings.cfg if w2 is None else w2
     with torch.no_grad(), make_strategy(settings.strategy, factors, 1.0, weights_merged=True) as strategy:
         guider = AutoLoraGuider(forward_of(model), strategy, lora=BranchConds(labels, nulls),
-                                base=BranchConds(labels, nulls), gamma=gamma, w1=settings.cfg,
-                                w2=settings.cfg, cfg_scale=settings.cfg, sigmas=sigmas)
-        return ksampling.sample(settings.sampler, guider, initial_noise(seeds, settings), sigmas).clamp(-1, 1)
+                                base=BranchConds(labels, nulls), gamma=gamma, w1=w1, w2=w2,
+                                cfg_scale=settings.cfg, sigmas=settings.sigmas())
+        return run_sampler(guider, seeds, settings)
 
 
 def prompts(samples_per_class: int, first_seed: int = 1000):

@@ -51,6 +51,7 @@ def load_sampling():
 
 SAMPLERS = {"euler": "sample_euler", "euler_a": "sample_euler_ancestral", "heun": "sample_heun",
             "dpmpp_2m": "sample_dpmpp_2m", "dpmpp_2s_a": "sample_dpmpp_2s_ancestral", "lms": "sample_lms"}
+ANCESTRAL = frozenset({"euler_a", "dpmpp_2s_a"})  # they take a noise_sampler for their fresh noise
 
 
 def sample(name: str, model, x, sigmas, **kwargs):
