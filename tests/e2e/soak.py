@@ -42,6 +42,7 @@ STEPS = 3
 LONG_STEPS = 16  # the runs that get interrupted or skipped
 SOAK_LORA = "autolora_soak_deleted"  # a copy of the LoRA that is deleted while listed
 SOAK_CKPT_PREFIX = "autolora-soak-"  # a second checkpoint file for the switch
+STRATEGIES = ("auto", "batched", "sequential", "swap", "toggle")
 
 # Bad AutoLoRA entries of every kind (the value of alwayson_scripts["AutoLoRA"]), each with a piece
 # of the message it must get.
@@ -141,9 +142,9 @@ class Soak:
         self.rss.append((self.tally.calls, self.residue().get("resident_bytes")))
 
     # -- the kinds of calls -----------------------------------------------------------------------
-    def autolora_on(self):
-        strategy = self.rng.choice(["auto", "batched", "sequential", "swap", "toggle"])
-        two = self.rng.random() < 0.4
+    def autolora_on(self, strategy=None, two=None):
+        strategy = strategy or self.rng.choice(STRATEGIES)
+        two = self.rng.random() < 0.4 if two is None else two
         loras = [(self.args.lora, 1)] + ([(self.args.lora_b, 0.7)] if two else [])
         settings = {"enabled": True, "gamma": self.rng.choice([0.0, 1.0, 1.5, 2.0]), "strategy": strategy,
                     "lora_scale": self.rng.choice([0.5, 1.0]), "start": self.rng.choice([0.0, 0.25]),
@@ -259,16 +260,22 @@ class Soak:
         self.start_images = self.plain_pair()
         self.init_image = base64.b64encode(self.start_images["plain"]).decode()
         residue_before = self.residue()
-        schedule = ["on", "off", "bad", "img2img", "interrupt", "skip", "deleted", "switch"]  # each kind early
         weights = {"on": 6, "off": 2, "bad": 5, "img2img": 1, "interrupt": 1, "skip": 1}
         kinds = list(weights)
         actions = {"on": self.autolora_on, "off": self.autolora_off, "bad": self.bad_call, "img2img": self.img2img_on,
                    "interrupt": lambda: self.mid_run("interrupt"), "skip": lambda: self.mid_run("skip"),
                    "deleted": self.deleted_lora, "switch": self.checkpoint_switch}
+        # Warm-up: every kind of call once, and AutoLoRA on with every strategy and one and two
+        # LoRAs (a strategy's first run may allocate once, e.g. a host's LoRA-free weight copy),
+        # so that memory is judged from a point after every one-time allocation.
+        schedule = [lambda s=s, two=two: self.autolora_on(s, two) for s in STRATEGIES for two in (False, True)]
+        schedule += [actions[k] for k in ("off", "bad", "img2img", "interrupt", "skip", "deleted", "switch")]
         warmup_calls = None
         while self.tally.calls < self.args.calls - 2 and time.time() - started < self.args.max_seconds:
-            kind = schedule.pop(0) if schedule else self.rng.choices(kinds, [weights[k] for k in kinds])[0]
-            actions[kind]()
+            if schedule:
+                schedule.pop(0)()
+            else:
+                actions[self.rng.choices(kinds, [weights[k] for k in kinds])[0]]()
             self.after_call()
             if warmup_calls is None and not schedule:
                 warmup_calls = self.tally.calls  # every kind of call has run once: warm
