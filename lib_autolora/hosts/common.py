@@ -10,7 +10,8 @@ takes what it needs as an argument, so the hermetic tests drive it with stand-in
 - settings of one generation: UI/API args with the X/Y/Z overrides applied, and the infotext
 - X/Y/Z axes built from `params.XYZ_PARAMS`
 - diagnostics: the last generation's counters, served at `/autolora/v1/stats`, and what is
-  registered in the host right now (callbacks, module hooks, open runs, process memory), served at
+  registered in the host right now (callbacks, module hooks, open runs, process memory and live
+  tensors, lib_autolora/memory_probe.py), served at
   `/autolora/v1/residue` for the soak test
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import time
 from typing import Iterable, Optional, Sequence
 
-from .. import params
+from .. import memory_probe, params
 from ..params import AutoLoraArgumentError, AutoLoraSettings
 
 log = logging.getLogger("autolora")
@@ -282,15 +283,6 @@ def elem_id(tab: str, name: str) -> str:
     return f"autolora_{tab}_{name}"
 
 
-def resident_bytes() -> Optional[int]:
-    """Resident memory of this process (Linux /proc; None elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def residue_counts(callback_map: dict, module_roots: Iterable, extra: Optional[dict] = None) -> dict:
     """What is registered in the host now: callbacks per list of the host's `script_callbacks`
     (ours counted apart, by the `autolora` name or script path), forward (pre-)hooks on every module
@@ -311,8 +303,12 @@ def residue_counts(callback_map: dict, module_roots: Iterable, extra: Optional[d
             seen.add(id(module))
             modules += 1
             hooks += len(module._forward_hooks) + len(module._forward_pre_hooks)
+    resident = memory_probe.resident_bytes()  # read first: the other two readings collect garbage
+    tensor_bytes, tensors = memory_probe.live_tensor_bytes()
     return {"callbacks_total": sum(callbacks.values()), "callbacks_autolora": ours, "callbacks": callbacks,
-            "module_hooks": hooks, "modules": modules, "resident_bytes": resident_bytes(), **(extra or {})}
+            "module_hooks": hooks, "modules": modules, "resident_bytes": resident,
+            "resident_bytes_trimmed": memory_probe.trimmed_resident_bytes(),
+            "tensor_bytes": tensor_bytes, "tensor_storages": tensors, **(extra or {})}
 
 
 def register_routes(app, reset_peak=None, residue=None) -> None:
@@ -321,7 +317,7 @@ def register_routes(app, reset_peak=None, residue=None) -> None:
     existing = {getattr(r, "path", None) for r in getattr(app, "routes", [])}
 
     def residue_now():
-        return residue() if residue is not None else {"resident_bytes": resident_bytes()}
+        return residue() if residue is not None else {"resident_bytes": memory_probe.resident_bytes()}
 
     def stats():
         return DIAGNOSTICS.snapshot()

@@ -20,6 +20,7 @@ def test_soak_and_faults(webui, tmp_path):
     args = SimpleNamespace(url=webui.url, webui_dir=str(webui.server.host.root), lora=webui.models["lora"].stem,
                            lora_b=webui.models["lora_b"].stem, calls=int(os.environ.get("AUTOLORA_SOAK_CALLS", 110)),
                            max_seconds=float(os.environ.get("AUTOLORA_SOAK_SECONDS", 2400)), rss_tolerance_mb=256,
+                           tensor_tolerance_mb=32,
                            seed=0)
     run = soak.Soak(args)
     code = run.run()
