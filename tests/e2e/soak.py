@@ -9,7 +9,8 @@ while the WebUI still lists it, a checkpoint switch between calls) and checks wh
 running for days needs:
 - the server answers after every call;
 - every bad call is rejected (HTTP 422) with a message that names AutoLoRA and the problem;
-- resident memory of the server stays flat after warm-up (GET /autolora/v1/residue reports it);
+- memory the server holds stays flat after warm-up (GET /autolora/v1/residue: RSS after a GC and
+  malloc_trim, and live tensor bytes; raw RSS is reported with where it rose most);
 - no hook or callback is left registered: the host's callback lists, the hooks on the model's
   modules and AutoLoRA's open runs are what they were before the first AutoLoRA call;
 - a plain generation at the end, with and without a LoRA, is byte-identical to the same one at
