@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 from typing import Optional
@@ -32,7 +33,9 @@ def resident_bytes() -> Optional[int]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _malloc_trim():
+    """glibc's malloc_trim, looked up once; None elsewhere (musl, macOS, Windows)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None

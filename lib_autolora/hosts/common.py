@@ -302,12 +302,15 @@ def residue_counts(callback_map: dict, module_roots: Iterable, extra: Optional[d
             seen.add(id(module))
             modules += 1
             hooks += len(module._forward_hooks) + len(module._forward_pre_hooks)
-    resident = memory_probe.resident_bytes()  # read first: the other two readings collect garbage
+    # Raw RSS first, as the host left it; the trimmed reading collects garbage, so the tensors
+    # counted after it are the ones still referenced, not cycles waiting for the collector.
+    resident = memory_probe.resident_bytes()
+    trimmed = memory_probe.trimmed_resident_bytes()
     tensor_bytes, tensors = memory_probe.live_tensor_bytes()
     return {"callbacks_total": sum(callbacks.values()), "callbacks_autolora": ours, "callbacks": callbacks,
             "module_hooks": hooks, "modules": modules, "resident_bytes": resident,
-            "resident_bytes_trimmed": memory_probe.trimmed_resident_bytes(),
-            "tensor_bytes": tensor_bytes, "tensor_storages": tensors, **(extra or {})}
+            "resident_bytes_trimmed": trimmed, "tensor_bytes": tensor_bytes, "tensor_storages": tensors,
+            **(extra or {})}
 
 
 def register_routes(app, reset_peak=None, residue=None) -> None:
