@@ -4,8 +4,9 @@ For each case (checkpoint, LoRA, size, batch) it runs, interleaved round by roun
 plain LoRA generation (AutoLoRA off), AutoLoRA with each base-branch strategy, the `toggle`
 baseline (restore + re-merge the LoRA'd weights every step), and optionally AutoLoRA with a 50 %
 guidance interval. Each AutoLoRA time is divided by the plain time *of the same round* (paired),
-and medians over rounds are printed with the peak GPU memory of each call when the extension's
-diagnostics endpoint reports it.
+and medians over rounds are printed with the peak GPU memory of each call: the extension resets
+torch's peak counter before the call (POST /autolora/v1/reset-peak) and the WebUI's own
+GET /sdapi/v1/memory reads it afterwards, the same way for plain and AutoLoRA calls.
 
     python bench/webui_bench.py --url http://127.0.0.1:7861 \
         --case sd15-512-1:random-sd15.safetensors:random_lora:512:1 --rounds 5 --steps 20
@@ -27,7 +28,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-VARIANTS = ("plain", "auto", "batched", "sequential", "swap", "toggle", "batched-interval50")
+VARIANTS = ("plain", "auto", "batched", "dual", "sequential", "swap", "toggle", "batched-interval50")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Measurement:
     seconds: list = field(default_factory=list)
     ratios: list = field(default_factory=list)
     peak_bytes: list = field(default_factory=list)
+    strategies: list = field(default_factory=list)  # what the extension ran (auto's pick)
 
 
 def parse_case(text: str) -> Case:
@@ -83,14 +85,35 @@ def request_for(case: Case, variant: str, steps: int, seed: int, sampler: str) -
     return req
 
 
+def peak_allocated(memory) -> "int | None":
+    """torch's peak allocated bytes from the WebUI's GET /sdapi/v1/memory answer (None on a CPU)."""
+    cuda = (memory or {}).get("cuda") or {}
+    peak = (cuda.get("allocated") or {}).get("peak")
+    return int(peak) if isinstance(peak, (int, float)) else None
+
+
+def check_model(req: dict, info) -> None:
+    """The WebUI drops a checkpoint override it cannot resolve and keeps the loaded model; a case
+    timed on the wrong model must fail loudly, not print plausible numbers."""
+    want = req.get("override_settings", {}).get("sd_model_checkpoint")
+    try:
+        got = json.loads(info).get("sd_model_name") if isinstance(info, str) else None
+    except ValueError:
+        got = None
+    if want and got is not None and got != want.rsplit(".", 1)[0]:
+        raise RuntimeError(f"the WebUI generated with {got!r}, not the case's checkpoint {want!r}")
+
+
 def run_one(url: str, req: dict):
-    """(seconds, sha256 of the first image, diagnostics of the extension or None)."""
+    """(seconds, sha256 of the first image, diagnostics of the extension or None, peak bytes or None)."""
     _optional(f"{url}/autolora/v1/reset-peak", {})
     t0 = time.perf_counter()
     out = _http(f"{url}/sdapi/v1/txt2img", req)
     seconds = time.perf_counter() - t0
     digest = hashlib.sha256(base64.b64decode(out["images"][0])).hexdigest()
-    return seconds, digest, _optional(f"{url}/autolora/v1/stats")
+    check_model(req, out.get("info"))
+    stats = _optional(f"{url}/autolora/v1/stats") if "alwayson_scripts" in req else None
+    return seconds, digest, stats, peak_allocated(_optional(f"{url}/sdapi/v1/memory"))
 
 
 def paired_ratios(plain: list, other: list) -> list:
@@ -107,7 +130,7 @@ def summarize(results: dict) -> list:
         for variant, m in by_variant.items():
             peak = statistics.median(m.peak_bytes) if m.peak_bytes else None
             rows.append({
-                "case": case, "variant": variant,
+                "case": case, "variant": variant, "ran": sorted(set(m.strategies)),
                 "median_s": statistics.median(m.seconds) if m.seconds else None,
                 "ratio": 1.0 if variant == "plain" else (statistics.median(m.ratios) if m.ratios else None),
                 "peak_gib": None if peak is None else peak / 2 ** 30,
@@ -121,41 +144,57 @@ def format_table(rows: list) -> str:
     lines = ["| case | variant | median s | × plain (paired median) | peak GiB | peak vs plain |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['variant']} | {f(r['median_s'], '.2f')} | {f(r['ratio'], '.2f')}× | "
+        ran = r.get("ran") or []
+        variant = r["variant"] + (f" (ran {', '.join(ran)})" if r["variant"].startswith("auto") and ran else "")
+        lines.append(f"| {r['case']} | {variant} | {f(r['median_s'], '.2f')} | {f(r['ratio'], '.2f')}× | "
                      f"{f(r['peak_gib'], '.2f')} | {f(r['peak_over_plain_pct'], '+.1f')} % |")
     return "\n".join(lines)
 
 
-def benchmark(url, cases, variants, rounds, steps, sampler, warmup=1, log=print):
+def benchmark(url, cases, variants, rounds, steps, sampler, warmup=1, log=print, warmup_variants=None,
+              on_round=None):
+    """Rounds of every variant per case; `warmup_variants` (default: all) run in the warm-up rounds;
+    `on_round(results)` is called after each round, so a run cut short still leaves its data."""
     results = {c.name: {v: Measurement() for v in variants} for c in cases}
     for case in cases:
         for r in range(warmup + rounds):
             # Rotate the order each round so no variant always runs right after another.
             order = variants[r % len(variants):] + variants[:r % len(variants)]
+            if r < warmup and warmup_variants is not None:
+                order = [v for v in order if v in warmup_variants]
             times = {}
             for variant in order:
-                seconds, _digest, stats = run_one(url, request_for(case, variant, steps, 1000 + r, sampler))
+                seconds, _digest, stats, peak = run_one(url, request_for(case, variant, steps, 1000 + r, sampler))
                 times[variant] = seconds
                 if r >= warmup:
                     m = results[case.name][variant]
                     m.seconds.append(seconds)
-                    if stats and stats.get("peak_vram_bytes") is not None:
-                        m.peak_bytes.append(stats["peak_vram_bytes"])
-                log(f"{case.name} round {r}{' (warm-up)' if r < warmup else ''} {variant}: {seconds:.2f} s")
+                    if peak is not None:
+                        m.peak_bytes.append(peak)
+                    if stats and stats.get("strategy"):
+                        m.strategies.append(stats["strategy"])
+                details = [f"{seconds:.2f} s"]
+                if peak is not None:
+                    details.append(f"peak {peak / 2 ** 30:.2f} GiB")
+                if stats:
+                    details.append(f"ran {stats.get('strategy')}, base calls {stats.get('base_calls')}")
+                log(f"{case.name} round {r}{' (warm-up)' if r < warmup else ''} {variant}: {', '.join(details)}")
             if r >= warmup and "plain" in times:
                 for variant in variants:
                     if variant != "plain":
                         results[case.name][variant].ratios.append(times[variant] / times["plain"])
+            if r >= warmup and on_round is not None:
+                on_round(results)
     return results
 
 
 def smoke(url, case, steps, sampler, log=print) -> int:
     """Correctness only: every variant answers, the base branch ran, plain images are unchanged."""
     failures = 0
-    _, before, _ = run_one(url, request_for(case, "plain", steps, 7, sampler))
+    _, before, _, _ = run_one(url, request_for(case, "plain", steps, 7, sampler))
     for variant in VARIANTS[1:]:
         try:
-            seconds, digest, stats = run_one(url, request_for(case, variant, steps, 7, sampler))
+            seconds, digest, stats, _ = run_one(url, request_for(case, variant, steps, 7, sampler))
         except urllib.error.HTTPError as exc:
             log(f"FAIL {variant}: HTTP {exc.code} {exc.read()[:300]!r}")
             failures += 1
@@ -165,7 +204,7 @@ def smoke(url, case, steps, sampler, log=print) -> int:
         failures += not ok
         log(f"{'ok  ' if ok else 'FAIL'} {variant}: {seconds:.1f} s, base-branch calls {ran}, "
             f"strategy {None if stats is None else stats.get('strategy')}")
-    _, after, _ = run_one(url, request_for(case, "plain", steps, 7, sampler))
+    _, after, _, _ = run_one(url, request_for(case, "plain", steps, 7, sampler))
     same = after == before
     failures += not same
     log(f"{'ok  ' if same else 'FAIL'} plain image byte-identical after all variants: {same}")
@@ -184,20 +223,32 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sampler", default="Euler")
     ap.add_argument("--smoke", action="store_true", help="one tiny correctness round, no timing claims")
-    ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--warmup-variants", help="comma-separated variants for the warm-up rounds (default: all)")
+    ap.add_argument("--json", help="also write the raw results here (rewritten after every round)")
+    ap.add_argument("--markdown", help="also write the table here (rewritten after every round)")
     args = ap.parse_args(argv)
     if args.smoke:
         return 1 if smoke(args.url, args.case[0], args.steps, args.sampler) else 0
     variants = [v for v in args.variants.split(",") if v]
     if "plain" not in variants:
         variants.insert(0, "plain")
-    results = benchmark(args.url, args.case, variants, args.rounds, args.steps, args.sampler, args.warmup)
-    rows = summarize(results)
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "raw": {c: {v: m.__dict__ for v, m in vs.items()} for c, vs in results.items()}},
-                      fh, indent=1)
+    warmup_variants = None if not args.warmup_variants else set(args.warmup_variants.split(","))
+
+    def save(results):
+        rows = summarize(results)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"steps": args.steps, "sampler": args.sampler, "rows": rows,
+                           "raw": {c: {v: m.__dict__ for v, m in vs.items()} for c, vs in results.items()}},
+                          fh, indent=1)
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write(format_table(rows) + "\n")
+        return rows
+
+    results = benchmark(args.url, args.case, variants, args.rounds, args.steps, args.sampler, args.warmup,
+                        warmup_variants=warmup_variants, on_round=save)
+    print(format_table(save(results)))
     return 0
 
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
-STRATEGY_CHOICES = ("auto", "batched", "sequential", "swap", "toggle")
+STRATEGY_CHOICES = ("auto", "batched", "dual", "sequential", "swap", "toggle")
 FOLLOW_CFG = -1.0  # UI/API value of w1/w2 meaning "the generation's CFG scale"
 
 
@@ -63,9 +63,10 @@ PARAMS = (
           "AutoLoRA guided", advanced=True),
     Param("strategy", "choice", "auto", "Base-branch strategy",
           "How the base model is evaluated: auto picks by batch size and free memory; batched = one "
-          "forward for both branches; sequential = two forwards, least memory; swap = a copy of the "
-          "LoRA'd layers' base weights (fastest when compute-bound, costs memory); toggle = restore and "
-          "re-merge the weights every step (slow; the benchmark's reference).",
+          "forward for both branches; dual = one forward, each LoRA'd layer holding both weights (fewest "
+          "kernel launches, costs two copies of the LoRA'd layers); sequential = two forwards, least "
+          "memory; swap = a copy of the LoRA'd layers' base weights (fastest when compute-bound, costs "
+          "memory); toggle = restore and re-merge the weights every step (slow; the benchmark's reference).",
           "AutoLoRA strategy", choices=STRATEGY_CHOICES, advanced=True),
     Param("base_text_encoder", "bool", True, "Base text encoder without the LoRA",
           "Encode the base branch's prompt with the guided LoRAs removed from the text encoder(s). "

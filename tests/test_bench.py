@@ -33,3 +33,44 @@ def test_every_variant_sends_valid_autolora_args():
         settings = settings_from_args(req["alwayson_scripts"]["AutoLoRA"]["args"])
         assert settings.enabled and settings.strategy == variant.split("-")[0]
         assert (settings.start, settings.end) == ((0.0, 0.5) if variant.endswith("interval50") else (0.0, 1.0))
+
+
+def test_peak_is_read_from_the_webuis_memory_endpoint():
+    # The shape of A1111's and Forge's GET /sdapi/v1/memory (modules/api/api.py get_memory).
+    answer = {"ram": {"used": 1}, "cuda": {"allocated": {"current": 5, "peak": 7 * 2 ** 30},
+                                           "reserved": {"current": 9, "peak": 9}}}
+    assert wb.peak_allocated(answer) == 7 * 2 ** 30
+    assert wb.peak_allocated({"ram": {}, "cuda": {"error": "unavailable"}}) is None  # a CPU host
+    assert wb.peak_allocated(None) is None
+
+
+def test_benchmark_pairs_rounds_and_saves_after_each(monkeypatch):
+    """Drive `benchmark` against a stand-in of run_one: plain takes 1 s, dual 1.2 s; the machine
+    slows down 2x in the second timed round; warm-up rounds run only the variants asked for."""
+    calls, saved = [], []
+
+    def fake_run_one(url, req):
+        variant = "plain" if "alwayson_scripts" not in req else req["alwayson_scripts"]["AutoLoRA"]["args"][0]["strategy"]
+        slow = 2.0 if req["seed"] == 1002 else 1.0
+        calls.append((req["seed"], variant))
+        stats = None if variant == "plain" else {"strategy": variant, "base_calls": 20}
+        return (1.0 if variant == "plain" else 1.2) * slow, "d", stats, (100 if variant == "plain" else 103) * 2 ** 30
+
+    monkeypatch.setattr(wb, "run_one", fake_run_one)
+    case = wb.parse_case("c:ck:lo:64:1")
+    results = wb.benchmark("u", [case], ["plain", "dual"], rounds=2, steps=2, sampler="Euler", warmup=1,
+                           log=lambda *_: None, warmup_variants={"plain"}, on_round=lambda r: saved.append(1))
+    assert [c for c in calls if c[0] == 1000] == [(1000, "plain")]  # warm-up: plain only
+    rows = {r["variant"]: r for r in wb.summarize(results)}
+    assert abs(rows["dual"]["ratio"] - 1.2) < 1e-9 and rows["dual"]["ran"] == ["dual"]
+    assert abs(rows["dual"]["peak_over_plain_pct"] - 3.0) < 1e-9
+    assert len(saved) == 2  # after each timed round
+
+
+def test_a_case_timed_on_the_wrong_checkpoint_fails():
+    import json
+    import pytest
+    req = wb.request_for(wb.parse_case("c:rand_sdxl.safetensors:lo:1024:1"), "plain", 2, 1, "Euler")
+    wb.check_model(req, json.dumps({"sd_model_name": "rand_sdxl"}))  # the right one: no error
+    with pytest.raises(RuntimeError, match="rand_sd15"):
+        wb.check_model(req, json.dumps({"sd_model_name": "rand_sd15"}))

@@ -336,7 +336,7 @@ class Bench:
 TOL = 2e-5
 
 
-@pytest.mark.parametrize("strategy", ["batched", "sequential", "swap", "toggle"])
+@pytest.mark.parametrize("strategy", ["batched", "dual", "sequential", "swap", "toggle"])
 @pytest.mark.parametrize("max_entries", [99, 1])
 @pytest.mark.parametrize("pooled", [True, False])
 def test_identities_through_forge_sampling(strategy, max_entries, pooled):
@@ -449,7 +449,7 @@ def test_weights_restored_when_the_step_raises():
     def boom(args):
         raise RuntimeError("interrupted")
 
-    for strategy in ("swap", "toggle", "batched"):
+    for strategy in ("swap", "toggle", "batched", "dual"):
         with pytest.raises(RuntimeError):
             bench.autolora(AutoLoraSettings(enabled=True, strategy=strategy), 7.0,
                            {"sampler_post_cfg_function": [boom]})

@@ -442,7 +442,8 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout,strategy", [(name, "batched") for name in sorted(LAYOUTS)] +
-                         [("chunked", "sequential"), ("ngms", "sequential")])
+                         [("chunked", "sequential"), ("ngms", "sequential")] +
+                         [(name, "dual") for name in ("batched", "ngms", "pad", "unequal", "and_prompt")])
 def test_cfg_denoiser_identities_in_every_layout(layout, strategy):
     from lib_autolora.hosts import a1111
     cfg = dict(LAYOUTS[layout])

@@ -92,6 +92,7 @@ def test_exception_mid_forward_restores_everything(name):
             branch.evaluate(failing_forward, (x, sigma, ctx), (x, sigma, ctx))
     assert fingerprint(merged) == before
     assert all(not m._forward_hooks for m in merged.modules())
+    assert all("forward" not in m.__dict__ for m in merged.modules())  # dual's shadows are gone
     assert all(type(p) is torch.nn.Parameter for p in merged.parameters())
 
 
@@ -113,7 +114,7 @@ def test_functional_host_lora_works_with_hooks_and_refuses_swap():
     torch.testing.assert_close(lora_out, want_lora, atol=2e-4, rtol=0)
     torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
     assert fingerprint(clean) == before
-    for name in ("swap", "toggle"):
+    for name in ("swap", "toggle", "dual"):
         with pytest.raises(StrategyUnavailable, match=name):
             make_strategy(name, factors, weights_merged=False)
 
@@ -161,3 +162,85 @@ def test_shared_down_projection_for_qkv_siblings_is_exact():
         _, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
         assert branch.hooks.shared_hits >= 2  # v reused k's down projection in both attention blocks
     torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
+
+
+# -- dual: LoRA'd Linears run [LoRA rows; base rows] against [W_lora; W_base] in one bmm ------------
+
+def _linear_and_conv(factors):
+    nonzero = factors.nonzero()
+    linears = [m for m, d in nonzero.items() if d.kind == "linear"]
+    return linears, [m for m in nonzero if m not in linears]
+
+
+def test_dual_runs_every_linear_without_hooks_and_only_convs_with_hooks():
+    clean, merged, factors = _setup(torch.float32)
+    linears, convs = _linear_and_conv(factors)
+    assert linears and convs, "the tiny model must LoRA both kinds for this test to mean anything"
+    x, sigma, ctx = _inputs(torch.float32)
+    with make_strategy("dual", factors) as branch:
+        lora_out, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
+        assert branch.dual_modules == len(linears)
+        assert branch.hooks.calls == 0  # no Linear took the hook path ...
+        assert branch.rest_hooks.calls == len(convs)  # ... and every conv did, once per forward
+        assert all("forward" not in m.__dict__ for m in merged.modules()), "shadows removed after the call"
+    torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
+    torch.testing.assert_close(lora_out, merged.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
+
+
+def test_dual_falls_back_to_hooks_for_uneven_branches():
+    clean, merged, factors = _setup(torch.float32)
+    x, sigma, ctx = _inputs(torch.float32, batch=4)
+    uneven = ((x[:3], sigma[:3], ctx[:3]), (x[3:], sigma[3:], ctx[3:]))
+    with make_strategy("batched", factors) as batched:
+        batched.evaluate(merged.denoiser, *uneven)
+    with make_strategy("dual", factors) as branch:
+        lora_out, base_out = branch.evaluate(merged.denoiser, *uneven)
+        assert branch.hooks.calls == batched.hooks.calls > 0  # the batched hooks did all the work
+        assert branch.rest_hooks.calls == 0
+    torch.testing.assert_close(base_out, clean.denoiser(x[3:], sigma[3:], ctx[3:]), atol=2e-4, rtol=0)
+    torch.testing.assert_close(lora_out, merged.denoiser(x[:3], sigma[:3], ctx[:3]), atol=2e-4, rtol=0)
+
+
+def test_dual_leaves_layers_the_host_casts_per_call_to_hooks():
+    """Forge marks layers whose stored weights are cast at each call (fp8 storage, low VRAM):
+    their stored weight is not what the layer computes with, so dual must not stack it."""
+    clean, merged, factors = _setup(torch.float32)
+    linears, convs = _linear_and_conv(factors)
+    cast = linears[0]
+    cast.parameters_manual_cast = True
+    x, sigma, ctx = _inputs(torch.float32)
+    with make_strategy("dual", factors) as branch:
+        _, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
+        assert branch.dual_modules == len(linears) - 1
+        assert branch.rest_hooks.calls == len(convs) + 1
+    torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
+
+
+def test_dual_refuses_a_host_that_splits_the_batch():
+    _, merged, factors = _setup(torch.float32)
+    x, sigma, ctx = _inputs(torch.float32)
+
+    def chunked(x, sigma, ctx):
+        return torch.cat([merged.denoiser(x[:2], sigma[:2], ctx[:2]), merged.denoiser(x[2:], sigma[2:], ctx[2:])])
+
+    before = fingerprint(merged)
+    with pytest.raises(BatchLayoutError, match="expected 4"):
+        with make_strategy("dual", factors) as branch:
+            branch.evaluate(chunked, (x, sigma, ctx), (x, sigma, ctx))
+    assert fingerprint(merged) == before
+    assert all("forward" not in m.__dict__ and not m._forward_hooks for m in merged.modules())
+
+
+def test_dual_follows_a_host_that_moves_the_input_to_another_device():
+    """An offloading host can feed a layer on another device than the one its weights were on when
+    the strategy started; dual then computes as the host does and corrects the rows."""
+    clean, merged, factors = _setup(torch.float32)
+    x, sigma, ctx = _inputs(torch.float32)
+    with make_strategy("dual", factors, lora_scale=0.5) as branch:
+        for module in list(branch._stacks):  # pretend every stack lives on another device
+            weights, biases = branch._stacks[module]
+            branch._stacks[module] = (weights.to("meta"), None if biases is None else biases.to("meta"))
+        lora_out, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
+    sd = lora_state_dict(clean, seed=1)
+    torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
+    torch.testing.assert_close(lora_out, merged_copy(0, [(sd, 0.5)]).denoiser(x, sigma, ctx), atol=2e-4, rtol=0)

@@ -1,6 +1,8 @@
 """Base-branch strategies: evaluate the model with every guided LoRA removed."""
 from .batching import batch_size, cat_batches, split_batch
 from .hooks import BatchLayoutError, DeltaHooks
-from .strategies import (STRATEGIES, BatchedStrategy, SequentialStrategy, Strategy, StrategyUnavailable,
-                         SwapStrategy, ToggleStrategy, make_strategy)
+from .strategies import (BatchedStrategy, SequentialStrategy, Strategy, StrategyUnavailable, SwapStrategy,
+                         ToggleStrategy)
+from .dual import DualStrategy
+from .registry import STRATEGIES, make_strategy
 from .auto import choose_strategy

@@ -15,6 +15,9 @@ tensor it was before, bit for bit.
 | sequential | a second forward with hooks subtracting on every row   | two forwards            | none                |
 | swap       | a second forward over base weights swapped by reference| two forwards, no hooks  | one copy of LoRA'd layers |
 | toggle     | a second forward after restoring the weights in place  | two forwards + 2 copies | one copy (backup)   |
+| dual       | one forward; LoRA'd Linears run [W_lora; W_base] as one bmm (dual.py) | one bigger forward | two copies of LoRA'd Linears |
+
+`make_strategy` and the name -> class table live in registry.py.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ def _base_weights_by_subtraction(module, delta):
 class Strategy:
     name = "base"
     needs_merged_weights = False
+    fuses_branches = False
 
     def __init__(self, factors: LoraFactors, lora_scale: float = 1.0, *,
                  weights_merged: bool = True,
@@ -84,6 +88,7 @@ class Strategy:
 
 class BatchedStrategy(Strategy):
     name = "batched"
+    fuses_branches = True  # hosts give it both branches' rows in one call (evaluate)
 
     def evaluate(self, forward, lora_args, base_args):
         n_lora, n_base = batch_size(lora_args), batch_size(base_args)
@@ -174,15 +179,3 @@ class ToggleStrategy(Strategy):
                         module.bias.copy_(bias)
         self.base_calls += 1
         return out
-
-
-STRATEGIES = {cls.name: cls for cls in (BatchedStrategy, SequentialStrategy, SwapStrategy, ToggleStrategy)}
-
-
-def make_strategy(name: str, factors: LoraFactors, lora_scale: float = 1.0, **kwargs) -> Strategy:
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"AutoLoRA: unknown base-branch strategy {name!r}; "
-                         f"choose one of {', '.join(['auto', *STRATEGIES])}") from None
-    return cls(factors, lora_scale, **kwargs)

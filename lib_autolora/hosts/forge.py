@@ -220,7 +220,7 @@ class Sampling:
             self.run.note(f"AutoLoRA: {reason}", self.p)
         backup = getattr(getattr(self.model, "lora_loader", None), "backup", {})
         kwargs = {"weights_merged": weights_merged}
-        if name in ("swap", "toggle"):
+        if name in ("swap", "toggle", "dual"):
             kwargs["base_weights"] = lambda module, _delta: (
                 base_weight(self.ff.params[module], merge=api.merge_lora_to_weight, backup=backup), None)
         try:
@@ -285,7 +285,7 @@ class Sampling:
         base_cond, base_uncond = twins(cond, text["base"][0]), twins(uncond, text["base"][1])
         if self.strategy is None:
             self._enter_strategy(x)
-        fused = self.strategy_name == "batched"
+        fused = self.strategy.fuses_branches
         if fused:
             lora_cond, base_cond = self._tag(lora_cond, base_cond, 0)
             if uncond is not None:

@@ -43,7 +43,7 @@ STEPS = 3
 LONG_STEPS = 16  # the runs that get interrupted or skipped
 SOAK_LORA = "autolora_soak_deleted"  # a copy of the LoRA that is deleted while listed
 SOAK_CKPT_PREFIX = "autolora-soak-"  # a second checkpoint file for the switch
-STRATEGIES = ("auto", "batched", "sequential", "swap", "toggle")
+STRATEGIES = ("auto", "batched", "dual", "sequential", "swap", "toggle")
 # The memory readings of GET /autolora/v1/residue (lib_autolora/memory_probe.py). Raw RSS is
 # reported but not judged: glibc keeps freed heap for reuse, so re-patching weights can step it by
 # a model's size at a random call (measured on Forge: at call 41 in one run, ~100 in the next, flat

@@ -1,0 +1,133 @@
+"""The `dual` strategy: both branches in one forward, each LoRA'd Linear with two weights.
+
+`batched` runs [LoRA rows; base rows] through the model once and lets forward hooks subtract the
+LoRA term from the base rows: two small matmuls and a few more kernel launches per LoRA'd layer.
+While a step is launch-bound (one image on a big GPU) those launches are most of AutoLoRA's cost.
+`dual` keeps [W_lora; W_base] of every LoRA'd Linear stacked on the device for the generation and,
+for the fused forward only, runs the layer as one batched matmul (bmm) of
+[LoRA rows; base rows] against the stack: one launch, as many as the host's own layer. The price
+is memory: two copies of the LoRA'd Linears (the host's merged tensor stays untouched).
+
+Layers that cannot run that way (convolutions such as SD1.5's proj_in/out, weights the host casts
+per call, uneven halves) keep the `batched` hooks, so `dual` is never less correct than `batched`.
+The host's module stays as it was: its `forward` is shadowed by an instance attribute during the
+fused forward only, and the shadow is removed afterwards whatever happens.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .batching import batch_size, cat_batches, split_batch
+from .hooks import BatchLayoutError, DeltaHooks
+from .strategies import BatchedStrategy
+
+_DUAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dual_eligible(module, delta) -> bool:
+    """A Linear whose weight the host uses as stored: no per-call cast, scale or online patch."""
+    weight = getattr(module, "weight", None)
+    return (delta.kind == "linear" and isinstance(weight, torch.Tensor) and weight.ndim == 2
+            and weight.dtype in _DUAL_DTYPES
+            and not getattr(module, "parameters_manual_cast", False)  # Forge: weights cast per call
+            and getattr(module, "scale_weight", None) is None  # Forge: fp8 scaled weights
+            and getattr(module, "forge_online_loras", None) is None)  # Forge: LoRA applied per call
+
+
+class DualStrategy(BatchedStrategy):
+    name = "dual"
+    needs_merged_weights = True
+
+    def __enter__(self):
+        super().__enter__()
+        self._stacks = {}  # module -> (weights [2, out, in], biases [2, 1, out] or None)
+        with torch.no_grad():
+            for module, delta in self.factors.nonzero().items():
+                if not dual_eligible(module, delta):
+                    continue
+                # base_weights first: on A1111 it runs the host's own merge for this generation.
+                base_w, base_b = self.base_weights(module, delta)
+                lora_w = module.weight.detach()
+                if self.lora_scale != 1.0:
+                    lora_w = (lora_w.float() + (self.lora_scale - 1.0) * delta.delta_weight().to(lora_w.device)
+                              ).to(lora_w.dtype)
+                weights = torch.stack([lora_w, base_w.to(lora_w.device, lora_w.dtype)])
+                bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+                biases = None
+                if bias is not None:
+                    base_bias = base_b.to(bias.device, bias.dtype) if base_b is not None else bias
+                    biases = torch.stack([bias, base_bias]).unsqueeze(1)
+                self._stacks[module] = (weights, biases)
+        rest = [m for m in self.factors.nonzero() if m not in self._stacks]
+        self.rest_hooks = DeltaHooks(self.factors.only(rest))
+        return self
+
+    def __exit__(self, *exc):
+        self._stacks = {}
+        self.rest_hooks.remove()
+        return super().__exit__(*exc)
+
+    @property
+    def dual_modules(self) -> int:
+        return len(self._stacks)
+
+    def evaluate(self, forward, lora_args, base_args):
+        n_lora, n_base = batch_size(lora_args), batch_size(base_args)
+        if n_lora != n_base or not self._stacks:
+            return super().evaluate(forward, lora_args, base_args)
+        args = tuple(cat_batches(a, b) for a, b in zip(lora_args, base_args))
+        total = n_lora + n_base
+        with self.rest_hooks.rows(total, [(0, n_lora, self.lora_scale - 1.0), (n_lora, total, -1.0)]), \
+                self._shadowed_forwards(total):
+            out = forward(*args)
+        self.base_calls += 1
+        return split_batch(out, n_lora)
+
+    @contextmanager
+    def _shadowed_forwards(self, total: int):
+        shadowed = []
+        try:
+            for module, (weights, biases) in self._stacks.items():
+                previous = module.__dict__.get("forward")
+                module.forward = self._make_forward(module, weights, biases, total)
+                shadowed.append((module, previous))
+            yield
+        finally:
+            for module, previous in shadowed:
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous
+
+    def _make_forward(self, module, weights, biases, total):
+        name = self.factors.names.get(module, type(module).__name__)
+        weights_t = weights.transpose(1, 2)  # [2, in, out]: a strided view, bmm reads it as is
+        delta = self.factors.deltas[module]
+        host_forward = type(module).forward
+        half, lora_coef = total // 2, self.lora_scale - 1.0
+
+        def forward(x, *args, **kwargs):
+            if x.shape[0] != total:
+                raise BatchLayoutError(
+                    f"AutoLoRA: module {name} got a batch of {x.shape[0]} rows, expected {total}; "
+                    f"the host split the batch in a way the base branch cannot follow")
+            if x.device != weights.device:
+                # The host moved the layer's input elsewhere (an offloading mode): compute as the
+                # host does and correct the rows, as `batched` would.
+                out = host_forward(module, x, *args, **kwargs)
+                out[half:].sub_(delta.forward(x[half:]))
+                if lora_coef:
+                    out[:half].add_(delta.forward(x[:half]), alpha=lora_coef)
+                return out
+            halves = x.reshape(2, -1, x.shape[-1])
+            if halves.dtype != weights.dtype:
+                halves = halves.to(weights.dtype)
+            if biases is None:
+                y = torch.bmm(halves, weights_t)
+            else:
+                y = torch.baddbmm(biases, halves, weights_t)
+            return y.reshape(*x.shape[:-1], weights.shape[1]).to(x.dtype)
+
+        return forward
