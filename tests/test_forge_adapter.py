@@ -538,3 +538,49 @@ def test_a_finished_pass_holds_nothing_and_its_function_passes_through():
     bench.model.calls = 0
     again = bench.plain(bench.model, "lora", 7.0, options={"sampler_pre_cfg_function": [sampling.pre_cfg_function()]})
     assert torch.equal(again, lora) and bench.model.calls == 1
+
+
+# -- per-step cost: no device syncs of our own, no per-step memory queries ----------------------------
+
+def test_row_tags_stay_on_their_own_device_when_forge_moves_conditions():
+    from lib_autolora.hosts.forge import resident_condition
+    tag = resident_condition(StandInCondition)(torch.full((1, 1), 3.0))
+    moved = tag.process_cond(2, torch.device("meta"))
+    assert moved.cond.device.type == "cpu" and moved.cond.shape == (2, 1)  # repeated, not moved
+    assert type(moved) is type(tag)
+    assert StandInCondition(torch.ones(1, 1)).process_cond(2, torch.device("meta")).cond.device.type == "meta"
+
+
+def test_the_memory_check_for_one_forward_is_asked_once_per_shape():
+    bench = Bench()
+    sampling = bench.autolora(AutoLoraSettings(enabled=True, strategy="batched"), 7.0)[2]
+    asked = []
+    model = SimpleNamespace(memory_required=lambda shape: asked.append(tuple(shape)) or 1)
+    apply_model = SimpleNamespace(__self__=model)
+    on_gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(2, 4, 8, 8))
+    for _ in range(3):
+        assert sampling._can_fuse(apply_model, on_gpu, {})
+    assert asked == [(4, 4, 8, 8)]
+
+
+def test_swap_and_dual_subtract_on_the_device_when_the_backup_is_elsewhere():
+    """Forge's backup lives on the offload device: swap/dual build base weights from the merged
+    weight instead of copying it over (within float rounding of the exact backup); toggle and a
+    backup already on the weight's device stay exact."""
+    bench = Bench()
+    sampling = bench.autolora(AutoLoraSettings(enabled=True, strategy="swap"), 7.0)[2]
+    backup = bench.model.lora_loader.backup
+    sampling.ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"},
+                               merge=standin_merge_lora_to_weight, backup=backup)  # a closed pass dropped its own
+    module, info = next((m, i) for m, i in sampling.ff.params.items() if i.attr == "weight" and i.key in backup)
+    delta = sampling.ff.factors.deltas[module]
+    exact = sampling._base_weights_fn("toggle", backup)(module, delta)[0]
+    assert torch.equal(exact, backup[info.key].to(exact.dtype))
+    assert torch.equal(sampling._base_weights_fn("swap", backup)(module, delta)[0], exact)  # same device
+    elsewhere = {k: v.to("meta") for k, v in backup.items()}
+    for name in ("swap", "dual"):
+        got = sampling._base_weights_fn(name, elsewhere)(module, delta)[0]
+        assert got.device == module.weight.device
+        torch.testing.assert_close(got, exact, atol=1e-5, rtol=0)
+    with pytest.raises(Exception):
+        sampling._base_weights_fn("toggle", elsewhere)(module, delta)[0].sum().item()

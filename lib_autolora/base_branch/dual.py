@@ -62,10 +62,16 @@ class DualStrategy(BatchedStrategy):
                 self._stacks[module] = (weights, biases)
         rest = [m for m in self.factors.nonzero() if m not in self._stacks]
         self.rest_hooks = DeltaHooks(self.factors.only(rest))
+        # Built once per generation; a step only puts them in the modules' __dict__ and takes
+        # them out again (per-step Python work multiplies by ~1000 layers on SDXL).
+        self._rows = 0
+        self._forwards = {module: self._make_forward(module, weights, biases)
+                          for module, (weights, biases) in self._stacks.items()}
         return self
 
     def __exit__(self, *exc):
         self._stacks = {}
+        self._forwards = {}
         self.rest_hooks.remove()
         return super().__exit__(*exc)
 
@@ -87,28 +93,31 @@ class DualStrategy(BatchedStrategy):
 
     @contextmanager
     def _shadowed_forwards(self, total: int):
+        # An instance attribute `forward` shadows the class's (and the host's patch of it) for
+        # this one forward; a forward the host had put on the instance itself is put back.
         shadowed = []
+        self._rows = total
         try:
-            for module, (weights, biases) in self._stacks.items():
-                previous = module.__dict__.get("forward")
-                module.forward = self._make_forward(module, weights, biases, total)
-                shadowed.append((module, previous))
+            for module, fn in self._forwards.items():
+                shadowed.append((module, module.__dict__.get("forward")))
+                module.__dict__["forward"] = fn
             yield
         finally:
             for module, previous in shadowed:
                 if previous is None:
-                    del module.forward
+                    del module.__dict__["forward"]
                 else:
-                    module.forward = previous
+                    module.__dict__["forward"] = previous
 
-    def _make_forward(self, module, weights, biases, total):
+    def _make_forward(self, module, weights, biases):
         name = self.factors.names.get(module, type(module).__name__)
         weights_t = weights.transpose(1, 2)  # [2, in, out]: a strided view, bmm reads it as is
         delta = self.factors.deltas[module]
         host_forward = type(module).forward
-        half, lora_coef = total // 2, self.lora_scale - 1.0
+        lora_coef = self.lora_scale - 1.0
 
         def forward(x, *args, **kwargs):
+            total = self._rows
             if x.shape[0] != total:
                 raise BatchLayoutError(
                     f"AutoLoRA: module {name} got a batch of {x.shape[0]} rows, expected {total}; "
@@ -116,6 +125,7 @@ class DualStrategy(BatchedStrategy):
             if x.device != weights.device:
                 # The host moved the layer's input elsewhere (an offloading mode): compute as the
                 # host does and correct the rows, as `batched` would.
+                half = total // 2
                 out = host_forward(module, x, *args, **kwargs)
                 out[half:].sub_(delta.forward(x[half:]))
                 if lora_coef:

@@ -34,7 +34,7 @@ class StrategyUnavailable(RuntimeError):
     """The strategy cannot run in this host configuration (e.g. swap with a functional LoRA)."""
 
 
-def _base_weights_by_subtraction(module, delta):
+def base_weights_by_subtraction(module, delta):
     """W - ΔW in float32, cast back: the base weight when the host gives no exact backup."""
     weight = (module.weight.detach().float() - delta.delta_weight().to(module.weight.device)).to(module.weight.dtype)
     bias = None
@@ -55,7 +55,7 @@ class Strategy:
         self.factors = factors
         self.lora_scale = float(lora_scale)
         self.weights_merged = weights_merged
-        self.base_weights = base_weights or _base_weights_by_subtraction
+        self.base_weights = base_weights or base_weights_by_subtraction
         self.hooks = DeltaHooks(factors)
         self.base_calls = 0  # base-branch evaluations, for tests and the extension's log
         if self.needs_merged_weights and not weights_merged:

@@ -37,6 +37,7 @@ the hooks act on layer outputs wherever the weights live, and the factors' size 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ from typing import Optional
 import torch
 
 from ..base_branch import StrategyUnavailable, choose_strategy, make_strategy
+from ..base_branch.strategies import base_weights_by_subtraction
 from ..guidance import GuidanceInterval, blend, resolve_cfg_scale
 from ..params import AutoLoraSettings
 from . import common
@@ -58,6 +60,20 @@ TWIN_Y = "autolora_base_y"
 TAG = "autolora_entry"
 OUR_KEYS = (TWIN_CROSSATTN, TWIN_Y, TAG)
 OUR_MARK = "_autolora"  # attribute on the functions AutoLoRA puts into model_options
+
+
+@functools.lru_cache(maxsize=None)
+def resident_condition(condition_cls):
+    """A subclass of the host's Condition whose tensor stays on its own device (the CPU) when Forge
+    moves a batch's conditions to the GPU: reading our row tags back then needs no device sync,
+    which would stall the GPU once per step (a host-to-device copy of pageable memory, or a
+    device-to-host read)."""
+
+    class ResidentCondition(condition_cls):
+        def process_cond(self, batch_size, device, **kwargs):
+            return super().process_cond(batch_size, self.cond.device, **kwargs)
+
+    return ResidentCondition
 
 
 class ForgeAPI:
@@ -201,6 +217,7 @@ class Sampling:
         self.strategy = None
         self.strategy_name = None
         self.closed = False
+        self.fits = {}  # input shape -> both branches fit in memory in one forward
 
     # -- strategy, entered at the first guided step (the UNet is loaded and merged by then) ------
     def _enter_strategy(self, x: torch.Tensor):
@@ -221,8 +238,7 @@ class Sampling:
         backup = getattr(getattr(self.model, "lora_loader", None), "backup", {})
         kwargs = {"weights_merged": weights_merged}
         if name in ("swap", "toggle", "dual"):
-            kwargs["base_weights"] = lambda module, _delta: (
-                base_weight(self.ff.params[module], merge=api.merge_lora_to_weight, backup=backup), None)
+            kwargs["base_weights"] = self._base_weights_fn(name, backup)
         try:
             strategy = make_strategy(name, self.ff.factors, settings.lora_scale, **kwargs)
         except StrategyUnavailable as exc:
@@ -233,6 +249,25 @@ class Sampling:
         self.strategy_name = name
         record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged)
         log.info("AutoLoRA: base-branch strategy %s (%s)", name, reason)
+
+    def _base_weights_fn(self, strategy: str, backup: dict):
+        """Forge keeps its pre-LoRA backup on the offload device (the CPU). `toggle`, the slow
+        reference, restores from it exactly; `swap` and `dual` build their base weights once per
+        pass, and copying an SDXL's worth of layers over PCIe each generation costs more than the
+        sampling saves, so on the device they subtract the guided LoRAs from the merged weight
+        (float32, rounded once: what `batched`'s hooks do in the activations)."""
+        api = self.api
+
+        def exact(module, _delta):
+            return base_weight(self.ff.params[module], merge=api.merge_lora_to_weight, backup=backup), None
+
+        def on_device(module, delta):
+            original = backup.get(self.ff.params[module].key)
+            if original is not None and original.device == module.weight.device:
+                return exact(module, delta)
+            return base_weights_by_subtraction(module, delta)
+
+        return exact if strategy == "toggle" else on_device
 
     def close(self):
         if self.strategy is not None:
@@ -298,7 +333,7 @@ class Sampling:
         wrapper can run the twin's rows in the same forward and replay them by tag."""
         lora_out, base_out = [], []
         for i, (lora, base) in enumerate(zip(lora_entries, base_entries)):
-            tag = self.api.Condition(torch.full((1, 1), float(first + i)))
+            tag = resident_condition(self.api.Condition)(torch.full((1, 1), float(first + i)))
             lm, bm = dict(lora["model_conds"]), dict(base["model_conds"])
             lm[TWIN_CROSSATTN] = self.api.ConditionCrossAttn(bm["c_crossattn"].cond)
             if "y" in lm and "y" in bm:
@@ -365,6 +400,8 @@ class Sampling:
         return wrapped
 
     def _can_fuse(self, apply_model, x, c) -> bool:
+        """Whether both branches can run in one forward; the memory part is asked once per pass
+        and batch size (the host's memory query is slow, and its answer does not change per step)."""
         if "control" in c or "control_model" in c:
             self.run.note("AutoLoRA: ControlNet is active, so the base branch runs as a separate forward "
                           "(its control is computed from the base conditioning)")
@@ -373,7 +410,12 @@ class Sampling:
             return False
         model = getattr(apply_model, "__self__", None)
         if model is not None and hasattr(model, "memory_required") and x.device.type != "cpu":
-            if model.memory_required([x.shape[0] * 2, *x.shape[1:]]) > self.api.free_memory(x.device):
+            key = tuple(x.shape)
+            fits = self.fits.get(key)
+            if fits is None:
+                fits = self.fits[key] = model.memory_required([x.shape[0] * 2, *x.shape[1:]]) <= \
+                    self.api.free_memory(x.device)
+            if not fits:
                 self.run.note("AutoLoRA: not enough free memory to batch both branches; "
                               "the base branch runs as a separate forward")
                 return False
