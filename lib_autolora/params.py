@@ -63,8 +63,8 @@ PARAMS = (
           "AutoLoRA guided", advanced=True),
     Param("strategy", "choice", "auto", "Base-branch strategy",
           "How the base model is evaluated: auto picks by batch size and free memory; batched = one "
-          "forward for both branches; dual = one forward, each LoRA'd layer holding both weights (fewest "
-          "kernel launches, costs two copies of the LoRA'd layers); sequential = two forwards, least "
+          "forward for both branches; dual = one forward, each LoRA'd layer holding both weights (two "
+          "copies of the LoRA'd layers; measured no faster than batched); sequential = two forwards, least "
           "memory; swap = a copy of the LoRA'd layers' base weights (fastest when compute-bound, costs "
           "memory); toggle = restore and re-merge the weights every step (slow; the benchmark's reference).",
           "AutoLoRA strategy", choices=STRATEGY_CHOICES, advanced=True),

@@ -561,26 +561,3 @@ def test_the_memory_check_for_one_forward_is_asked_once_per_shape():
     for _ in range(3):
         assert sampling._can_fuse(apply_model, on_gpu, {})
     assert asked == [(4, 4, 8, 8)]
-
-
-def test_swap_and_dual_subtract_on_the_device_when_the_backup_is_elsewhere():
-    """Forge's backup lives on the offload device: swap/dual build base weights from the merged
-    weight instead of copying it over (within float rounding of the exact backup); toggle and a
-    backup already on the weight's device stay exact."""
-    bench = Bench()
-    sampling = bench.autolora(AutoLoraSettings(enabled=True, strategy="swap"), 7.0)[2]
-    backup = bench.model.lora_loader.backup
-    sampling.ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"},
-                               merge=standin_merge_lora_to_weight, backup=backup)  # a closed pass dropped its own
-    module, info = next((m, i) for m, i in sampling.ff.params.items() if i.attr == "weight" and i.key in backup)
-    delta = sampling.ff.factors.deltas[module]
-    exact = sampling._base_weights_fn("toggle", backup)(module, delta)[0]
-    assert torch.equal(exact, backup[info.key].to(exact.dtype))
-    assert torch.equal(sampling._base_weights_fn("swap", backup)(module, delta)[0], exact)  # same device
-    elsewhere = {k: v.to("meta") for k, v in backup.items()}
-    for name in ("swap", "dual"):
-        got = sampling._base_weights_fn(name, elsewhere)(module, delta)[0]
-        assert got.device == module.weight.device
-        torch.testing.assert_close(got, exact, atol=1e-5, rtol=0)
-    with pytest.raises(Exception):
-        sampling._base_weights_fn("toggle", elsewhere)(module, delta)[0].sum().item()

@@ -536,7 +536,7 @@ class A1111Adapter:
             notices.append(f"AutoLoRA: {reason}")
         try:
             strategy = make_strategy(name, factors.unet, settings.lora_scale, weights_merged=weights_merged,
-                                     base_weights=_base_weights_fn(factors, networks, name))
+                                     base_weights=_base_weights_fn(factors, networks))
         except StrategyUnavailable as exc:
             notices.append(f"{exc}; using 'batched'")
             name = "batched"
@@ -607,11 +607,9 @@ def _summarize_skipped(skipped):
         yield name, f"{len(keys)} layer(s) ({shown})", reason
 
 
-def _base_weights_fn(factors: A1111Factors, networks, strategy: str = "toggle"):
-    """Base weights for swap/dual/toggle in merged mode: the Lora extension's own backup when only
-    guided LoRAs touch the layer, else the merged weight minus the guided delta. The backup lives
-    on the CPU; `swap` and `dual` (built once per pass, where a copy of every LoRA'd layer over PCIe
-    costs more than it saves) subtract on the device instead, within float rounding of it."""
+def _base_weights_fn(factors: A1111Factors, networks):
+    """Exact base weights for swap/dual/toggle in merged mode: the Lora extension's own backup when
+    only guided LoRAs touch the layer, else the merged weight minus the guided delta."""
     from ..base_branch.strategies import base_weights_by_subtraction
     apply_weights = getattr(networks, "network_apply_weights", None)
 
@@ -619,8 +617,6 @@ def _base_weights_fn(factors: A1111Factors, networks, strategy: str = "toggle"):
         if apply_weights is not None:
             apply_weights(module)  # the host's own merge, a no-op once this generation's LoRAs are in
         backup = getattr(module, "network_weights_backup", None)
-        if strategy != "toggle" and isinstance(backup, torch.Tensor) and backup.device != module.weight.device:
-            return base_weights_by_subtraction(module, delta)
         if module in factors.exact_backup and isinstance(backup, torch.Tensor):
             weight = backup.to(module.weight.device, module.weight.dtype)
             bias = None

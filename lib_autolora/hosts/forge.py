@@ -47,7 +47,6 @@ from typing import Optional
 import torch
 
 from ..base_branch import StrategyUnavailable, choose_strategy, make_strategy
-from ..base_branch.strategies import base_weights_by_subtraction
 from ..guidance import GuidanceInterval, blend, resolve_cfg_scale
 from ..params import AutoLoraSettings
 from . import common
@@ -238,7 +237,7 @@ class Sampling:
         backup = getattr(getattr(self.model, "lora_loader", None), "backup", {})
         kwargs = {"weights_merged": weights_merged}
         if name in ("swap", "toggle", "dual"):
-            kwargs["base_weights"] = self._base_weights_fn(name, backup)
+            kwargs["base_weights"] = self._base_weights_fn(backup)
         try:
             strategy = make_strategy(name, self.ff.factors, settings.lora_scale, **kwargs)
         except StrategyUnavailable as exc:
@@ -250,24 +249,16 @@ class Sampling:
         record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged)
         log.info("AutoLoRA: base-branch strategy %s (%s)", name, reason)
 
-    def _base_weights_fn(self, strategy: str, backup: dict):
-        """Forge keeps its pre-LoRA backup on the offload device (the CPU). `toggle`, the slow
-        reference, restores from it exactly; `swap` and `dual` build their base weights once per
-        pass, and copying an SDXL's worth of layers over PCIe each generation costs more than the
-        sampling saves, so on the device they subtract the guided LoRAs from the merged weight
-        (float32, rounded once: what `batched`'s hooks do in the activations)."""
+    def _base_weights_fn(self, backup: dict):
+        """Exact base weights from Forge's pre-LoRA backup (on the offload device), with the
+        unguided LoRAs merged back. Subtracting the guided LoRAs from the merged weight instead was
+        measured slower on the GPU (issue 8, run 2: the deltas were formed on the CPU)."""
         api = self.api
 
         def exact(module, _delta):
             return base_weight(self.ff.params[module], merge=api.merge_lora_to_weight, backup=backup), None
 
-        def on_device(module, delta):
-            original = backup.get(self.ff.params[module].key)
-            if original is not None and original.device == module.weight.device:
-                return exact(module, delta)
-            return base_weights_by_subtraction(module, delta)
-
-        return exact if strategy == "toggle" else on_device
+        return exact
 
     def close(self):
         if self.strategy is not None:
