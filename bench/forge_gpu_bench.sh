@@ -133,6 +133,8 @@ while IFS='|' read -r name ckpt lora size batch variants warm rounds; do
     --json "$OUTDIR/bench-$name.json" 2>&1 | tee -a "$OUTDIR/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || RC=1
 done <<<"$CASE_LINES"
+log "per step, from Forge's sampler bar:"
+$PY "$REPO/bench/host_steps.py" --host-log "$OUTDIR/forge.log" --bench-log "$OUTDIR/bench.log" --steps "$STEPS"
 kill "$FPID" 2>/dev/null; wait "$FPID" 2>/dev/null
 log "done, rc=$RC"
 exit $RC
