@@ -76,7 +76,12 @@ def request_for(case: Case, variant: str, steps: int, seed: int, sampler: str) -
            "width": case.size, "height": case.size, "batch_size": case.batch, "n_iter": 1,
            "override_settings": {"sd_model_checkpoint": case.checkpoint},
            "override_settings_restore_afterwards": False}
-    if variant != "plain":
+    if variant == "floor":
+        # Plain generation of twice the batch: its per-step time (bench/host_steps.py) is the floor
+        # of any strategy that runs both branches in one forward. Its whole-image time is not
+        # comparable (twice the images to decode).
+        req["batch_size"] = case.batch * 2
+    elif variant != "plain":
         strategy, _, interval = variant.partition("-")
         args = {"enabled": True, "gamma": 1.5, "strategy": strategy}
         if interval == "interval50":

@@ -74,3 +74,10 @@ def test_a_case_timed_on_the_wrong_checkpoint_fails():
     wb.check_model(req, json.dumps({"sd_model_name": "rand_sdxl"}))  # the right one: no error
     with pytest.raises(RuntimeError, match="rand_sd15"):
         wb.check_model(req, json.dumps({"sd_model_name": "rand_sd15"}))
+
+
+def test_floor_is_plain_generation_of_twice_the_batch():
+    case = wb.parse_case("c:ck:lo:1024:4")
+    floor, plain = wb.request_for(case, "floor", 20, 1, "Euler"), wb.request_for(case, "plain", 20, 1, "Euler")
+    assert "alwayson_scripts" not in floor and floor["batch_size"] == 8
+    assert {k: v for k, v in floor.items() if k != "batch_size"} == {k: v for k, v in plain.items() if k != "batch_size"}
