@@ -1,12 +1,14 @@
 """The `dual` strategy: both branches in one forward, each LoRA'd Linear with two weights.
 
 `batched` runs [LoRA rows; base rows] through the model once and lets forward hooks subtract the
-LoRA term from the base rows: two small matmuls and a few more kernel launches per LoRA'd layer.
-While a step is launch-bound (one image on a big GPU) those launches are most of AutoLoRA's cost.
+LoRA term from the base rows: two small matmuls and a few more kernel launches per LoRA'd layer,
+which cost the most while a step is launch-bound (one image on a big GPU).
 `dual` keeps [W_lora; W_base] of every LoRA'd Linear stacked on the device for the generation and,
 for the fused forward only, runs the layer as one batched matmul (bmm) of
 [LoRA rows; base rows] against the stack: one launch, as many as the host's own layer. The price
-is memory: two copies of the LoRA'd Linears (the host's merged tensor stays untouched).
+is memory: two copies of the LoRA'd Linears (the host's merged tensor stays untouched). On an
+H200 in Forge it was measured no faster than `batched` (README, "Speed and memory on a GPU"), so
+`auto` does not pick it.
 
 Layers that cannot run that way (convolutions such as SD1.5's proj_in/out, weights the host casts
 per call, uneven halves) keep the `batched` hooks, so `dual` is never less correct than `batched`.

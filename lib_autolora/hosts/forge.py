@@ -252,7 +252,7 @@ class Sampling:
     def _base_weights_fn(self, backup: dict):
         """Exact base weights from Forge's pre-LoRA backup (on the offload device), with the
         unguided LoRAs merged back. Subtracting the guided LoRAs from the merged weight instead was
-        measured slower on the GPU (issue 8, run 2: the deltas were formed on the CPU)."""
+        measured slower on the GPU (issue 8, run 2; the cause is not established)."""
         api = self.api
 
         def exact(module, _delta):
