@@ -230,7 +230,6 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="one tiny correctness round, no timing claims")
     ap.add_argument("--warmup-variants", help="comma-separated variants for the warm-up rounds (default: all)")
     ap.add_argument("--json", help="also write the raw results here (rewritten after every round)")
-    ap.add_argument("--markdown", help="also write the table here (rewritten after every round)")
     args = ap.parse_args(argv)
     if args.smoke:
         return 1 if smoke(args.url, args.case[0], args.steps, args.sampler) else 0
@@ -246,9 +245,6 @@ def main(argv=None):
                 json.dump({"steps": args.steps, "sampler": args.sampler, "rows": rows,
                            "raw": {c: {v: m.__dict__ for v, m in vs.items()} for c, vs in results.items()}},
                           fh, indent=1)
-        if args.markdown:
-            with open(args.markdown, "w") as fh:
-                fh.write(format_table(rows) + "\n")
         return rows
 
     results = benchmark(args.url, args.case, variants, args.rounds, args.steps, args.sampler, args.warmup,

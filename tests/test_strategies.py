@@ -237,9 +237,11 @@ def test_dual_follows_a_host_that_moves_the_input_to_another_device():
     clean, merged, factors = _setup(torch.float32)
     x, sigma, ctx = _inputs(torch.float32)
     with make_strategy("dual", factors, lora_scale=0.5) as branch:
-        for module in list(branch._stacks):  # pretend every stack lives on another device
-            weights, biases = branch._stacks[module]
-            branch._stacks[module] = (weights.to("meta"), None if biases is None else biases.to("meta"))
+        # Pretend every stack lives on another device: a bmm against these yields meta tensors, so the
+        # values below can only come from the host-forward-and-correct path.
+        branch._forwards = {module: branch._make_forward(module, weights.to("meta"),
+                                                         None if biases is None else biases.to("meta"))
+                            for module, (weights, biases) in branch._stacks.items()}
         lora_out, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
     sd = lora_state_dict(clean, seed=1)
     torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)

@@ -214,7 +214,6 @@ class Sampling:
         self.conds = conds  # base_c, base_uc, lora_c, lora_uc (None = Forge's own)
         self.model = unet.model
         self.strategy = None
-        self.strategy_name = None
         self.closed = False
         self.fits = {}  # input shape -> both branches fit in memory in one forward
 
@@ -237,7 +236,10 @@ class Sampling:
         backup = getattr(getattr(self.model, "lora_loader", None), "backup", {})
         kwargs = {"weights_merged": weights_merged}
         if name in ("swap", "toggle", "dual"):
-            kwargs["base_weights"] = self._base_weights_fn(backup)
+            # Exact: Forge's pre-LoRA backup with the unguided LoRAs merged back. (Subtracting the
+            # guided LoRAs from the merged weight was measured slower on the GPU, issue 8 run 2.)
+            kwargs["base_weights"] = lambda module, _delta: (
+                base_weight(self.ff.params[module], merge=api.merge_lora_to_weight, backup=backup), None)
         try:
             strategy = make_strategy(name, self.ff.factors, settings.lora_scale, **kwargs)
         except StrategyUnavailable as exc:
@@ -245,20 +247,8 @@ class Sampling:
             name, reason = "batched", str(exc)
             strategy = make_strategy(name, self.ff.factors, settings.lora_scale, weights_merged=weights_merged)
         self.strategy = strategy.__enter__()
-        self.strategy_name = name
         record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged)
         log.info("AutoLoRA: base-branch strategy %s (%s)", name, reason)
-
-    def _base_weights_fn(self, backup: dict):
-        """Exact base weights from Forge's pre-LoRA backup (on the offload device), with the
-        unguided LoRAs merged back. Subtracting the guided LoRAs from the merged weight instead was
-        measured slower on the GPU (issue 8, run 2; the cause is not established)."""
-        api = self.api
-
-        def exact(module, _delta):
-            return base_weight(self.ff.params[module], merge=api.merge_lora_to_weight, backup=backup), None
-
-        return exact
 
     def close(self):
         if self.strategy is not None:
