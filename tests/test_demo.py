@@ -7,8 +7,8 @@ import torch
 from lib_autolora.demo import data
 from lib_autolora.demo.__main__ import (BASE_PATH, LORA_PATH, Settings, load_lora_model, main, prompts,
                                         sample_autolora, sample_lora_cfg)
-from lib_autolora.demo.metrics import Evaluators, diversity
-from lib_autolora.demo import sweep
+from lib_autolora.demo.metrics import Evaluators, Scores, diversity
+from lib_autolora.demo import front, sweep
 from lib_autolora.demo.train import ASSETS, LORA, TrainingLora, load_base, train_base, train_lora
 from lib_autolora.kohya import factors_from_kohya, load_state_dict, merge_into
 
@@ -95,6 +95,38 @@ def test_sweep_baseline_is_what_gamma_1_gives(evaluators):
     assert cell.auto.style == pytest.approx(cell.lora.style, abs=1e-3)
     assert not cell.holds
     assert "euler_a" in sweep.format_cell(cell) and sweep.format_cell(cell).endswith("no")
+
+
+def test_front_matches_the_style_on_the_lora_cfg_curve():
+    curve = [(0.2, 1.0), (0.4, 3.0), (0.6, 4.0), (0.8, 5.0)]
+    assert front.matched_scale(curve, 2.0) == pytest.approx(0.3)  # interpolated between 0.2 and 0.4
+    assert front.matched_scale(curve, 3.0) == 0.4  # a grid point
+    assert front.matched_scale(curve, 0.5) == 0.2  # below the curve's start: its lowest scale
+    assert front.matched_scale(curve, 5.0 + front.STYLE_TIE / 2) == 0.8  # a float rounding apart
+    assert front.matched_scale(curve, 5.1) is None  # LoRA + CFG never gets there
+    # Non-monotone: the first crossing, i.e. the lowest LoRA scale that gives the style.
+    assert front.matched_scale([(0.2, 1.0), (0.4, 4.0), (0.6, 3.0), (0.8, 5.0)], 3.5) == pytest.approx(0.3667, abs=1e-4)
+
+
+def test_front_wins_only_when_more_diverse_and_as_accurate():
+    matched = Scores(diversity=0.02, style=4.0, accuracy=0.9)
+    assert front.wins(Scores(0.03, 4.0, 0.86), matched)
+    assert not front.wins(Scores(0.03, 4.0, 0.84), matched)  # diversity bought with wrong digits
+    assert not front.wins(Scores(0.02, 4.0, 0.95), matched)  # a tie is no win
+
+
+def test_front_at_gamma_1_matches_lora_cfg_at_the_same_scale(evaluators):
+    """gamma 1 is LoRA + CFG: through the real sampling path the match lands on the same LoRA
+    scale, the matched samples score the same, and AutoLoRA does not "win"."""
+    rows = list(front.run(evaluators, cfgs=[4.0], gammas=[1.0], scales=[0.6], curve_scales=[0.4, 0.6, 0.8],
+                          samples_per_class=2, settings=Settings(steps=8)))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row.matched_scale == pytest.approx(0.6)
+    assert row.matched.diversity == pytest.approx(row.auto.diversity, abs=1e-4)
+    assert row.matched.style == pytest.approx(row.auto.style, abs=1e-4)
+    assert not row.wins
+    assert front.format_row(row).endswith("no")
 
 
 def test_strategies_agree_on_the_demo():
