@@ -72,6 +72,7 @@ class ModuleDelta:
     dilation: tuple = (1, 1)
     groups: int = 1
     _prepared: Optional[tuple] = field(default=None, repr=False)
+    _pair_t: Optional[tuple] = field(default=None, repr=False)  # see low_rank_pair
 
     @classmethod
     def for_module(cls, module: torch.nn.Module) -> "ModuleDelta":
@@ -126,9 +127,39 @@ class ModuleDelta:
             b = self.delta_bias()
             dense = (w, None if b is None else b.to(device=device, dtype=dtype))
         self._prepared = (device, dtype, fused, spatial, dense)
+        single = self.kind == "linear" and len(fused) == 1 and not spatial and dense is None
+        self._pair_t = (fused[0][0].t(), fused[0][1].t()) if single else None
 
     def release(self) -> None:
         self._prepared = None
+        self._pair_t = None
+
+    def low_rank_pair(self, device, dtype) -> Optional[tuple]:
+        """(down.T, up.T), prepared for device and dtype, when this delta is one fused low-rank
+        term on a Linear (the common LoRA); None for anything else. The transposes are views made
+        once per generation, not per call."""
+        if self._prepared is None or self._prepared[1] != dtype or self._prepared[0] != device:
+            self.prepare(device, dtype)
+        return self._pair_t
+
+    def add_into(self, out: torch.Tensor, x: torch.Tensor, alpha: float = 1.0,
+                 down_out: Optional[torch.Tensor] = None) -> None:
+        """out += alpha * the LoRAs' contribution for input x, in place. `down_out`: x's down
+        projection, 2-D (rows * tokens, rank), when a sibling layer already computed it.
+
+        A Linear with one low-rank term runs as mm, then addmm_ straight into `out`: two kernels
+        and a handful of dispatcher calls per layer instead of linear, linear and add_ (about
+        three times as many), the per-layer cost that counts while a step is launch-bound."""
+        pair = self.low_rank_pair(x.device, x.dtype)
+        if pair is None:
+            out.add_(self.forward(x), alpha=alpha)
+            return
+        down_t, up_t = pair
+        h = down_out if down_out is not None else torch.mm(x.reshape(-1, x.shape[-1]), down_t)
+        if out.dtype == h.dtype and out.is_contiguous():
+            out.view(-1, out.shape[-1]).addmm_(h, up_t, alpha=alpha)
+        else:  # a host whose layer returns another dtype or a strided view
+            out.add_(torch.mm(h, up_t).view(out.shape).to(out.dtype), alpha=alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The LoRAs' contribution to the module output for input x (the module's own layout)."""

@@ -1,6 +1,7 @@
 """LoRA factors and the kohya reader: each term reproduces exactly what merging it does."""
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from helpers import lora_state_dict, make_model
 from lib_autolora.factors import DenseTerm, LoraFactors, LowRankTerm, ModuleDelta
@@ -28,6 +29,64 @@ def test_linear_low_rank_and_fused_terms():
     _check_module_delta(lin, d, torch.randn(3, 5, 16))
     d.prepare(torch.device("cpu"), torch.float32)
     assert len(d._prepared[2]) == 1  # both terms fused into one down/up pair
+
+
+class _AtenCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the dispatcher calls made under it: the per-layer work that a launch-bound step pays."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _two_lora_linear(seed=0):
+    torch.manual_seed(seed)
+    d = ModuleDelta.for_module(torch.nn.Linear(16, 24))
+    d.add(LowRankTerm(torch.randn(4, 16), torch.randn(24, 4), scale=0.5))
+    d.add(LowRankTerm(torch.randn(2, 16), torch.randn(24, 2), scale=-1.25))
+    return d
+
+
+def test_add_into_accumulates_the_term_in_place_with_fewer_dispatcher_calls():
+    d = _two_lora_linear()
+    x, out = torch.randn(3, 5, 16), torch.randn(3, 5, 24)
+    expected = out + 0.7 * d.forward(x)
+    target = out.clone()
+    d.add_into(target, x, 0.7)
+    torch.testing.assert_close(target, expected, atol=1e-5, rtol=1e-5)
+    # The down projection a sibling layer computed serves as well.
+    target = out.clone()
+    d.add_into(target, x, 0.7, down_out=x.reshape(-1, 16) @ d._prepared[2][0][0].T)
+    torch.testing.assert_close(target, expected, atol=1e-5, rtol=1e-5)
+    # mm + addmm_ into `out` instead of linear, linear, add_.
+    with _AtenCalls() as fast:
+        d.add_into(out.clone(), x, 0.7)
+    with _AtenCalls() as plain:
+        out.clone().add_(d.forward(x), alpha=0.7)
+    assert fast.calls < plain.calls
+
+
+def test_add_into_falls_back_for_strided_outputs_other_dtypes_and_dense_terms():
+    d = _two_lora_linear()
+    x = torch.randn(5, 16)
+    strided = torch.randn(24, 5).T  # a host layer that returns a transposed view
+    expected = strided + d.forward(x)
+    d.add_into(strided, x, 1.0)
+    torch.testing.assert_close(strided, expected, atol=1e-5, rtol=1e-5)
+    out64 = torch.randn(5, 24, dtype=torch.float64)  # a layer whose output dtype is not its input's
+    expected = out64 + d.forward(x).double()
+    d.add_into(out64, x, 1.0)
+    torch.testing.assert_close(out64, expected, atol=1e-5, rtol=1e-5)
+    d.add(DenseTerm(torch.randn(24, 16)))  # no longer one low-rank term: the general path
+    assert d.low_rank_pair(x.device, x.dtype) is None
+    out = torch.randn(5, 24)
+    expected = out - d.forward(x)
+    d.add_into(out, x, -1.0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])

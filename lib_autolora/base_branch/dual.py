@@ -129,9 +129,9 @@ class DualStrategy(BatchedStrategy):
                 # host does and correct the rows, as `batched` would.
                 half = total // 2
                 out = host_forward(module, x, *args, **kwargs)
-                out[half:].sub_(delta.forward(x[half:]))
+                delta.add_into(out[half:], x[half:], -1.0)
                 if lora_coef:
-                    out[:half].add_(delta.forward(x[:half]), alpha=lora_coef)
+                    delta.add_into(out[:half], x[:half], lora_coef)
                 return out
             halves = x.reshape(2, -1, x.shape[-1])
             if halves.dtype != weights.dtype:

@@ -3,8 +3,8 @@
 The host keeps the LoRA in the model (merged into the weights or applied in its own forward), so
 the module output already holds 1x the LoRA term. Rows with coef -1 see the base model; rows with
 coef (s - 1) see the LoRA at strength s. Rows are contiguous slices of the batch, set per forward
-by a `RowPlan`: a slice is a view, so the correction costs two small matmuls per module and no
-gather or copy.
+by a `RowPlan`: a slice is a view, so the correction costs two small matmuls per module, the
+second accumulating into the output rows in place (`ModuleDelta.add_into`), and no gather or copy.
 
 Sibling Linears that read the same input (an attention block's to_q/to_k/to_v on x, or to_k/to_v
 on the context) share one down projection: the first of them to run computes the concatenated
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..factors import LoraFactors, ModuleDelta
 
@@ -123,9 +122,10 @@ class DeltaHooks:
         name = self.factors.names.get(module, type(module).__name__)
         cache = self._down_cache
 
-        def correction(x_full, x, rows):
+        def correct(out, x_full, x, rows, coef):
             if group is None:
-                return delta.forward(x)
+                delta.add_into(out, x, coef)
+                return
             if group.down is None or group.down.dtype != x.dtype or group.down.device != x.device:
                 group.prepare(x.device, x.dtype)
             key = (id(group), rows.start, rows.stop)
@@ -134,10 +134,9 @@ class DeltaHooks:
                 h = hit[1]
                 self.shared_hits += 1
             else:
-                h = F.linear(x, group.down)
+                h = torch.mm(x.reshape(-1, x.shape[-1]), group.down.t())
                 cache[key] = (x_full, h)
-            (_down, up), = delta._prepared[2]
-            return F.linear(h[..., group.slices[module]], up)
+            delta.add_into(out, x, coef, down_out=h[:, group.slices[module]])
 
         def hook(_module, args, output):
             plan = self.plan
@@ -150,7 +149,7 @@ class DeltaHooks:
                     f"the host split the batch in a way the base branch cannot follow")
             for start, stop, coef in plan.groups:
                 rows = slice(start, stop)
-                output[rows].add_(correction(x, x[rows], rows), alpha=coef)
+                correct(output[rows], x, x[rows], rows, coef)
             self.calls += 1
             return output
 
