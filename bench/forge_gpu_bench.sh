@@ -2,8 +2,9 @@
 # AutoLoRA's whole-image benchmark in a real Forge on the lent GPU machine, offline, in ONE call:
 # carried wheels -> Forge tree -> random SD1.5/SDXL checkpoints + rank-32 full-coverage LoRAs ->
 # this extension linked into Forge -> Forge API-only on 127.0.0.1 -> bench/webui_bench.py per case
-# -> in OUTDIR: forge.log, bench.log and bench-<case>.json (rewritten after every round, so a run cut
-# short keeps its data); with the caller's run.log that is 6 files, under the device's 8.
+# -> in OUTDIR: forge.log, bench.log, bench-<case>.json (rewritten after every round, so a run cut
+# short keeps its data) and unet-profile.txt; with the caller's run.log that is 7 files, under the
+# device's 8. Before Forge starts, bench/unet_step.py times one UNet step per strategy (no WebUI).
 #
 # Follows ../shared/webui/GPU.md (Forge on the device) step for step; what differs: the extension is
 # installed, the LoRAs are rank 32 (issue 8's physics table), and the timing is webui_bench.py's.
@@ -15,7 +16,9 @@
 # Knobs (env): PYTHON, FORGE_WORK (/tmp/forge-gpu), FORGE_PORT (7861), FORGE_DEVICE_ARGS (CPU rehearsal:
 #   "--always-cpu --skip-torch-cuda-test"), SKIP_WHEELS=1 (rehearsal with a venv that has Forge's packages),
 #   CASES (which of the case lines below run), STEPS (20), DEADLINE_S (300: no case starts after it),
-#   SIZE_SD15 / SIZE_SDXL (512 / 1024), ROUNDS_SCALE (1), LORA_RANK (32).
+#   SIZE_SD15 / SIZE_SDXL (512 / 1024), ROUNDS_SCALE (1), LORA_RANK (32),
+#   UNET_STEP_CASES ("sd15:512:1 sdxl:1024:1"; empty: skip) and UNET_STEP_ARGS (CPU rehearsal:
+#   "--device cpu --dtype fp32 --width-div 10 --threads 1").
 set -uo pipefail
 CARRY=$(cd "${1:?usage: forge_gpu_bench.sh CARRY [OUTDIR]}" && pwd)
 OUTDIR=${2:-${OUT:-$PWD/forge-gpu-out}}
@@ -86,6 +89,18 @@ log "writing random checkpoints"
 pids=(); for a in sd15 sdxl; do mk "$a" & pids+=($!); done
 for p in "${pids[@]}"; do wait "$p" || { echo "checkpoint generation failed" >&2; exit 1; }; done
 log "checkpoints done"
+
+# 3b. one guided UNet step per strategy, no WebUI (bench/unet_step.py): our own gap to the floor,
+# apart from Forge's per-step work; stdout goes to the caller's run.log, profiles to one file.
+for uc in ${UNET_STEP_CASES-sd15:$S15:1 sdxl:$SXL:1}; do
+  IFS=: read -r arch size images <<<"$uc"
+  case $arch in sd15) cfg=runwayml/stable-diffusion-v1-5 ;; sdxl) cfg=stabilityai/stable-diffusion-xl-base-1.0 ;; *) continue ;; esac
+  log "unet step: $arch $size px, $images image(s)"
+  # shellcheck disable=SC2086
+  $PY "$REPO/bench/unet_step.py" --unet-config "$WEBUI/backend/huggingface/$cfg/unet/config.json" \
+    --size "$size" --images "$images" --rank "$RANK" --profile "$OUTDIR/unet-profile.txt" ${UNET_STEP_ARGS:-} 2>&1 \
+    | grep -v '^USDT:' || log "unet step $arch failed (the WebUI cases still run)"
+done
 
 # 4. Forge, API only. --disable-nan-check: random weights in fp16 may give NaN latents; time is measured.
 # shellcheck disable=SC2086

@@ -14,7 +14,7 @@ weights as a host merges it, so the gap between the strategies and the floor is 
                 the hosts make), the strategy entered once as for a generation
 
 Variants run interleaved round after round; each prints its median ms per step over rounds and
-the ratios to plain and to floor. `--profile DIR` also writes, per variant, one profiled step's
+the ratios to plain and to floor. `--profile FILE` also appends, per variant, one profiled step's
 operator table and its count of operator calls and kernel launches.
 
     python bench/unet_step.py --unet-config <forge>/backend/huggingface/runwayml/stable-diffusion-v1-5/unet/config.json \
@@ -64,7 +64,9 @@ def build_unet(config_path: str, width_div: int, device, dtype):
     from diffusers import UNet2DConditionModel
     config = narrowed(json.loads(Path(config_path).read_text()), width_div)
     torch.manual_seed(0)
-    return UNet2DConditionModel.from_config(config).to(device=device, dtype=dtype).eval(), config
+    with torch.device(device):  # initialised where it runs: an SDXL UNet in seconds on a GPU
+        unet = UNet2DConditionModel.from_config(config)
+    return unet.to(dtype=dtype).eval(), config
 
 
 def lora_targets(unet) -> dict:
@@ -140,8 +142,9 @@ def time_steps(step, device, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1000.0
 
 
-def profile_step(step, device, path: Path) -> dict:
-    """One step under torch.profiler: its operator table and counts of operator calls and launches."""
+def profile_step(step, device, path: Path, title: str) -> dict:
+    """One step under torch.profiler: its operator table and counts of operator calls and launches,
+    appended to `path` under `title`."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -151,7 +154,8 @@ def profile_step(step, device, path: Path) -> dict:
     counts = {"aten_ops": sum(1 for e in events if e.name.startswith("aten::")),
               "kernel_launches": sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))}
     sort = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
-    path.write_text(f"{counts}\n\n" + prof.key_averages().table(sort_by=sort, row_limit=25))
+    with path.open("a") as f:
+        f.write(f"\n## {title}\n{counts}\n{prof.key_averages().table(sort_by=sort, row_limit=25)}\n")
     return counts
 
 
@@ -163,9 +167,10 @@ def run(args) -> dict:
     merge_into(factors)
     forward = unet_forward(unet)
     inputs = step_inputs(unet, config, args.size, args.images, device, dtype)
-    print(f"UNet {Path(args.unet_config).parent.parent.name}, widths {config['block_out_channels']}, "
-          f"{sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M params, {len(targets)} LoRA'd layers "
-          f"(rank {args.rank}), {args.size} px, {args.images} image(s), {args.dtype} on {device}", flush=True)
+    title = (f"UNet {Path(args.unet_config).parent.parent.name}, widths {config['block_out_channels']}, "
+             f"{sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M params, {len(targets)} LoRA'd layers "
+             f"(rank {args.rank}), {args.size} px, {args.images} image(s), {args.dtype} on {device}")
+    print(title, flush=True)
 
     strategies, steps = {}, {}
     with torch.inference_mode():
@@ -186,9 +191,8 @@ def run(args) -> dict:
                     times[name].append(time_steps(steps[name], device, args.steps_per_round))
             profiles = {}
             if args.profile:
-                Path(args.profile).mkdir(parents=True, exist_ok=True)
                 for name, step in steps.items():
-                    profiles[name] = profile_step(step, device, Path(args.profile) / f"profile-{name}.txt")
+                    profiles[name] = profile_step(step, device, Path(args.profile), f"{title}: {name}")
         finally:
             for strategy in strategies.values():
                 strategy.__exit__(None, None, None)
@@ -219,7 +223,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps-per-round", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--profile", help="directory for one profiled step per variant")
+    parser.add_argument("--profile", help="append one profiled step per variant to this file")
     parser.add_argument("--json", help="write the timings here")
     args = parser.parse_args(argv)
     if args.threads:
