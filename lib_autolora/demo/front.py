@@ -28,6 +28,7 @@ import torch
 
 from .__main__ import Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
 from .metrics import Evaluators, Scores
+from .sweep import stream_rows
 
 CFGS = (2.0, 4.0, 7.0)  # w1 = w2 = CFG in AutoLoRA, CFG in LoRA + CFG
 GAMMAS = (1.25, 1.5, 2.0)
@@ -117,11 +118,8 @@ def main(argv=None) -> None:
     print(f"AutoLoRA+CFG vs LoRA+CFG at the LoRA scale that matches its style, {Settings.sampler} "
           f"{Settings.steps} steps, {args.samples} seeds x 10 digits per cell; wins = higher Diversity, "
           f"Acc within {ACC_MARGIN}")
-    print(HEADER)
-    rows = []
-    for row in run(Evaluators.load(), args.cfgs, args.gammas, args.scales, samples_per_class=args.samples):
-        rows.append(row)
-        print(format_row(row), flush=True)
+    rows = stream_rows(HEADER, run(Evaluators.load(), args.cfgs, args.gammas, args.scales,
+                                   samples_per_class=args.samples), format_row)
     print(f"AutoLoRA wins {sum(r.wins for r in rows)} of {len(rows)} rows ({time.time() - start:.0f} s)")
 
 

@@ -75,6 +75,17 @@ def format_cell(c: Cell) -> str:
             f"{'yes' if c.holds else 'no'}")
 
 
+def stream_rows(header: str, rows, fmt) -> list:
+    """Print the header, then each row as soon as it is computed (a run takes minutes); returns
+    the rows."""
+    print(header)
+    done = []
+    for row in rows:
+        done.append(row)
+        print(fmt(row), flush=True)
+    return done
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lib_autolora.demo.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--gamma", type=float, default=1.5)
@@ -87,11 +98,8 @@ def main(argv=None) -> None:
     start = time.time()
     print(f"AutoLoRA gamma {args.gamma:g} vs LoRA+CFG, {args.samples} seeds x 10 digits per cell, "
           f"{Settings.steps} steps; claim = higher Diversity and Style within {STYLE_MARGIN}")
-    print(HEADER)
-    cells = []
-    for cell in run(Evaluators.load(), args.gamma, args.scales, args.samplers, samples_per_class=args.samples):
-        cells.append(cell)
-        print(format_cell(cell), flush=True)
+    cells = stream_rows(HEADER, run(Evaluators.load(), args.gamma, args.scales, args.samplers,
+                                    samples_per_class=args.samples), format_cell)
     print(f"claim holds in {sum(c.holds for c in cells)} of {len(cells)} settings ({time.time() - start:.0f} s)")
 
 
