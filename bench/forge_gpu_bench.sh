@@ -23,6 +23,9 @@ set -uo pipefail
 CARRY=$(cd "${1:?usage: forge_gpu_bench.sh CARRY [OUTDIR]}" && pwd)
 OUTDIR=${2:-${OUT:-$PWD/forge-gpu-out}}
 mkdir -p "$OUTDIR"; OUTDIR=$(cd "$OUTDIR" && pwd)
+# Logs this run appends to start empty: an OUTDIR reused from an earlier run would pair that run's
+# requests with this run's host log (host_steps.py refuses them).
+rm -f "$OUTDIR/bench.log" "$OUTDIR/unet-profile.txt"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 WORK=${FORGE_WORK:-/tmp/forge-gpu}
