@@ -81,3 +81,39 @@ def test_floor_is_plain_generation_of_twice_the_batch():
     floor, plain = wb.request_for(case, "floor", 20, 1, "Euler"), wb.request_for(case, "plain", 20, 1, "Euler")
     assert "alwayson_scripts" not in floor and floor["batch_size"] == 8
     assert {k: v for k, v in floor.items() if k != "batch_size"} == {k: v for k, v in plain.items() if k != "batch_size"}
+
+
+def test_unet_step_narrowing_keeps_every_layer_and_valid_heads():
+    import unet_step
+    sd15 = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8}
+    sdxl = {"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20]}
+    assert unet_step.narrowed(sd15, 1) is sd15
+    n = unet_step.narrowed(sd15, 10)
+    assert n["block_out_channels"] == [32, 64, 128, 128] and n["attention_head_dim"] == [8, 8, 8, 8]
+    n = unet_step.narrowed(sdxl, 10)
+    assert n["block_out_channels"] == [32, 64, 128]
+    assert all(w % h == 0 for w, h in zip(n["block_out_channels"], n["attention_head_dim"]))
+    assert sdxl["block_out_channels"] == [320, 640, 1280]  # the caller's config is left alone
+
+
+def test_unet_step_lora_covers_transformer_linears_and_1x1_convs_only():
+    import torch
+    import unet_step
+
+    class Block(torch.nn.Module):  # diffusers' names: down_blocks.0.attentions.0.proj_in, ...
+        def __init__(self):
+            super().__init__()
+            self.proj_in = torch.nn.Conv2d(8, 8, 1)
+            self.to_q = torch.nn.Linear(8, 8)
+            self.conv3 = torch.nn.Conv2d(8, 8, 3)
+
+    unet = torch.nn.Module()
+    unet.attentions = torch.nn.ModuleList([Block()])
+    unet.resnets = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+    targets = unet_step.lora_targets(unet)
+    assert sorted(targets) == ["attentions.0.proj_in", "attentions.0.to_q"]
+    factors = unet_step.random_lora(targets, rank=4)
+    x = torch.randn(2, 8)
+    delta = factors.deltas[targets["attentions.0.to_q"]]
+    assert delta.forward(x).abs().max() > 0  # the LoRA changes the layer
+    assert delta.delta_weight().shape == (8, 8)
