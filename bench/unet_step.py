@@ -96,7 +96,7 @@ def random_lora(targets: dict, rank: int, seed: int = 1) -> LoraFactors:
     return factors
 
 
-def step_inputs(unet, config: dict, size: int, images: int, device, dtype, seed: int = 2):
+def step_inputs(config: dict, size: int, images: int, device, dtype, seed: int = 2):
     """Positional args (batch first) of one branch's model call: [cond; uncond] rows."""
     g = torch.Generator().manual_seed(seed)
     rows = 2 * images
@@ -166,7 +166,7 @@ def run(args) -> dict:
     factors = random_lora(targets, args.rank)
     merge_into(factors)
     forward = unet_forward(unet)
-    inputs = step_inputs(unet, config, args.size, args.images, device, dtype)
+    inputs = step_inputs(config, args.size, args.images, device, dtype)
     title = (f"UNet {Path(args.unet_config).parent.parent.name}, widths {config['block_out_channels']}, "
              f"{sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M params, {len(targets)} LoRA'd layers "
              f"(rank {args.rank}), {args.size} px, {args.images} image(s), {args.dtype} on {device}")

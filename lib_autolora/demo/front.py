@@ -28,14 +28,13 @@ import torch
 
 from .__main__ import Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
 from .metrics import Evaluators, Scores
-from .sweep import stream_rows
+from .sweep import TIE, stream_rows
 
 CFGS = (2.0, 4.0, 7.0)  # w1 = w2 = CFG in AutoLoRA, CFG in LoRA + CFG
 GAMMAS = (1.25, 1.5, 2.0)
 AUTO_SCALES = (0.4, 0.6, 0.8, 1.0)
 CURVE_SCALES = tuple(round(0.1 * i, 1) for i in range(1, 15))  # 0.1 .. 1.4
 ACC_MARGIN = 0.05  # accuracy AutoLoRA may lose against the matched LoRA + CFG and still "win"
-TIE = 1e-6  # as in demo.sweep: below the float rounding of two sampling paths
 STYLE_TIE = 1e-4  # a style this close counts as reached (the same model scores ~1e-6 apart on two paths)
 FIRST_SEED = 9000  # not the demo's (1000), the tests' (5000) nor the sweep's (7000)
 
