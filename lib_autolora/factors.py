@@ -156,9 +156,11 @@ class ModuleDelta:
             return
         down_t, up_t = pair
         h = down_out if down_out is not None else torch.mm(x.reshape(-1, x.shape[-1]), down_t)
-        if out.dtype == h.dtype and out.is_contiguous():
+        if out.dtype == h.dtype == up_t.dtype and out.is_contiguous():
             out.view(-1, out.shape[-1]).addmm_(h, up_t, alpha=alpha)
-        else:  # a host whose layer returns another dtype or a strided view
+        else:
+            # A layer that returns another dtype or a strided view, or autocast (A1111 on a GPU):
+            # there mm casts to half but an in-place addmm_ is not autocast and would mix dtypes.
             out.add_(torch.mm(h, up_t).view(out.shape).to(out.dtype), alpha=alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,26 @@ def test_base_branch_equals_never_lora_model(name, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_base_branch_under_autocast(name):
+    """A1111 samples on a GPU under torch.autocast: a Linear may get a float32 input (after a
+    LayerNorm) and return half. The hooks' in-place arithmetic must cope (an in-place addmm_ is
+    not autocast and once mixed the dtypes). CPU autocast to bfloat16 is the same mechanism."""
+    clean, merged, factors = _setup(torch.float32)
+    x, sigma, ctx = _inputs(torch.float32)
+    before = fingerprint(merged)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_base = clean.denoiser(x, sigma, ctx).float()
+        want_lora = merged.denoiser(x, sigma, ctx).float()
+        with make_strategy(name, factors) as branch:
+            lora_out, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
+    tol = 0.05  # bfloat16: 8 bits of mantissa, rounded differently on the two paths
+    assert (want_lora - want_base).abs().max() > 8 * tol
+    torch.testing.assert_close(base_out.float(), want_base, atol=tol, rtol=0)
+    torch.testing.assert_close(lora_out.float(), want_lora, atol=tol, rtol=0)
+    assert fingerprint(merged) == before
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_lora_scale_in_lora_branch(name):
     clean, merged, factors = _setup(torch.float32)
     sd = lora_state_dict(clean, seed=1)

@@ -170,6 +170,9 @@ class ToggleStrategy(Strategy):
                     module.weight.copy_(weight)
                     if bias is not None:
                         module.bias.copy_(bias)
+            # Autocast keeps half-precision casts of float32 weights keyed by the tensor, which an
+            # in-place copy does not invalidate: without this the base forward reuses LoRA'd casts.
+            torch.clear_autocast_cache()
             out = forward(*base_args)
         finally:
             with torch.no_grad():
@@ -177,5 +180,6 @@ class ToggleStrategy(Strategy):
                     module.weight.copy_(weight)
                     if bias is not None:
                         module.bias.copy_(bias)
+            torch.clear_autocast_cache()
         self.base_calls += 1
         return out
