@@ -159,6 +159,14 @@ def profile_step(step, device, path: Path, title: str) -> dict:
     return counts
 
 
+def print_table(median: dict) -> None:
+    plain, floor = median.get("plain"), median.get("floor")
+    print(f"{'variant':11s} {'ms/step':>8s} {'x plain':>8s} {'x floor':>8s}")
+    for name, ms in median.items():
+        ratio = lambda ref: f"{ms / ref:7.2f}x" if ref else "       -"
+        print(f"{name:11s} {ms:8.2f} {ratio(plain)} {ratio(floor)}", flush=True)
+
+
 def run(args) -> dict:
     device, dtype = args.device, DTYPES[args.dtype]
     unet, config = build_unet(args.unet_config, args.width_div, device, dtype)
@@ -176,12 +184,20 @@ def run(args) -> dict:
     with torch.inference_mode():
         for name in args.variants:
             if name not in ("plain", "floor"):
-                strategies[name] = make_strategy(name, factors, 1.0, weights_merged=True).__enter__()
+                try:  # entered once, as for a generation (swap and dual build their weights here)
+                    strategies[name] = make_strategy(name, factors, 1.0, weights_merged=True).__enter__()
+                except Exception as exc:  # e.g. out of memory: the other variants still run
+                    print(f"{name}: could not start ({type(exc).__name__}: {exc}); dropped", flush=True)
+                    continue
             steps[name] = variant_step(name, forward, inputs, strategies.get(name))
         try:
-            for step in steps.values():  # warm-up: kernels chosen, caches built
-                for _ in range(args.warmup):
-                    step()
+            for name in list(steps):  # warm-up: kernels chosen, caches built
+                try:
+                    for _ in range(args.warmup):
+                        steps[name]()
+                except Exception as exc:  # e.g. out of memory: the other variants still run
+                    print(f"{name}: failed in warm-up ({type(exc).__name__}: {exc}); dropped", flush=True)
+                    del steps[name]
             times = {name: [] for name in steps}
             order = list(steps)
             rng = random.Random(0)
@@ -189,21 +205,20 @@ def run(args) -> dict:
                 rng.shuffle(order)
                 for name in order:
                     times[name].append(time_steps(steps[name], device, args.steps_per_round))
+            median = {name: statistics.median(t) for name, t in times.items()}
+            print_table(median)
             profiles = {}
             if args.profile:
-                for name, step in steps.items():
-                    profiles[name] = profile_step(step, device, Path(args.profile), f"{title}: {name}")
+                try:  # the timings above stand even if the profiler cannot run here
+                    for name, step in steps.items():
+                        profiles[name] = profile_step(step, device, Path(args.profile), f"{title}: {name}")
+                    print("operator calls / kernel launches per step: "
+                          + ", ".join(f"{n} {c['aten_ops']} / {c['kernel_launches']}" for n, c in profiles.items()))
+                except Exception as exc:
+                    print(f"profile failed: {type(exc).__name__}: {exc}")
         finally:
             for strategy in strategies.values():
                 strategy.__exit__(None, None, None)
-
-    median = {name: statistics.median(t) for name, t in times.items()}
-    plain, floor = median.get("plain"), median.get("floor")
-    print(f"{'variant':11s} {'ms/step':>8s} {'x plain':>8s} {'x floor':>8s}" + ("  aten ops  launches" if profiles else ""))
-    for name in steps:
-        ratio = lambda ref: f"{median[name] / ref:7.2f}x" if ref else "       -"
-        extra = f"  {profiles[name]['aten_ops']:8d}  {profiles[name]['kernel_launches']:8d}" if name in profiles else ""
-        print(f"{name:11s} {median[name]:8.2f} {ratio(plain)} {ratio(floor)}{extra}")
     return {"config": args.unet_config, "width_div": args.width_div, "size": args.size, "images": args.images,
             "dtype": args.dtype, "device": str(device), "rank": args.rank, "layers": len(targets),
             "ms_per_step": times, "median": median, "profiles": profiles}
