@@ -38,6 +38,7 @@ class SharedDown:
     def __init__(self, members):
         self.members = members  # [(module, delta)]
         self.down = None
+        self.down_t = None  # its transpose, a view made once per generation, not per call
         self.slices = {}
 
     def prepare(self, device, dtype):
@@ -49,6 +50,7 @@ class SharedDown:
             self.slices[module] = slice(start, start + down.shape[0])
             start += down.shape[0]
         self.down = torch.cat(downs, 0)
+        self.down_t = self.down.t()
 
 
 def _single_low_rank_linear(delta: ModuleDelta) -> bool:
@@ -134,7 +136,7 @@ class DeltaHooks:
                 h = hit[1]
                 self.shared_hits += 1
             else:
-                h = torch.mm(x.reshape(-1, x.shape[-1]), group.down.t())
+                h = torch.mm(x.reshape(-1, x.shape[-1]), group.down_t)
                 cache[key] = (x_full, h)
             delta.add_into(out, x, coef, down_out=h[:, group.slices[module]])
 

@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from ..base_branch import StrategyUnavailable, choose_strategy, make_strategy
+from ..base_branch import DeltaHooks, StrategyUnavailable, choose_strategy, make_strategy
 from ..guidance import GuidanceInterval, blend, resolve_cfg_scale
 from ..params import AutoLoraSettings
 from . import common
@@ -151,21 +151,16 @@ def _peak_bytes():
 
 @contextmanager
 def scaled_text_encoder(factors, coef: float, counter: Optional[list] = None):
-    """Forward hooks adding coef x the guided LoRAs' terms on every row (text encoding: -1 = base,
-    s - 1 = LoRA scale s). The text encoder may be called with any batch, so no row plan."""
-    handles = []
+    """coef x the guided LoRAs' terms on every row of the text encoder (-1 = base, s - 1 = LoRA
+    scale s): the same `DeltaHooks.all_rows` as A1111's text encoding. The text encoder may be
+    called with any batch, so no row plan. `counter[0]` adds the layer corrections applied."""
+    hooks = DeltaHooks(factors)
     try:
-        for module, delta in factors.nonzero().items():
-            def hook(_module, args, output, delta=delta):
-                output.add_(delta.forward(args[0]), alpha=coef)
-                if counter is not None:
-                    counter[0] += 1
-                return output
-            handles.append(module.register_forward_hook(hook))
-        yield
+        with hooks.all_rows(coef):
+            yield
     finally:
-        for h in handles:
-            h.remove()
+        if counter is not None:
+            counter[0] += hooks.calls
         for delta in factors.deltas.values():
             delta.release()
 
