@@ -15,10 +15,12 @@
 #   mkdir -p gpu-carry/tools && cp ../shared/webui/forge_random_checkpoint.py gpu-carry/tools/
 # Knobs (env): PYTHON, FORGE_WORK (/tmp/forge-gpu), FORGE_PORT (7861), FORGE_DEVICE_ARGS (CPU rehearsal:
 #   "--always-cpu --skip-torch-cuda-test"), SKIP_WHEELS=1 (rehearsal with a venv that has Forge's packages),
-#   CASES (which of the case lines below run), STEPS (20), DEADLINE_S (300: no case starts after it),
+#   CASES (which of the case lines below run), STEPS (20), DEADLINE_S (420: no case starts after it),
 #   SIZE_SD15 / SIZE_SDXL (512 / 1024), ROUNDS_SCALE (1), LORA_RANK (32),
 #   UNET_STEP_CASES ("sd15:512:1 sdxl:1024:1"; empty: skip) and UNET_STEP_ARGS (CPU rehearsal:
-#   "--device cpu --dtype fp32 --width-div 10 --threads 1").
+#   "--device cpu --dtype fp32 --width-div 10 --threads 1"), UNET_STEP_PROFILE ("sd15": archs profiled),
+#   CKPT_CPUS / UNET_STEP_CPUS (taskset lists; by default, with 8 or more cores, the checkpoints are
+#   written on cores 4.. while the UNet step runs on 0-3; CKPT_CPUS= (empty) runs them one after the other).
 set -uo pipefail
 CARRY=$(cd "${1:?usage: forge_gpu_bench.sh CARRY [OUTDIR]}" && pwd)
 OUTDIR=${2:-${OUT:-$PWD/forge-gpu-out}}
@@ -33,7 +35,7 @@ SITE=$WORK/site
 WEBUI=$WORK/webui
 PORT=${FORGE_PORT:-7861}
 STEPS=${STEPS:-20}
-DEADLINE_S=${DEADLINE_S:-300}
+DEADLINE_S=${DEADLINE_S:-420}
 S15=${SIZE_SD15:-512}
 SXL=${SIZE_SDXL:-1024}
 RANK=${LORA_RANK:-32}
@@ -80,30 +82,43 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 # 3. random checkpoints + kohya LoRAs (CPU, seeded), both at once
 cd "$WEBUI" || exit 1
+# Checkpoints are CPU work and the UNet step is GPU work: with cores to spare they run at once, each on
+# its own cores (taskset), so the step's launch-bound timing does not share cores with the writer.
+NCPU=$(nproc)
+if [ -z "${CKPT_CPUS+x}" ] && [ "$NCPU" -ge 8 ] && command -v taskset >/dev/null; then
+  UNET_STEP_CPUS=${UNET_STEP_CPUS:-0-3}; CKPT_CPUS=4-$((NCPU - 1))
+fi
+pin() { local cpus=$1; shift; if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
 mk() {
   local a=$1
   [ -f "models/Stable-diffusion/rand_$a.safetensors" ] && [ -f "models/Lora/rank${RANK}_$a.safetensors" ] && return 0
-  $PY "$CARRY/tools/forge_random_checkpoint.py" --forge . --arch "$a" --rank "$RANK" --alpha "$RANK" \
+  pin "${CKPT_CPUS:-}" $PY "$CARRY/tools/forge_random_checkpoint.py" --forge . --arch "$a" --rank "$RANK" --alpha "$RANK" \
     $([ -f "models/Stable-diffusion/rand_$a.safetensors" ] || echo --out "models/Stable-diffusion/rand_$a.safetensors") \
     --lora "models/Lora/rank${RANK}_$a.safetensors" > "$WORK/ckpt_$a.log" 2>&1
   local rc=$?; sed "s/^/[ckpt $a] /" "$WORK/ckpt_$a.log"; return $rc
 }
-log "writing random checkpoints"
+log "writing random checkpoints${CKPT_CPUS:+ on cpus $CKPT_CPUS, the UNet step at once on cpus ${UNET_STEP_CPUS:-all}}"
 pids=(); for a in sd15 sdxl; do mk "$a" & pids+=($!); done
-for p in "${pids[@]}"; do wait "$p" || { echo "checkpoint generation failed" >&2; exit 1; }; done
-log "checkpoints done"
+wait_checkpoints() {
+  for p in "${pids[@]}"; do wait "$p" || { echo "checkpoint generation failed" >&2; exit 1; }; done
+  log "checkpoints done"
+}
+[ -n "${CKPT_CPUS:-}" ] || wait_checkpoints
 
 # 3b. one guided UNet step per strategy, no WebUI (bench/unet_step.py): our own gap to the floor,
-# apart from Forge's per-step work; stdout goes to the caller's run.log, profiles to one file.
+# apart from Forge's per-step work; stdout goes to the caller's run.log, profiles to one file
+# (only for the archs in UNET_STEP_PROFILE: a profiled SDXL step per variant costs more than it tells).
 for uc in ${UNET_STEP_CASES-sd15:$S15:1 sdxl:$SXL:1}; do
   IFS=: read -r arch size images <<<"$uc"
   case $arch in sd15) cfg=runwayml/stable-diffusion-v1-5 ;; sdxl) cfg=stabilityai/stable-diffusion-xl-base-1.0 ;; *) continue ;; esac
+  prof=(); grep -qw -- "$arch" <<<"${UNET_STEP_PROFILE-sd15}" && prof=(--profile "$OUTDIR/unet-profile.txt")
   log "unet step: $arch $size px, $images image(s)"
   # shellcheck disable=SC2086
-  $PY "$REPO/bench/unet_step.py" --unet-config "$WEBUI/backend/huggingface/$cfg/unet/config.json" \
-    --size "$size" --images "$images" --rank "$RANK" --profile "$OUTDIR/unet-profile.txt" ${UNET_STEP_ARGS:-} 2>&1 \
+  pin "${UNET_STEP_CPUS:-}" $PY "$REPO/bench/unet_step.py" --unet-config "$WEBUI/backend/huggingface/$cfg/unet/config.json" \
+    --size "$size" --images "$images" --rank "$RANK" "${prof[@]}" ${UNET_STEP_ARGS:-} 2>&1 \
     | grep -v '^USDT:' || log "unet step $arch failed (the WebUI cases still run)"
 done
+[ -z "${CKPT_CPUS:-}" ] || wait_checkpoints
 
 # 4. Forge, API only. --disable-nan-check: random weights in fp16 may give NaN latents; time is measured.
 # shellcheck disable=SC2086
@@ -139,7 +154,7 @@ PYEOF
 # floor = plain generation of twice the batch: the per-step floor of both branches in one forward.
 CASE_LINES="${CASE_LINES:-sd15-${S15}-1|rand_sd15.safetensors|rank${RANK}_sd15|$S15|1|floor,batched,dual,sequential,swap,toggle,auto|all|3
 sdxl-${SXL}-1|rand_sdxl.safetensors|rank${RANK}_sdxl|$SXL|1|floor,batched,dual,sequential,swap,auto|plain,dual|2
-sdxl-${SXL}-4|rand_sdxl.safetensors|rank${RANK}_sdxl|$SXL|4|dual,swap,sequential,auto-interval50|plain,swap|2}"
+sdxl-${SXL}-4|rand_sdxl.safetensors|rank${RANK}_sdxl|$SXL|4|floor,batched,swap,sequential,auto-interval50|plain,swap|2}"
 RC=0
 while IFS='|' read -r name ckpt lora size batch variants warm rounds; do
   [ -n "${CASES:-}" ] && ! grep -qw -- "$name" <<<"$CASES" && continue
