@@ -19,6 +19,8 @@
 #   SIZE_SD15 / SIZE_SDXL (512 / 1024), ROUNDS_SCALE (1), LORA_RANK (32),
 #   UNET_STEP_CASES ("sd15:512:1 sdxl:1024:1"; empty: skip) and UNET_STEP_ARGS (CPU rehearsal:
 #   "--device cpu --dtype fp32 --width-div 10 --threads 1"), UNET_STEP_PROFILE ("sd15": archs profiled),
+#   CKPT_ARCHS ("sd15 sdxl"), OPS_CASES (case names to count per-step operators for with step_ops.py;
+#   empty: none), OPS_VARIANTS ("plain,floor,batched,dual"), OPS_STEPS ("3,5"),
 #   CKPT_CPUS / UNET_STEP_CPUS (taskset lists; by default, with 8 or more cores, the checkpoints are
 #   written on cores 4.. while the UNet step runs on 0-3; CKPT_CPUS= (empty) runs them one after the other).
 set -uo pipefail
@@ -98,7 +100,7 @@ mk() {
   local rc=$?; sed "s/^/[ckpt $a] /" "$WORK/ckpt_$a.log"; return $rc
 }
 log "writing random checkpoints${CKPT_CPUS:+ on cpus $CKPT_CPUS, the UNet step at once on cpus ${UNET_STEP_CPUS:-all}}"
-pids=(); for a in sd15 sdxl; do mk "$a" & pids+=($!); done
+pids=(); for a in ${CKPT_ARCHS:-sd15 sdxl}; do mk "$a" & pids+=($!); done
 wait_checkpoints() {
   for p in "${pids[@]}"; do wait "$p" || { echo "checkpoint generation failed" >&2; exit 1; }; done
   log "checkpoints done"
@@ -167,8 +169,20 @@ while IFS='|' read -r name ckpt lora size batch variants warm rounds; do
     --json "$OUTDIR/bench-$name.json" 2>&1 | tee -a "$OUTDIR/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || RC=1
 done <<<"$CASE_LINES"
-log "per step, from Forge's sampler bar:"
-$PY "$REPO/bench/host_steps.py" --host-log "$OUTDIR/forge.log" --bench-log "$OUTDIR/bench.log" --steps "$STEPS"
+if [ -s "$OUTDIR/bench.log" ]; then  # before step_ops' requests add their bars to the host log
+  log "per step, from Forge's sampler bar:"
+  $PY "$REPO/bench/host_steps.py" --host-log "$OUTDIR/forge.log" --bench-log "$OUTDIR/bench.log" --steps "$STEPS"
+fi
+# 6. what a step is made of (bench/step_ops.py: Forge's own profiler, two step counts differenced):
+# operator calls, kernel launches, GPU kernel time and blocking runtime calls per step.
+while IFS='|' read -r name ckpt lora size batch _rest; do
+  grep -qw -- "$name" <<<"${OPS_CASES:-}" || continue
+  if [ $(( $(date +%s) - T0 )) -gt "$DEADLINE_S" ]; then log "deadline: step ops of $name not run"; continue; fi
+  log "step ops $name: ${OPS_VARIANTS:-plain,floor,batched,dual}"
+  $PY "$REPO/bench/step_ops.py" --url "http://127.0.0.1:$PORT" --case "$name:$ckpt:$lora:$size:$batch" \
+    --variants "${OPS_VARIANTS:-plain,floor,batched,dual}" --steps "${OPS_STEPS:-3,5}" \
+    $([ -z "${FORGE_DEVICE_ARGS:-}" ] && echo --cuda) --json "$OUTDIR/step-ops-$name.json" 2>&1 || RC=1
+done <<<"$CASE_LINES"
 kill "$FPID" 2>/dev/null; wait "$FPID" 2>/dev/null
 log "done, rc=$RC"
 exit $RC
