@@ -117,3 +117,48 @@ def test_unet_step_lora_covers_transformer_linears_and_1x1_convs_only():
     delta = factors.deltas[targets["attentions.0.to_q"]]
     assert delta.forward(x).abs().max() > 0  # the LoRA changes the layer
     assert delta.delta_weight().shape == (8, 8)
+
+
+# -- step_ops: per-step counts from the WebUI's profiler traces ------------------------------------
+
+def _trace(path, steps, extra_ops=()):
+    """A Chrome trace as torch.profiler writes it: per step one `aten::linear` holding an
+    `aten::addmm` (nested), one launch and one 2 ms kernel; plus one-time work outside the loop
+    (`extra_ops`) and a blocking copy."""
+    events, ts = [], 0
+    for name in extra_ops:
+        events.append({"cat": "cpu_op", "name": name, "ts": ts, "dur": 5, "tid": 1}); ts += 10
+    for _ in range(steps):
+        events.append({"cat": "cpu_op", "name": "aten::linear", "ts": ts, "dur": 100, "tid": 1})
+        events.append({"cat": "cpu_op", "name": "aten::addmm", "ts": ts + 10, "dur": 50, "tid": 1})
+        events.append({"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts + 20, "dur": 4, "tid": 1})
+        events.append({"cat": "kernel", "name": "gemm", "ts": ts + 30, "dur": 2000, "tid": 7})
+        ts += 200
+    events.append({"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": ts, "dur": 300, "tid": 1})
+    path.write_text(__import__("json").dumps({"traceEvents": events}))
+    return str(path)
+
+
+def test_step_ops_counts_one_step_and_cancels_work_outside_the_loop(tmp_path):
+    import step_ops
+    one_time = ("aten::empty", "aten::copy_")
+    low = step_ops.trace_counts(_trace(tmp_path / "a.json", 2, one_time))
+    high = step_ops.trace_counts(_trace(tmp_path / "b.json", 5, one_time))
+    assert low["ops"]["aten::linear"] == 2 and low["blocking"] == 1 and abs(low["sync_ms"] - 0.3) < 1e-9
+    step = step_ops.per_step(low, high, 3)
+    assert step["aten_ops"] == 2  # linear and its nested addmm; the one-time ops cancel
+    assert step["by_name"]["aten::empty"] == 0
+    assert step["launches"] == 1 and abs(step["gpu_ms"] - 2.0) < 1e-9
+    assert abs(step["top_ms"] - 0.1) < 1e-9  # top-level only: the nested addmm is not counted twice
+    assert step["blocking"] == 0 and abs(step["kernel_ms"]["gemm"] - 2.0) < 1e-9
+
+
+def test_step_ops_table_names_what_changed_against_plain(tmp_path):
+    import step_ops
+    plain = step_ops.per_step(step_ops.trace_counts(_trace(tmp_path / "a.json", 1)),
+                              step_ops.trace_counts(_trace(tmp_path / "b.json", 2)), 1)
+    more = step_ops.per_step(step_ops.trace_counts(_trace(tmp_path / "c.json", 1)),
+                             step_ops.trace_counts(_trace(tmp_path / "d.json", 3)), 1)  # two steps' work per step
+    table = step_ops.format_rows({"plain": plain, "batched": more}, top=3)
+    row = next(line for line in table.splitlines() if line.startswith("| batched"))
+    assert "linear +1" in row and "addmm +1" in row and "gemm +2.00" in row

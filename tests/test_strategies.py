@@ -260,7 +260,7 @@ def test_dual_follows_a_host_that_moves_the_input_to_another_device():
         # Pretend every stack lives on another device: a bmm against these yields meta tensors, so the
         # values below can only come from the host-forward-and-correct path.
         branch._forwards = {module: branch._make_forward(module, weights.to("meta"),
-                                                         None if biases is None else biases.to("meta"))
+                                                         None if biases is None else tuple(b.to("meta") for b in biases))
                             for module, (weights, biases) in branch._stacks.items()}
         lora_out, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
     sd = lora_state_dict(clean, seed=1)

@@ -1,27 +1,33 @@
-"""The `auto` strategy rule, checked against the GPU table in the README (issue 8).
+"""The `auto` strategy rule, checked against the GPU tables in the README (issue 8).
 
-Whole-image time over plain LoRA generation in Forge on an NVIDIA H200 (2026-11-26, run 1, fp16,
-20 Euler steps, rank-32 LoRA on every attention / feed-forward / projection layer):
+Whole-image time over plain LoRA generation in Forge (fp16, 20 Euler steps, rank-32 LoRA on every
+attention / feed-forward / projection layer), on two GPUs, 2026-11-26:
 
-| case                 | batched | dual  | swap  | sequential | toggle |
-|----------------------|---------|-------|-------|------------|--------|
-| SD1.5 512², 1 image  | 2.03x   | 1.82x | 1.85x | 2.43x      | 4.54x  |
-| SDXL 1024², 1 image  | 2.41x   | 2.74x | 2.63x | 3.03x      | 10.55x |
-| SDXL 1024², 4 images | -       | 2.11x | 1.94x | 2.06x      | -      |
+| case                 | GPU  | batched | dual  | swap  | sequential | toggle | floor (no hooks) |
+|----------------------|------|---------|-------|-------|------------|--------|------------------|
+| SD1.5 512², 1 image  | H200 | 2.03x   | 1.82x | 1.85x | 2.43x      | 4.54x  |                  |
+| SD1.5 512², 1 image  | H100 | 1.60x   | 1.40x | 1.74x | 2.03x      | 3.57x  | 1.03x per step   |
+| SDXL 1024², 1 image  | H200 | 2.41x   | 2.74x | 2.63x | 3.03x      | 10.55x |                  |
+| SDXL 1024², 1 image  | H100 | 2.06x   | 2.01x | 2.17x | 2.71x      | -      | 1.37x per step   |
+| SDXL 1024², 4 images | H200 | -       | 2.11x | 1.94x | 2.06x      | -      |                  |
+| SDXL 1024², 4 images | H100 | 2.03x   | -     | 1.89x | 1.94x      | -      | 1.96x per step   |
 
-One forward of both branches (`batched`) is best or level while a step is launch-bound (one
-image; at SD1.5 the three one-forward/swap variants are within the run's noise, run 2 gave
-batched 1.74x = dual 1.74x); `dual` costs +34 % (SD1.5) / +93 % (SDXL) peak memory for no
-measured gain, so auto does not pick it. Once a step is compute-bound (four SDXL 1024² latents,
-4 x 128 x 128 latent pixels per branch) two forwards over swapped weights win, if a copy of the
-LoRA'd layers fits in free memory. A memory-lean request gets `sequential` (+1 to +2 % peak).
-Functional LoRAs (not merged into the weights) cannot swap.
+One image of SD1.5 (64 x 64 latent pixels) is launch-bound: `dual`, which runs each LoRA'd Linear
+of both branches as one matmul without hooks, was fastest on both GPUs (per step 47 vs 57 ms on the
+H200, 56 vs 66 ms on the H100), for two more copies of the LoRA'd Linears (+34 % peak memory, under
+1 GiB), so auto takes it when they fit in free memory. One SDXL image: `dual` and `batched` were
+level on the H100 and `batched` ahead on the H200, and dual's copies cost +93 % there: `batched`.
+Once a step is compute-bound (four SDXL 1024² latents, 4 x 128 x 128 latent pixels per branch) two
+forwards over swapped weights win on both GPUs, if a copy of the LoRA'd layers fits in free memory.
+A memory-lean request gets `sequential` (+1 to +2 % peak). Functional LoRAs (not merged into the
+weights) can neither swap nor stack: `batched`. Free memory unknown: no extra weights.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 COMPUTE_BOUND_LATENT_PIXELS = 4 * 128 * 128
+LAUNCH_BOUND_LATENT_PIXELS = 64 * 64  # one SD1.5 512² image: the largest case where dual was measured best
 
 
 def choose_strategy(requested: str, *, weights_merged: bool = True, lean_memory: bool = False,
@@ -38,10 +44,12 @@ def choose_strategy(requested: str, *, weights_merged: bool = True, lean_memory:
         return requested, "as requested"
     if lean_memory:
         return "sequential", "memory-lean: no extra weights, no extra batch rows"
-    if latent_pixels_per_branch >= COMPUTE_BOUND_LATENT_PIXELS and weights_merged:
-        room = free_bytes if free_bytes is not None else 0
-        if swap_budget_bytes is not None:
-            room = min(room, swap_budget_bytes) if free_bytes is not None else swap_budget_bytes
-        if swap_bytes and room >= swap_bytes:
+    room = None if free_bytes is None else free_bytes
+    if swap_budget_bytes is not None:
+        room = swap_budget_bytes if room is None else min(room, swap_budget_bytes)
+    if weights_merged and swap_bytes and room is not None:
+        if latent_pixels_per_branch >= COMPUTE_BOUND_LATENT_PIXELS and room >= swap_bytes:
             return "swap", "compute-bound step and the base weights fit in memory"
+        if 0 < latent_pixels_per_branch <= LAUNCH_BOUND_LATENT_PIXELS and room >= 2 * swap_bytes:
+            return "dual", "launch-bound step and both weight copies fit in memory"
     return "batched", "launch-bound step: both branches in one forward"
