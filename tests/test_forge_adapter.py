@@ -561,3 +561,45 @@ def test_the_memory_check_for_one_forward_is_asked_once_per_shape():
     for _ in range(3):
         assert sampling._can_fuse(apply_model, on_gpu, {})
     assert asked == [(4, 4, 8, 8)]
+
+
+def test_doubled_forward_gets_forges_cond_marks_made_once_per_pass():
+    """The one forward of both branches carries Forge's cond_mark / indices for the doubled layout
+    (what Forge itself would compute for it), built once per pass: Forge builds cond_mark on the CPU
+    and copies it to the device, a blocking copy that would otherwise stall every step."""
+    bench = Bench()
+    api = standin_api()
+    ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
+                      backup=bench.model.lora_loader.backup)
+    settings = AutoLoraSettings(enabled=True, strategy="batched")
+    record = {"guided_steps": 0, "plain_steps": 0, "base_calls": 0, "notices": []}
+    p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
+                        comment=lambda text: None)
+    run = Run(settings, record, GuidanceInterval(settings.start, settings.end), p=p)
+    sampling = Sampling(api, run, p, SimpleNamespace(model=bench.model), ff,
+                        {"base_c": bench.texts["base"][0], "base_uc": bench.texts["base"][1]})
+    options = {"sampler_pre_cfg_function": [sampling.pre_cfg_function()]}
+    seen, apply_model = [], bench.model.apply_model
+
+    def recording_apply_model(x, t, transformer_options=None, **c):
+        seen.append((x.shape[0], transformer_options))
+        return apply_model(x, t, transformer_options=transformer_options, **c)
+
+    bench.model.apply_model = recording_apply_model
+    cond, uncond = bench.entries("lora")
+    outs = []
+    try:
+        for step in range(2):
+            p.sampler.model_wrap_cfg.step = step
+            outs.append(standin_sampling_function_inner(bench.model, bench.x, bench.sigma, uncond, cond, 7.0,
+                                                        copy.deepcopy(options), standin_calc_cond_uncond_batch))
+    finally:
+        sampling.close()
+    doubled = [to for rows, to in seen if rows == 4 * bench.x.shape[0]]
+    assert len(doubled) == 2 and record["guided_steps"] == 2, "one fused forward per step"
+    both = [0, 1, 0, 1]
+    torch.testing.assert_close(doubled[0]["cond_mark"], standin_compute_cond_mark(both, bench.sigma))
+    assert (doubled[0]["cond_indices"], doubled[0]["uncond_indices"]) == standin_compute_cond_indices(both, bench.sigma)
+    assert doubled[0]["cond_or_uncond"] == both
+    assert doubled[1]["cond_mark"] is doubled[0]["cond_mark"], "made once per pass, not per step"
+    torch.testing.assert_close(outs[0], outs[1])  # same x and sigma: the cached marks change nothing

@@ -211,6 +211,7 @@ class Sampling:
         self.strategy = None
         self.closed = False
         self.fits = {}  # input shape -> both branches fit in memory in one forward
+        self.marks = {}  # doubled layout -> Forge's cond_mark and indices for it (_doubled_marks)
 
     # -- strategy, entered at the first guided step (the UNet is loaded and merged by then) ------
     def _enter_strategy(self, x: torch.Tensor):
@@ -255,6 +256,7 @@ class Sampling:
         self.closed = True
         self.ff = self.p = self.unet = self.model = None
         self.conds = {}
+        self.marks = {}
 
     def base_calls(self) -> int:
         return self.strategy.base_calls if self.strategy is not None else 0
@@ -332,8 +334,7 @@ class Sampling:
             to = dict(to)
             both = list(cond_or_uncond) * 2
             to["cond_or_uncond"] = both
-            to["cond_mark"] = api.compute_cond_mark(both, sigmas)
-            to["cond_indices"], to["uncond_indices"] = api.compute_cond_indices(both, sigmas)
+            to["cond_mark"], to["cond_indices"], to["uncond_indices"] = self._doubled_marks(both, sigmas)
             return to
 
         def wrapped(apply_model, args):
@@ -374,6 +375,17 @@ class Sampling:
             return forward(x, t, c)  # later calls of this step (perturbed attention): the plain model
 
         return wrapped
+
+    def _doubled_marks(self, both: list, sigmas) -> tuple:
+        """Forge's cond_mark and cond/uncond indices for the doubled batch, made once per pass and
+        layout: cond_mark is built on the CPU and copied to the GPU, and a blocking copy per step
+        stalls the CPU until the GPU has caught up (bench/step_ops.py counts these)."""
+        key = (tuple(both), tuple(sigmas.shape), sigmas.dtype, sigmas.device)
+        marks = self.marks.get(key)
+        if marks is None:
+            marks = self.marks[key] = (self.api.compute_cond_mark(both, sigmas),
+                                       *self.api.compute_cond_indices(both, sigmas))
+        return marks
 
     def _can_fuse(self, apply_model, x, c) -> bool:
         """Whether both branches can run in one forward; the memory part is asked once per pass
