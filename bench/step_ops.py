@@ -157,9 +157,14 @@ def main(argv=None) -> int:
         ap.error("--steps takes two increasing step counts, e.g. 2,4")
     trace = os.path.join(tempfile.mkdtemp(prefix="step-ops-"), "trace.json")
     results = {}
+    variants = [v for v in args.variants.split(",") if v]
+    # One generation before anything is counted: the first ones after the WebUI starts carry
+    # one-time work (kernel selection, lazy loading) that the per-count warm-ups did not absorb.
+    _http(f"{args.url}/sdapi/v1/txt2img", dict(request_for(args.case, variants[0], steps[1], 1234, args.sampler),
+                                                send_images=False))
     set_profiling(args.url, True, trace, args.cuda)
     try:
-        for variant in [v for v in args.variants.split(",") if v]:
+        for variant in variants:
             results[variant] = measure(args.url, args.case, variant, steps, args.sampler, trace)
             print(f"{args.case.name} {variant}: {results[variant]['aten_ops']:.0f} aten ops, "
                   f"{results[variant]['launches']:.0f} launches per step", flush=True)
