@@ -3,8 +3,8 @@
 # carried wheels -> Forge tree -> random SD1.5/SDXL checkpoints + rank-32 full-coverage LoRAs ->
 # this extension linked into Forge -> Forge API-only on 127.0.0.1 -> bench/webui_bench.py per case
 # -> in OUTDIR: forge.log, bench.log, bench-<case>.json (rewritten after every round, so a run cut
-# short keeps its data) and unet-profile.txt; with the caller's run.log that is 7 files, under the
-# device's 8. Before Forge starts, bench/unet_step.py times one UNet step per strategy (no WebUI).
+# short keeps its data), unet-profile.txt and step-ops.json; with the caller's run.log that is 8
+# files, the device's limit. Before Forge starts, bench/unet_step.py times one UNet step per strategy (no WebUI).
 #
 # Follows ../shared/webui/GPU.md (Forge on the device) step for step; what differs: the extension is
 # installed, the LoRAs are rank 32 (issue 8's physics table), and the timing is webui_bench.py's.
@@ -49,6 +49,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 # 1. carried wheels first on PYTHONPATH: they shadow the device's too-new transformers/hub/tokenizers
 mkdir -p "$WORK"
+rm -f "$WORK"/step-ops-*.json  # parts of an earlier run's step-ops.json
 if [ "${SKIP_WHEELS:-0}" != 1 ] && [ ! -f "$SITE/.done" ]; then
   log "installing $(ls "$CARRY"/wheels/*.whl | wc -l) wheels"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$CARRY"/wheels/*.whl \
@@ -181,8 +182,16 @@ while IFS='|' read -r name ckpt lora size batch _rest; do
   log "step ops $name: ${OPS_VARIANTS:-plain,floor,batched,dual}"
   $PY "$REPO/bench/step_ops.py" --url "http://127.0.0.1:$PORT" --case "$name:$ckpt:$lora:$size:$batch" \
     --variants "${OPS_VARIANTS:-plain,floor,batched,dual}" --steps "${OPS_STEPS:-3,5}" \
-    $([ -z "${FORGE_DEVICE_ARGS:-}" ] && echo --cuda) --json "$OUTDIR/step-ops-$name.json" 2>&1 || RC=1
+    $([ -z "${FORGE_DEVICE_ARGS:-}" ] && echo --cuda) --json "$WORK/step-ops-$name.json" 2>&1 || RC=1
 done <<<"$CASE_LINES"
+# One file for every case's counts: the device returns at most 8 files.
+$PY - "$OUTDIR/step-ops.json" "$WORK"/step-ops-*.json <<'PYEOF' 2>/dev/null
+import json, sys
+parts = [json.load(open(f)) for f in sys.argv[2:]]
+if parts:
+    json.dump({p["case"]: p for p in parts}, open(sys.argv[1], "w"), indent=1)
+PYEOF
+rm -f "$WORK"/step-ops-*.json
 kill "$FPID" 2>/dev/null; wait "$FPID" 2>/dev/null
 log "done, rc=$RC"
 exit $RC

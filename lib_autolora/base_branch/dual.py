@@ -5,10 +5,11 @@ LoRA term from the base rows: two small matmuls and a few more kernel launches p
 which cost the most while a step is launch-bound (one image on a big GPU).
 `dual` keeps [W_lora; W_base] of every LoRA'd Linear stacked on the device for the generation and,
 for the fused forward only, runs the layer as one batched matmul (bmm) of
-[LoRA rows; base rows] against the stack: one launch, as many as the host's own layer. The price
-is memory: two copies of the LoRA'd Linears (the host's merged tensor stays untouched). On an
-H200 in Forge it was measured no faster than `batched` (README, "Speed and memory on a GPU"), so
-`auto` does not pick it.
+[LoRA rows; base rows] against the stack: one launch, as many as the host's own layer (two for a
+Linear with a bias, so the bias is added in the GEMM's epilogue). The price is memory: two copies
+of the LoRA'd Linears (the host's merged tensor stays untouched). In Forge it was the fastest
+strategy at one SD1.5 image on an H200 and an H100, and level with or behind `batched` at one SDXL
+image (README, "Speed and memory on a GPU"); `auto` picks it for the former when it fits.
 
 Layers that cannot run that way (convolutions such as SD1.5's proj_in/out, weights the host casts
 per call, uneven halves) keep the `batched` hooks, so `dual` is never less correct than `batched`.
