@@ -603,3 +603,43 @@ def test_doubled_forward_gets_forges_cond_marks_made_once_per_pass():
     assert doubled[0]["cond_or_uncond"] == both
     assert doubled[1]["cond_mark"] is doubled[0]["cond_mark"], "made once per pass, not per step"
     torch.testing.assert_close(outs[0], outs[1])  # same x and sigma: the cached marks change nothing
+
+
+def test_base_conditioning_is_reused_only_for_forges_same_conditioning_and_settings():
+    """ForgeAdapter._encode_cached: Forge's cached conditioning object (the same object, not an
+    equal one) and equal AutoLoRA settings give back the earlier base conditioning; anything else
+    encodes. Stand-in `_encode`: a fresh value per call, as a real encoding would give."""
+    from lib_autolora.hosts.forge import BaseCondCache, ForgeAdapter
+    adapter = ForgeAdapter(api=standin_api())
+    encoded = []
+
+    def encode(p, run, function, prompts, steps, hires_steps):
+        value = (object(), None)
+        encoded.append(value)
+        return value, 7, "1 text-encoder layer(s) use an exact dense delta"
+
+    adapter._encode = encode
+
+    def new_run(**settings):
+        record = {"te_base_encodes": 0, "te_base_cached": 0, "modules": {"text_encoder": 0}, "notices": []}
+        run = Run(AutoLoraSettings(enabled=True, **settings), record, GuidanceInterval(0.0, 1.0))
+        run.guided_files = {"A.safetensors"}
+        return run
+
+    forge_cond, forge_uncond = [torch.zeros(1)], [torch.zeros(1)]
+    first = new_run()
+    a = adapter._encode_cached(None, first, forge_cond, None, ["p"], 4, None)
+    b = adapter._encode_cached(None, first, forge_uncond, None, ["n"], 4, None)
+    second = new_run()
+    assert adapter._encode_cached(None, second, forge_cond, None, ["p"], 4, None) is a
+    assert adapter._encode_cached(None, second, forge_uncond, None, ["n"], 4, None) is b
+    assert len(encoded) == 2 and second.record["te_base_cached"] == 2
+    assert second.record["modules"]["text_encoder"] == 7 and second.notices, "reuse keeps the record and notice"
+    equal_not_same = [torch.zeros(1)]
+    assert adapter._encode_cached(None, new_run(), equal_not_same, None, ["p"], 4, None) is not a
+    assert adapter._encode_cached(None, new_run(lora_scale=0.5), forge_cond, None, ["p"], 4, None) is not a
+    assert adapter._encode_cached(None, new_run(base_text_encoder=False), forge_cond, None, ["p"], 4, None) is not a
+    other_lora = new_run()
+    other_lora.guided_files = {"B.safetensors"}
+    assert adapter._encode_cached(None, other_lora, forge_cond, None, ["p"], 4, None) is not a
+    assert len(encoded) == 6 and len(adapter.base_conds.entries) == BaseCondCache.SIZE  # bounded

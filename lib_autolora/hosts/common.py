@@ -236,7 +236,7 @@ class Diagnostics:
         record = {"generation": None, "host": host, "started": time.time(), "active": False,
                   "settings": settings_dict(settings), "strategy": None, "strategy_reason": None,
                   "weights_merged": None, "guided_loras": [], "base_calls": 0, "guided_steps": 0,
-                  "plain_steps": 0, "te_base_encodes": 0, "modules": {"text_encoder": 0, "unet": 0},
+                  "plain_steps": 0, "te_base_encodes": 0, "te_base_cached": 0, "modules": {"text_encoder": 0, "unet": 0},
                   "notices": [], "peak_vram_bytes": None}
         with self._lock:
             self.generations += 1

@@ -490,12 +490,49 @@ class Run:
             self.sampling = None
 
 
+class BaseCondCache:
+    """Base text conditionings kept across generations, tied to the very object Forge returned.
+
+    Forge caches each prompt's conditioning (`get_conds_with_caching`, keyed by prompts, steps,
+    checkpoint, LoRAs and their strengths, size, CLIP skip...) and hands back the same object
+    while none of that changes; plain generation then encodes nothing. Our base conditioning is a
+    function of that same input plus the AutoLoRA settings that shape it, so while Forge returns
+    the same object and those settings are equal it is the same too: re-encoding it (both text
+    encoders, with hooks, per prompt kind) was most of AutoLoRA's time outside the sampling loop.
+    Entries hold Forge's object itself (compared with `is`, so a recycled id cannot match); a few
+    are kept, like Forge's own caches (prompt, negative prompt, their hires versions)."""
+
+    SIZE = 4
+
+    def __init__(self):
+        self.entries = []  # (forge_result, settings_key, value, te_modules, message)
+
+    @staticmethod
+    def settings_key(run: "Run") -> tuple:
+        s = run.settings
+        return (frozenset(run.guided_files), float(s.lora_scale), bool(s.base_text_encoder))
+
+    def get(self, result, key):
+        for entry in self.entries:
+            if entry[0] is result and entry[1] == key:
+                return entry
+        return None
+
+    def put(self, result, key, value, te_modules: int, message: Optional[str]) -> None:
+        self.entries = [(result, key, value, te_modules, message)] + [
+            e for e in self.entries if not (e[0] is result and e[1] == key)][:self.SIZE - 1]
+
+    def clear(self) -> None:
+        self.entries = []
+
+
 class ForgeAdapter:
     name = "forge"
 
     def __init__(self, api: Optional[ForgeAPI] = None):
         self.api = api or ForgeAPI()
         self.run: Optional[Run] = None
+        self.base_conds = BaseCondCache()
 
     # -- start_batch: Forge activated the batch's LoRAs and is about to encode its prompts ---------
     def start_batch(self, p, settings: AutoLoraSettings) -> Optional[str]:
@@ -536,8 +573,8 @@ class ForgeAdapter:
             result = original(function, required_prompts, steps, caches, extra_network_data, hires_steps)
             if adapter.run is run and result is not None:
                 try:
-                    run.conds[id(result)] = (result,) + adapter._encode(p, run, function, required_prompts, steps,
-                                                                         hires_steps)
+                    run.conds[id(result)] = (result,) + adapter._encode_cached(
+                        p, run, result, function, required_prompts, steps, hires_steps)
                 except Exception as exc:  # the base conditioning must never break the generation
                     log.exception("AutoLoRA: base conditioning failed")
                     run.note(f"AutoLoRA: base text encoding failed ({type(exc).__name__}: {exc}); "
@@ -546,17 +583,30 @@ class ForgeAdapter:
 
         p.get_conds_with_caching = get_conds_with_caching
 
+    def _encode_cached(self, p, run: Run, result, function, required_prompts, steps, hires_steps) -> tuple:
+        """`_encode`, or what it gave for this very Forge conditioning and these settings before."""
+        key = BaseCondCache.settings_key(run)
+        hit = self.base_conds.get(result, key)
+        if hit is not None:
+            _, _, value, te_modules, message = hit
+            run.record["te_base_cached"] = run.record.get("te_base_cached", 0) + 1
+        else:
+            value, te_modules, message = self._encode(p, run, function, required_prompts, steps, hires_steps)
+            self.base_conds.put(result, key, value, te_modules, message)
+        run.record["modules"]["text_encoder"] = te_modules
+        if message:
+            run.note(f"AutoLoRA: {message}")
+        return value
+
     def _encode(self, p, run: Run, function, required_prompts, steps, hires_steps) -> tuple:
+        """((base conditioning, LoRA-scale conditioning), LoRA'd text-encoder modules, message)."""
         api, settings = self.api, run.settings
         patcher = p.sd_model.forge_objects.clip.patcher
         ff = read_factors(patcher.model, patcher.lora_patches, run.guided_files, merge=api.merge_lora_to_weight,
                           backup=getattr(getattr(patcher.model, "lora_loader", None), "backup", {}))
-        run.record["modules"]["text_encoder"] = len(ff.factors.nonzero())
-        message = ff.message("text-encoder")
-        if message:
-            run.note(f"AutoLoRA: {message}")
+        te_modules, message = len(ff.factors.nonzero()), ff.message("text-encoder")
         if ff.empty:
-            return None, None  # the guided LoRAs leave the text encoder alone: Forge's conditioning
+            return (None, None), te_modules, message  # the guided LoRAs leave the text encoder alone
         opts = api.options()
         out = []
         for coef, wanted in ((-1.0, settings.base_text_encoder), (settings.lora_scale - 1.0, settings.lora_scale != 1.0)):
@@ -566,7 +616,7 @@ class ForgeAdapter:
             with api.encoding(p), scaled_text_encoder(ff.factors, coef, run.te_corrections):
                 out.append(function(p.sd_model, required_prompts, steps, hires_steps, opts.use_old_scheduling))
             run.record["te_base_encodes"] += 1
-        return tuple(out)
+        return tuple(out), te_modules, message
 
     # -- before_sampling: Forge's process_before_every_sampling -----------------------------------
     def before_sampling(self, p, **kwargs):

@@ -58,7 +58,10 @@ def test_identity_gamma1_is_the_lora_image_and_base_branch_ran(webui, refs):
     assert_close(out.image, refs["lora"].image, "γ=1, w2=CFG vs plain LoRA")
     st = out.stats
     assert st["active"] and st["base_calls"] >= STEPS and st["guided_steps"] == STEPS, st
-    assert st["te_base_encodes"] >= 1 and st["modules"]["unet"] > 0 and st["modules"]["text_encoder"] > 0, st
+    # The base conditioning was encoded now, or (Forge) reused from an earlier request whose
+    # conditioning Forge itself reused: te_base_cached.
+    assert st["te_base_encodes"] + st["te_base_cached"] >= 1, st
+    assert st["modules"]["unet"] > 0 and st["modules"]["text_encoder"] > 0, st
     assert st["weights_merged"] == (webui.mode == "merged")
     assert "AutoLoRA gamma: 1" in out.infotext
 
@@ -116,7 +119,8 @@ def test_hires_fix_guides_both_passes(webui):
     assert out.image.shape[:2] == (128, 128)
     assert_close(out.image, plain.image, "hires fix: γ=1 vs plain LoRA")
     assert out.stats["guided_steps"] > STEPS, "the hires pass must be guided too"
-    assert out.stats["te_base_encodes"] >= 2, "the hires pass has its own (base) conditioning"
+    assert out.stats["te_base_encodes"] + out.stats["te_base_cached"] >= 2, \
+        "the hires pass has its own (base) conditioning"
     g0 = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 0.0}))
     assert_close(g0.image, webui.txt2img(base_req(**kw)).image, "hires fix: γ=0 vs no LoRA")
 
@@ -318,6 +322,27 @@ def test_interrupt_mid_run_leaves_nothing_behind(webui, refs):
 PAG = "PerturbedAttentionGuidance Integrated"
 DYNTHRES = "DynamicThresholding (CFG-Fix) Integrated"
 FREEU = "FreeU Integrated (SD 1.x, SD 2.x, SDXL)"
+def test_forge_reuses_the_base_conditioning_while_forge_reuses_its_own(webui):
+    """Forge hands back its cached conditioning while prompt, steps, LoRAs, size... are unchanged;
+    AutoLoRA then reuses its base conditioning instead of encoding both prompts again, and the image
+    is the one a fresh encoding gives. Another LoRA scale (part of what the base branch's text
+    conditioning depends on) or another prompt encodes again."""
+    if webui.host_name != "forge":
+        pytest.skip("A1111 encodes the base conditioning per generation")
+    prompt = f"a cat on a sofa {lora_tag(webui)}"  # a prompt no other test uses: a fresh Forge cache
+    g0 = {"enabled": True, "gamma": 0.0}
+    first = webui.txt2img(with_autolora(lora_req(webui, prompt=prompt, seed=5), g0))
+    assert first.stats["te_base_encodes"] >= 1 and first.stats["te_base_cached"] == 0, first.stats
+    again = webui.txt2img(with_autolora(lora_req(webui, prompt=prompt, seed=5), g0))
+    assert again.stats["te_base_encodes"] == 0 and again.stats["te_base_cached"] >= 1, again.stats
+    assert again.stats["modules"]["text_encoder"] == first.stats["modules"]["text_encoder"] > 0
+    assert again.pngs[0] == first.pngs[0], "the reused base conditioning gives the same image"
+    assert_close(again.image, webui.txt2img(base_req(prompt="a cat on a sofa", seed=5)).image,
+                 "γ=0 with the reused base conditioning vs no LoRA")
+    scaled = webui.txt2img(with_autolora(lora_req(webui, prompt=prompt, seed=5), dict(g0, lora_scale=0.5)))
+    assert scaled.stats["te_base_encodes"] >= 1, "another LoRA scale must encode again"
+
+
 FORGE_GUIDANCE = {
     PAG: [True, 3.0, 0.0, 0.0, 1.0],
     DYNTHRES: [True, 3.0, 0.9, "Constant", 0.0, "Constant", 0.0, 1.0, "enable", "MEAN", "AD", 1.0],
