@@ -497,8 +497,8 @@ class BaseCondCache:
     checkpoint, LoRAs and their strengths, size, CLIP skip...) and hands back the same object
     while none of that changes; plain generation then encodes nothing. Our base conditioning is a
     function of that same input plus the AutoLoRA settings that shape it, so while Forge returns
-    the same object and those settings are equal it is the same too: re-encoding it (both text
-    encoders, with hooks, per prompt kind) was most of AutoLoRA's time outside the sampling loop.
+    the same object and those settings are equal it is the same too, and re-encoding it (both
+    prompts, every text encoder, with hooks) is work plain generation does not do.
     Entries hold Forge's object itself (compared with `is`, so a recycled id cannot match); a few
     are kept, like Forge's own caches (prompt, negative prompt, their hires versions)."""
 
@@ -521,9 +521,6 @@ class BaseCondCache:
     def put(self, result, key, value, te_modules: int, message: Optional[str]) -> None:
         self.entries = [(result, key, value, te_modules, message)] + [
             e for e in self.entries if not (e[0] is result and e[1] == key)][:self.SIZE - 1]
-
-    def clear(self) -> None:
-        self.entries = []
 
 
 class ForgeAdapter:
@@ -589,7 +586,7 @@ class ForgeAdapter:
         hit = self.base_conds.get(result, key)
         if hit is not None:
             _, _, value, te_modules, message = hit
-            run.record["te_base_cached"] = run.record.get("te_base_cached", 0) + 1
+            run.record["te_base_cached"] += 1
         else:
             value, te_modules, message = self._encode(p, run, function, required_prompts, steps, hires_steps)
             self.base_conds.put(result, key, value, te_modules, message)
