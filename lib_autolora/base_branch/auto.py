@@ -44,7 +44,7 @@ def choose_strategy(requested: str, *, weights_merged: bool = True, lean_memory:
         return requested, "as requested"
     if lean_memory:
         return "sequential", "memory-lean: no extra weights, no extra batch rows"
-    room = None if free_bytes is None else free_bytes
+    room = free_bytes  # None: unknown, so no extra weights unless the user set a budget
     if swap_budget_bytes is not None:
         room = swap_budget_bytes if room is None else min(room, swap_budget_bytes)
     if weights_merged and swap_bytes and room is not None:
