@@ -3,8 +3,9 @@
 # carried wheels -> Forge tree -> random SD1.5/SDXL checkpoints + rank-32 full-coverage LoRAs ->
 # this extension linked into Forge -> Forge API-only on 127.0.0.1 -> bench/webui_bench.py per case
 # -> in OUTDIR: forge.log, bench.log, bench-<case>.json (rewritten after every round, so a run cut
-# short keeps its data), unet-profile.txt and step-ops.json; with the caller's run.log that is 8
-# files, the device's limit. Before Forge starts, bench/unet_step.py times one UNet step per strategy (no WebUI).
+# short keeps its data), unet-profile.txt, step-ops.json and pyspy.txt; with the caller's run.log
+# that is 9 files, one over the device's limit of 8, so a run sets at most one of UNET_STEP_CASES /
+# PYSPY_CASES. Before Forge starts, bench/unet_step.py times one UNet step per strategy (no WebUI).
 #
 # Follows ../shared/webui/GPU.md (Forge on the device) step for step; what differs: the extension is
 # installed, the LoRAs are rank 32 (issue 8's physics table), and the timing is webui_bench.py's.
@@ -21,6 +22,7 @@
 #   "--device cpu --dtype fp32 --width-div 10 --threads 1"), UNET_STEP_PROFILE ("sd15": archs profiled),
 #   CKPT_ARCHS ("sd15 sdxl"), OPS_CASES (case names to count per-step operators for with step_ops.py;
 #   empty: none), OPS_VARIANTS ("plain,floor,batched,dual"), OPS_STEPS ("3,5"),
+#   PYSPY_CASES ("case:variant ..." profiled by bench/py_profile.py with py-spy; empty: none), PYSPY_STEPS (30),
 #   CKPT_CPUS / UNET_STEP_CPUS (taskset lists; by default, with 8 or more cores, the checkpoints are
 #   written on cores 4.. while the UNet step runs on 0-3; CKPT_CPUS= (empty) runs them one after the other).
 set -uo pipefail
@@ -29,7 +31,7 @@ OUTDIR=${2:-${OUT:-$PWD/forge-gpu-out}}
 mkdir -p "$OUTDIR"; OUTDIR=$(cd "$OUTDIR" && pwd)
 # Logs this run appends to start empty: an OUTDIR reused from an earlier run would pair that run's
 # requests with this run's host log (host_steps.py refuses them).
-rm -f "$OUTDIR/bench.log" "$OUTDIR/unet-profile.txt"
+rm -f "$OUTDIR/bench.log" "$OUTDIR/unet-profile.txt" "$OUTDIR/pyspy.txt"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 WORK=${FORGE_WORK:-/tmp/forge-gpu}
@@ -192,6 +194,25 @@ if parts:
     json.dump({p["case"]: p for p in parts}, open(sys.argv[1], "w"), indent=1)
 PYEOF
 rm -f "$WORK"/step-ops-*.json
+# 7. where the sampling thread's wall-clock time goes, by Python function (bench/py_profile.py with
+# py-spy, a wheel carried in CARRY/tools): PYSPY_CASES="case:variant ..." (empty: none).
+if [ -n "${PYSPY_CASES:-}" ]; then
+  SPY_WHL=$(ls "$CARRY"/tools/py_spy-*.whl 2>/dev/null | head -1)
+  if [ -z "$SPY_WHL" ]; then log "py-spy: no wheel in $CARRY/tools, skipped"
+  else
+    [ -x "$WORK/pyspy/bin/py-spy" ] || $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/pyspy" "$SPY_WHL"
+    for cv in $PYSPY_CASES; do
+      pname=${cv%%:*}; pvariant=${cv#*:}
+      if [ $(( $(date +%s) - T0 )) -gt "$DEADLINE_S" ]; then log "deadline: py-spy of $cv not run"; continue; fi
+      line=$(grep -- "^$pname|" <<<"$CASE_LINES" | head -1); [ -n "$line" ] || continue
+      IFS='|' read -r name ckpt lora size batch _rest <<<"$line"
+      log "py-spy $name $pvariant"
+      $PY "$REPO/bench/py_profile.py" --url "http://127.0.0.1:$PORT" --case "$name:$ckpt:$lora:$size:$batch" \
+        --variant "$pvariant" --pid "$FPID" --py-spy "$WORK/pyspy/bin/py-spy" --steps "${PYSPY_STEPS:-30}" \
+        2>&1 | tee -a "$OUTDIR/pyspy.txt"
+    done
+  fi
+fi
 kill "$FPID" 2>/dev/null; wait "$FPID" 2>/dev/null
 log "done, rc=$RC"
 exit $RC

@@ -162,3 +162,37 @@ def test_step_ops_table_names_what_changed_against_plain(tmp_path):
     table = step_ops.format_rows({"plain": plain, "batched": more}, top=3)
     row = next(line for line in table.splitlines() if line.startswith("| batched"))
     assert "linear +1" in row and "addmm +1" in row and "gemm +2.00" in row
+
+
+# -- py_profile: py-spy's collapsed stacks, restricted to the sampler ----------------------------
+
+# Lines as `py-spy record --format raw --threads --idle` writes them (seen on this machine's Forge):
+# "thread (tid): name;outermost frame;...;innermost frame count".
+_RAW = """\
+thread (11): AnyIO worker;run (api.py:10);sample_euler (/w/k_diffusion/sampling.py:130);forward (/w/dual.py:150) 60
+thread (11): AnyIO worker;run (api.py:10);sample_euler (/w/k_diffusion/sampling.py:130);forward (/w/dual.py:150);forward (/w/dual.py:160) 30
+thread (11): AnyIO worker;run (api.py:10);sample_euler (/w/k_diffusion/sampling.py:131) 10
+thread (11): AnyIO worker;run (api.py:10);decode (vae.py:5) 500
+thread (12): MainThread;serve (uvicorn.py:3) 900
+"""
+
+
+def test_py_profile_counts_only_the_samplers_samples_and_each_function_once_per_sample():
+    import py_profile
+    summary = py_profile.summarize(py_profile.parse_raw(_RAW))
+    assert summary["samples"] == 100  # the VAE decode and the server thread are outside the sampler
+    assert summary["self"]["forward (dual.py:150)"] == 60 and summary["self"]["forward (dual.py:160)"] == 30
+    assert summary["self"]["sample_euler (sampling.py:131)"] == 10
+    # total: `forward` recursing into itself is one sample, not two; run() above the sampler is cut off
+    assert summary["total"]["forward (dual.py)"] == 90 and summary["total"]["sample_euler (sampling.py)"] == 100
+    assert "run (api.py)" not in summary["total"]
+    text = py_profile.format_summary(summary, rate=100, steps=2, top=3)
+    assert "~500.0 ms per step" in text  # 100 samples at 100 Hz over 2 steps
+    assert " 60.0 %   300.00 ms/step  forward (dual.py:150)" in text
+
+
+def test_py_profile_says_so_when_no_sample_was_in_the_sampler():
+    import py_profile
+    summary = py_profile.summarize(py_profile.parse_raw(_RAW), within=r"^sample_heun ")
+    assert summary["samples"] == 0
+    assert "no samples inside the sampler" in py_profile.format_summary(summary, rate=100, steps=2)
