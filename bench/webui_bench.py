@@ -182,7 +182,9 @@ def benchmark(url, cases, variants, rounds, steps, sampler, warmup=1, log=print,
                 if peak is not None:
                     details.append(f"peak {peak / 2 ** 30:.2f} GiB")
                 if stats:
-                    details.append(f"ran {stats.get('strategy')}, base calls {stats.get('base_calls')}")
+                    details.append(f"ran {stats.get('strategy')}, base calls {stats.get('base_calls')}, "
+                                   f"set-up {stats.get('strategy_setup_ms')} ms, GC {stats.get('gc_ms')} ms "
+                                   f"({stats.get('gc_full_collections')} full)")
                 log(f"{case.name} round {r}{' (warm-up)' if r < warmup else ''} {variant}: {', '.join(details)}")
             if r >= warmup and "plain" in times:
                 for variant in variants:

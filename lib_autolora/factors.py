@@ -37,13 +37,14 @@ class LowRankTerm:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta_weight(self) -> torch.Tensor:
-        down, up = self.down.float(), self.up.float()
+    def delta_weight(self, device=None) -> torch.Tensor:
+        down, up = self.down.to(device=device, dtype=torch.float32), self.up.to(device=device, dtype=torch.float32)
         if down.ndim == 2:
             return (up @ down) * self.scale
         up2 = up.flatten(1)
         if self.mid is not None:
-            delta = torch.einsum("or,rskl,si->oikl", up2, self.mid.float(), down.flatten(1))
+            delta = torch.einsum("or,rskl,si->oikl", up2, self.mid.to(device=device, dtype=torch.float32),
+                                 down.flatten(1))
         else:
             delta = (up2 @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
         return delta * self.scale
@@ -57,8 +58,8 @@ class DenseTerm:
     bias: Optional[torch.Tensor] = None
     source: str = ""
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.weight.float()
+    def delta_weight(self, device=None) -> torch.Tensor:
+        return self.weight.to(device=device, dtype=torch.float32)
 
 
 @dataclass
@@ -92,10 +93,12 @@ class ModuleDelta:
     def is_zero(self) -> bool:
         return all(isinstance(t, LowRankTerm) and t.scale == 0 for t in self.terms)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, device=None) -> torch.Tensor:
+        """The dense weight delta in float32, computed on `device` (default: where the factors
+        are; on a GPU the up @ down products of a large layer take microseconds, not milliseconds)."""
         total = None
         for term in self.terms:
-            d = term.delta_weight()
+            d = term.delta_weight(device)
             total = d if total is None else total + d
         return total
 
@@ -104,8 +107,18 @@ class ModuleDelta:
         return sum(biases) if biases else None
 
     # -- per-generation preparation -------------------------------------------------------------
+    def source_device(self) -> torch.device:
+        term = self.terms[0]
+        return (term.down if isinstance(term, LowRankTerm) else term.weight).device
+
+    def is_prepared_for(self, device, dtype) -> bool:
+        return self._prepared is not None and self._prepared[0] == device and self._prepared[1] == dtype
+
     def prepare(self, device, dtype) -> None:
         """Cast and fuse the factors once, so the per-step path does no Python-side tensor work."""
+        self._set_prepared(device, dtype, *self._build(device, dtype))
+
+    def _build(self, device, dtype) -> tuple:
         fused, spatial, dense = [], [], None
         low = [t for t in self.terms if isinstance(t, LowRankTerm) and t.scale != 0]
         # Terms without a Tucker mid and with equally shaped downs fuse by concatenating ranks.
@@ -126,6 +139,9 @@ class ModuleDelta:
             w = sum(t.weight.float() for t in dense_terms).to(device=device, dtype=dtype)
             b = self.delta_bias()
             dense = (w, None if b is None else b.to(device=device, dtype=dtype))
+        return fused, spatial, dense
+
+    def _set_prepared(self, device, dtype, fused, spatial, dense) -> None:
         self._prepared = (device, dtype, fused, spatial, dense)
         single = self.kind == "linear" and len(fused) == 1 and not spatial and dense is None
         self._pair_t = (fused[0][0].t(), fused[0][1].t()) if single else None
@@ -138,7 +154,7 @@ class ModuleDelta:
         """(down.T, up.T), prepared for device and dtype, when this delta is one fused low-rank
         term on a Linear (the common LoRA); None for anything else. The transposes are views made
         once per generation, not per call."""
-        if self._prepared is None or self._prepared[1] != dtype or self._prepared[0] != device:
+        if not self.is_prepared_for(device, dtype):
             self.prepare(device, dtype)
         return self._pair_t
 
@@ -165,7 +181,7 @@ class ModuleDelta:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The LoRAs' contribution to the module output for input x (the module's own layout)."""
-        if self._prepared is None or self._prepared[1] != x.dtype or self._prepared[0] != x.device:
+        if not self.is_prepared_for(x.device, x.dtype):
             self.prepare(x.device, x.dtype)
         _, _, fused, spatial, dense = self._prepared
         out = None
@@ -190,6 +206,40 @@ class ModuleDelta:
             y = F.conv2d(x, dense[0], dense[1], self.stride, self.padding, self.dilation, self.groups)
             out = y if out is None else out.add_(y)
         return out
+
+
+def _map_tensors(prepared: tuple, fn) -> tuple:
+    fused, spatial, dense = prepared
+    return ([(fn(d), fn(u)) for d, u in fused], [(fn(d), fn(m), fn(u)) for d, m, u in spatial],
+            None if dense is None else (fn(dense[0]), None if dense[1] is None else fn(dense[1])))
+
+
+def prepare_deltas(targets) -> int:
+    """Prepare many deltas at once: [(delta, device, dtype)]. The factors are cast and fused where
+    they are (the host keeps LoRA weights on the CPU), then sent with ONE host-to-device copy per
+    device and dtype. Prepared lazily instead, each layer's first call copies its factors on its
+    own; a copy from pageable memory blocks until the GPU has caught up, so during the first step's
+    forward every LoRA'd layer would wait for the one before it. Returns the deltas prepared."""
+    pending = {}
+    done = 0
+    for delta, device, dtype in targets:
+        if delta.is_prepared_for(device, dtype) or not delta.terms:
+            continue
+        # Built where the factors are (a GPU host keeps LoRA weights on the CPU); the same path on
+        # a CPU costs one extra copy of the factors, and keeps this function tested there.
+        pending.setdefault((device, dtype), []).append((delta, delta._build(delta.source_device(), dtype)))
+        done += 1
+    for (device, dtype), items in pending.items():
+        tensors = []
+        for _delta, built in items:
+            _map_tensors(built, lambda t: tensors.append(t) or t)
+        if not tensors:
+            continue
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+        pieces = iter([piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+        for delta, built in items:
+            delta._set_prepared(device, dtype, *_map_tensors(built, lambda _t: next(pieces)))
+    return done
 
 
 @dataclass

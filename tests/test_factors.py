@@ -195,3 +195,63 @@ def test_reader_reads_safetensors_file(tmp_path):
     f = factors_from_kohya(path, model.kohya_modules())
     assert len(f) == len([1 for n in model.kohya_modules()])
     assert f.deltas  # every Linear and Conv2d of the UNet and text encoder
+
+
+# -- prepare_deltas: every factor of a generation in one upload ------------------------------------
+
+def _mixed_deltas():
+    """A two-LoRA Linear, a LoCon conv, a Tucker conv and a dense Linear, factors in float32."""
+    g = torch.Generator().manual_seed(3)
+    lin, conv, tucker, dense = ModuleDelta("linear"), ModuleDelta("conv2d", padding=(1, 1)), \
+        ModuleDelta("conv2d", padding=(1, 1)), ModuleDelta("linear")
+    lin.add(LowRankTerm(torch.randn(4, 16, generator=g), torch.randn(24, 4, generator=g), 0.5))
+    lin.add(LowRankTerm(torch.randn(2, 16, generator=g), torch.randn(24, 2, generator=g), 0.25))
+    conv.add(LowRankTerm(torch.randn(4, 8, 3, 3, generator=g), torch.randn(12, 4, 1, 1, generator=g), 0.3))
+    tucker.add(LowRankTerm(torch.randn(4, 8, 1, 1, generator=g), torch.randn(12, 4, 1, 1, generator=g), 0.2,
+                           mid=torch.randn(4, 4, 3, 3, generator=g)))
+    dense.add(DenseTerm(torch.randn(5, 6, generator=g), torch.randn(5, generator=g)))
+    return [lin, conv, tucker, dense]
+
+
+def _prepared_tensors(delta):
+    _device, _dtype, fused, spatial, dense = delta._prepared
+    out = [t for pair in fused for t in pair] + [t for triple in spatial for t in triple]
+    return out + ([] if dense is None else [t for t in dense if t is not None])
+
+
+def test_prepare_deltas_gives_what_prepare_gives_from_one_buffer():
+    from lib_autolora.factors import prepare_deltas
+    deltas = _mixed_deltas()
+    for d in deltas:
+        d.prepare(torch.device("cpu"), torch.float16)
+    expected = [[t.clone() for t in _prepared_tensors(d)] for d in deltas]
+    for d in deltas:
+        d.release()
+    assert prepare_deltas([(d, torch.device("cpu"), torch.float16) for d in deltas]) == len(deltas)
+    storages = set()
+    for d, want in zip(deltas, expected):
+        got = _prepared_tensors(d)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.dtype == torch.float16 and g.shape == w.shape
+            assert torch.equal(g, w)  # each piece is its own factor, in order: no mix-up between pieces
+            storages.add(g.untyped_storage().data_ptr())
+    assert len(storages) == 1, "one upload: every factor is a view of one buffer"
+    # The per-step paths use the pieces as they used their own tensors.
+    lin = deltas[0]
+    assert lin.low_rank_pair(torch.device("cpu"), torch.float16) is lin._pair_t is not None
+    x = torch.randn(3, 16, dtype=torch.float16)
+    reference = (x.float() @ lin.delta_weight().t()).half()
+    torch.testing.assert_close(lin.forward(x), reference, atol=2e-2, rtol=1e-2)
+
+
+def test_prepare_deltas_skips_what_is_ready_and_a_later_call_in_another_dtype_prepares_again():
+    from lib_autolora.factors import prepare_deltas
+    deltas = _mixed_deltas()
+    deltas[0].prepare(torch.device("cpu"), torch.float32)
+    ready = deltas[0]._prepared
+    assert prepare_deltas([(d, torch.device("cpu"), torch.float32) for d in deltas]) == len(deltas) - 1
+    assert deltas[0]._prepared is ready
+    x = torch.randn(2, 16, dtype=torch.float64)  # a layer that computes in another dtype than planned
+    torch.testing.assert_close(deltas[0].forward(x), x @ deltas[0].delta_weight().double().t(), atol=1e-5, rtol=1e-5)
+    assert deltas[0]._prepared[1] == torch.float64  # prepared again, for what the layer saw

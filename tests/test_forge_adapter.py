@@ -349,6 +349,7 @@ def test_identities_through_forge_sampling(strategy, max_entries, pooled):
                                           max_entries=max_entries)
     torch.testing.assert_close(g1, lora, atol=TOL, rtol=0)
     assert record["guided_steps"] == 1 and sampling.run.base_calls_done >= 1
+    assert record["strategy"] == strategy and record["strategy_setup_ms"] >= 0  # the set-up was timed
     g0, _, _ = bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0, strategy=strategy), 7.0,
                               max_entries=max_entries)
     torch.testing.assert_close(g0, base, atol=TOL, rtol=0)

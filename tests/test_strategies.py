@@ -259,10 +259,44 @@ def test_dual_follows_a_host_that_moves_the_input_to_another_device():
     with make_strategy("dual", factors, lora_scale=0.5) as branch:
         # Pretend every stack lives on another device: a bmm against these yields meta tensors, so the
         # values below can only come from the host-forward-and-correct path.
-        branch._forwards = {module: branch._make_forward(module, weights.to("meta"),
-                                                         None if biases is None else tuple(b.to("meta") for b in biases))
+        def meta(t):
+            return t.to("meta") if isinstance(t, torch.Tensor) else tuple(w.to("meta") for w in t)
+
+        branch._forwards = {module: branch._make_forward(module, meta(weights), None if biases is None else meta(biases))
                             for module, (weights, biases) in branch._stacks.items()}
         lora_out, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
     sd = lora_state_dict(clean, seed=1)
     torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
     torch.testing.assert_close(lora_out, merged_copy(0, [(sd, 0.5)]).denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
+
+
+# -- what a strategy prepares before the first forward ---------------------------------------------
+
+@pytest.mark.parametrize("name,scale,expect", [
+    ("batched", 1.0, "all"), ("sequential", 1.0, "all"), ("swap", 1.0, "none"), ("swap", 0.5, "all"),
+    ("toggle", 1.0, "none"), ("dual", 1.0, "convs"), ("dual", 0.5, "convs")])
+def test_strategies_upload_the_factors_their_hooks_will_use_before_the_first_forward(name, scale, expect):
+    """Factors prepared lazily are copied layer by layer inside the first forward, where on a GPU
+    each copy waits for the layer before it; a strategy prepares what it will use up front, for the
+    dtype its layers compute in, and nothing it will not use."""
+    _clean, merged, factors = _setup(torch.float16)
+    linears, convs = _linear_and_conv(factors)
+    with make_strategy(name, factors, lora_scale=scale):
+        prepared = {m for m, d in factors.nonzero().items() if d.is_prepared_for(m.weight.device, torch.float16)}
+        want = {"all": set(linears) | set(convs), "none": set(), "convs": set(convs)}[expect]
+        assert prepared == want
+    assert all(d._prepared is None for d in factors.deltas.values()), "released after the generation"
+
+
+def test_dual_reads_the_hosts_weight_for_biased_linears_instead_of_copying_it():
+    _clean, merged, factors = _setup(torch.float32)
+    with make_strategy("dual", factors) as branch:
+        for module, (weights, biases) in branch._stacks.items():
+            if biases is None:
+                assert weights.shape[0] == 2  # [W_lora; W_base] for one bmm
+            else:
+                lora_w, _base_w = weights
+                assert lora_w.data_ptr() == module.weight.data_ptr(), "no copy of the host's weight"
+        assert any(b is not None for _w, b in branch._stacks.values())
+    with make_strategy("dual", factors, lora_scale=0.5) as branch:  # another strength: its own weight
+        assert all(b is None or w[0].data_ptr() != m.weight.data_ptr() for m, (w, b) in branch._stacks.items())

@@ -3,13 +3,14 @@
 `batched` runs [LoRA rows; base rows] through the model once and lets forward hooks subtract the
 LoRA term from the base rows: two small matmuls and a few more kernel launches per LoRA'd layer,
 which cost the most while a step is launch-bound (one image on a big GPU).
-`dual` keeps [W_lora; W_base] of every LoRA'd Linear stacked on the device for the generation and,
-for the fused forward only, runs the layer as one batched matmul (bmm) of
-[LoRA rows; base rows] against the stack: one launch, as many as the host's own layer (two for a
-Linear with a bias, so the bias is added in the GEMM's epilogue). The price is memory: two copies
-of the LoRA'd Linears (the host's merged tensor stays untouched). In Forge it was the fastest
-strategy at one SD1.5 image on an H200 and an H100, and level with or behind `batched` at one SDXL
-image (README, "Speed and memory on a GPU"); `auto` picks it for the former when it fits.
+`dual` keeps the base weight of every LoRA'd Linear on the device for the generation and, for the
+fused forward only, runs the layer as the host would, once per half: a Linear with a bias as two
+`addmm` (the bias added in the GEMM's epilogue), each writing its half of one output; one without
+a bias as one batched matmul (bmm) of [LoRA rows; base rows] against a [W_lora; W_base] stack.
+The price is memory: one copy of the biased LoRA'd Linears (their LoRA half reads the host's own
+weight) and two of the others (the stack). In Forge it was the fastest strategy at one SD1.5
+image on an H200 and an H100 (README, "Speed and memory on a GPU"); `auto` picks it there when it
+fits.
 
 Layers that cannot run that way (convolutions such as SD1.5's proj_in/out, weights the host casts
 per call, uneven halves) keep the `batched` hooks, so `dual` is never less correct than `batched`.
@@ -43,28 +44,36 @@ class DualStrategy(BatchedStrategy):
     name = "dual"
     needs_merged_weights = True
 
+    # The Linears below read their own weights; only the convolutions left to `rest_hooks` (and
+    # the fallbacks) use the factors, so only those are uploaded up front.
+    @property
+    def uses_hooks(self) -> bool:
+        return False
+
     def __enter__(self):
         super().__enter__()
-        self._stacks = {}  # module -> (weights [2, out, in], (bias_lora, bias_base) or None)
+        self._stacks = {}  # module -> (weights, (bias_lora, bias_base) or None); see _make_forward
         with torch.no_grad():
             for module, delta in self.factors.nonzero().items():
                 if not dual_eligible(module, delta):
                     continue
                 # base_weights first: on A1111 it runs the host's own merge for this generation.
                 base_w, base_b = self.base_weights(module, delta)
-                lora_w = module.weight.detach()
+                lora_w = module.weight.detach()  # the host's tensor, read only
                 if self.lora_scale != 1.0:
-                    lora_w = (lora_w.float() + (self.lora_scale - 1.0) * delta.delta_weight().to(lora_w.device)
+                    lora_w = (lora_w.float() + (self.lora_scale - 1.0) * delta.delta_weight(lora_w.device)
                               ).to(lora_w.dtype)
-                weights = torch.stack([lora_w, base_w.to(lora_w.device, lora_w.dtype)])
+                base_w = base_w.to(lora_w.device, lora_w.dtype)
                 bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-                biases = None
-                if bias is not None:
+                if bias is None:
+                    self._stacks[module] = (torch.stack([lora_w, base_w]), None)
+                else:
                     base_bias = base_b.to(bias.device, bias.dtype) if base_b is not None else bias
-                    biases = (bias.to(weights.dtype).contiguous(), base_bias.to(weights.dtype).contiguous())
-                self._stacks[module] = (weights, biases)
+                    self._stacks[module] = ((lora_w, base_w), (bias.to(lora_w.dtype).contiguous(),
+                                                               base_bias.to(lora_w.dtype).contiguous()))
         rest = [m for m in self.factors.nonzero() if m not in self._stacks]
         self.rest_hooks = DeltaHooks(self.factors.only(rest))
+        self.rest_hooks.preload()
         # Built once per generation; a step only puts them in the modules' __dict__ and takes
         # them out again (per-step Python work multiplies by ~1000 layers on SDXL).
         self._rows = 0
@@ -113,10 +122,16 @@ class DualStrategy(BatchedStrategy):
                     module.__dict__["forward"] = previous
 
     def _make_forward(self, module, weights, biases):
+        """weights: a [2, out, in] stack (no bias: one bmm) or (W_lora, W_base) (with biases: two
+        addmm)."""
         name = self.factors.names.get(module, type(module).__name__)
-        weights_t = weights.transpose(1, 2)  # [2, in, out]: a strided view, bmm reads it as is
-        lora_t, base_t = weights_t[0], weights_t[1]
-        n_out = weights.shape[1]
+        if biases is None:
+            weights_t = weights.transpose(1, 2)  # [2, in, out]: a strided view, bmm reads it as is
+            first = weights[0]
+        else:
+            lora_t, base_t = weights[0].t(), weights[1].t()
+            first = weights[0]
+        n_out, device, dtype = first.shape[0], first.device, first.dtype
         delta = self.factors.deltas[module]
         host_forward = type(module).forward
         lora_coef = self.lora_scale - 1.0
@@ -127,7 +142,7 @@ class DualStrategy(BatchedStrategy):
                 raise BatchLayoutError(
                     f"AutoLoRA: module {name} got a batch of {x.shape[0]} rows, expected {total}; "
                     f"the host split the batch in a way the base branch cannot follow")
-            if x.device != weights.device:
+            if x.device != device:
                 # The host moved the layer's input elsewhere (an offloading mode): compute as the
                 # host does and correct the rows, as `batched` would.
                 half = total // 2
@@ -137,8 +152,8 @@ class DualStrategy(BatchedStrategy):
                     delta.add_into(out[:half], x[:half], lora_coef)
                 return out
             rows = x.reshape(-1, x.shape[-1])
-            if rows.dtype != weights.dtype:
-                rows = rows.to(weights.dtype)
+            if rows.dtype != dtype:
+                rows = rows.to(dtype)
             if biases is None:
                 y = torch.bmm(rows.reshape(2, -1, rows.shape[-1]), weights_t)
             else:
@@ -147,7 +162,7 @@ class DualStrategy(BatchedStrategy):
                 # the whole output and read it back, two passes over the largest tensor of the
                 # layer (+10 ms of elementwise kernels per SDXL step on an H100, bench/step_ops.py).
                 half = rows.shape[0] // 2
-                y = torch.empty(rows.shape[0], n_out, dtype=weights.dtype, device=weights.device)
+                y = torch.empty(rows.shape[0], n_out, dtype=dtype, device=device)
                 torch.addmm(biases[0], rows[:half], lora_t, out=y[:half])
                 torch.addmm(biases[1], rows[half:], base_t, out=y[half:])
             y = y.reshape(*x.shape[:-1], n_out)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..factors import LoraFactors, ModuleDelta
+from ..factors import LoraFactors, ModuleDelta, prepare_deltas
 
 
 class BatchLayoutError(RuntimeError):
@@ -44,7 +44,8 @@ class SharedDown:
     def prepare(self, device, dtype):
         downs, start = [], 0
         for module, delta in self.members:
-            delta.prepare(device, dtype)
+            if not delta.is_prepared_for(device, dtype):
+                delta.prepare(device, dtype)
             (down, _up), = delta._prepared[2]
             downs.append(down)
             self.slices[module] = slice(start, start + down.shape[0])
@@ -105,6 +106,18 @@ class DeltaHooks:
         groups = shared_down_groups(self.factors) if self._share_down else {}
         self._hook_fns = [(module, self._make_hook(module, delta, groups.get(module)))
                           for module, delta in self.factors.nonzero().items()]
+
+    def preload(self) -> int:
+        """Prepare every hooked module's factors now, for the device and dtype of its weight (what
+        the layer computes in on Forge and A1111), in one upload (factors.prepare_deltas), instead
+        of layer by layer inside the first forward. A layer that then sees another dtype or device
+        (autocast, an offloading mode) prepares again on its first call, as without this."""
+        targets = []
+        for module, delta in self.factors.nonzero().items():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float16, torch.bfloat16, torch.float32):
+                targets.append((delta, weight.device, weight.dtype))
+        return prepare_deltas(targets)
 
     def install(self) -> None:
         if self.handles:

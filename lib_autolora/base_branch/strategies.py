@@ -36,7 +36,7 @@ class StrategyUnavailable(RuntimeError):
 
 def base_weights_by_subtraction(module, delta):
     """W - ΔW in float32, cast back: the base weight when the host gives no exact backup."""
-    weight = (module.weight.detach().float() - delta.delta_weight().to(module.weight.device)).to(module.weight.dtype)
+    weight = (module.weight.detach().float() - delta.delta_weight(module.weight.device)).to(module.weight.dtype)
     bias = None
     bias_delta = delta.delta_bias()
     if bias_delta is not None and module.bias is not None:
@@ -63,7 +63,15 @@ class Strategy:
                 f"AutoLoRA: the '{self.name}' strategy needs the LoRA merged into the weights, "
                 f"but the host applies it in the forward pass")
 
+    # Whether the hooks run in this generation: the strategies that compute the base branch from
+    # weights use them only for a LoRA scale other than 1.
+    @property
+    def uses_hooks(self) -> bool:
+        return True
+
     def __enter__(self):
+        if self.uses_hooks:
+            self.hooks.preload()
         return self
 
     def __exit__(self, *exc):
@@ -120,6 +128,10 @@ class SwapStrategy(Strategy):
     name = "swap"
     needs_merged_weights = True
 
+    @property
+    def uses_hooks(self) -> bool:
+        return self.lora_scale != 1.0
+
     def __enter__(self):
         super().__enter__()
         self._base = {}
@@ -158,6 +170,10 @@ class ToggleStrategy(Strategy):
 
     name = "toggle"
     needs_merged_weights = True
+
+    @property
+    def uses_hooks(self) -> bool:
+        return self.lora_scale != 1.0
 
     def evaluate_base(self, forward, base_args):
         backups = []

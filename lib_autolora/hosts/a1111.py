@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -495,6 +496,7 @@ class A1111Adapter:
             if p is not None and getattr(p, RUN_ATTR, None) is run:
                 setattr(p, RUN_ATTR, None)
             run.record["peak_vram_bytes"] = _peak_bytes()
+            common.DIAGNOSTICS.end(run.record)
 
     def _refresh(self, p, run: Run, first_pass: bool) -> Optional[str]:
         """(Re)read factors when the loaded networks or the checkpoint changed; (re)enter the strategy."""
@@ -541,12 +543,14 @@ class A1111Adapter:
             notices.append(f"{exc}; using 'batched'")
             name = "batched"
             strategy = make_strategy(name, factors.unet, settings.lora_scale, weights_merged=weights_merged)
+        started = time.perf_counter()
         run.strategy = strategy.__enter__()
+        setup_ms = round(1000.0 * (time.perf_counter() - started), 1)
         from ..base_branch import DeltaHooks
         run.te_hooks = DeltaHooks(factors.te)
         run.mha_swap = MhaSwap(factors, getattr(networks, "network_apply_weights", None))
         record = run.record
-        record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged,
+        record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged, strategy_setup_ms=round(setup_ms + (run.record.get("strategy_setup_ms") or 0), 1),
                       guided_loras=[n.name for n in guided],
                       modules={"text_encoder": len(factors.te.nonzero()) + len(factors.mha),
                                "unet": len(factors.unet.nonzero())})

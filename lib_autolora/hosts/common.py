@@ -16,6 +16,7 @@ takes what it needs as an argument, so the hermetic tests drive it with stand-in
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -222,6 +223,37 @@ def install_api_validation(app) -> None:
 
 # -- diagnostics ------------------------------------------------------------------------------------
 
+class GcClock:
+    """Time the Python garbage collector has run in this process, and its full collections
+    (gc.callbacks; installed once, never removed, so nothing is left behind by an interrupted
+    generation). A full collection in a WebUI's heap takes a noticeable share of a second; the
+    stats say how much of a generation went there, which per-step timings alone cannot."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.full = 0
+        self._t0 = None
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+            if info.get("generation") == 2:
+                self.full += 1
+
+    def reading(self) -> tuple:
+        return self.seconds, self.full
+
+
+GC_CLOCK = GcClock()
+
+
 class Diagnostics:
     """Counters of the last AutoLoRA generation, for users, the e2e suite and the benchmark.
 
@@ -237,12 +269,22 @@ class Diagnostics:
                   "settings": settings_dict(settings), "strategy": None, "strategy_reason": None,
                   "weights_merged": None, "guided_loras": [], "base_calls": 0, "guided_steps": 0,
                   "plain_steps": 0, "te_base_encodes": 0, "te_base_cached": 0, "modules": {"text_encoder": 0, "unet": 0},
-                  "notices": [], "peak_vram_bytes": None}
+                  "notices": [], "peak_vram_bytes": None, "strategy_setup_ms": None,
+                  "gc_ms": None, "gc_full_collections": None}
+        GC_CLOCK.install()
         with self._lock:
             self.generations += 1
             record["generation"] = self.generations
             self.last = record
+            self._gc_at_begin = GC_CLOCK.reading()
         return record
+
+    def end(self, record: dict) -> None:
+        """What the garbage collector took since `begin` (the host's own work included)."""
+        seconds, full = GC_CLOCK.reading()
+        seconds0, full0 = getattr(self, "_gc_at_begin", (seconds, full))
+        record["gc_ms"] = round(1000.0 * (seconds - seconds0), 1)
+        record["gc_full_collections"] = full - full0
 
     def snapshot(self) -> dict:
         with self._lock:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -242,8 +243,12 @@ class Sampling:
             self.run.note(f"{exc}; using 'batched'", self.p)
             name, reason = "batched", str(exc)
             strategy = make_strategy(name, self.ff.factors, settings.lora_scale, weights_merged=weights_merged)
+        started = time.perf_counter()
         self.strategy = strategy.__enter__()
-        record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged)
+        record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged,
+                      # every pass (hires too) adds its own
+                      strategy_setup_ms=round(1000.0 * (time.perf_counter() - started)
+                                              + (record.get("strategy_setup_ms") or 0), 1))
         log.info("AutoLoRA: base-branch strategy %s (%s)", name, reason)
 
     def close(self):
@@ -676,6 +681,7 @@ class ForgeAdapter:
         run.conds.clear()
         record = run.record
         record["peak_vram_bytes"] = _peak_bytes()
+        common.DIAGNOSTICS.end(record)
         if record.get("active"):
             log.info("AutoLoRA: %s guided steps, %s plain steps, %s base evaluations (%s); %s base text encodings",
                      record["guided_steps"], record["plain_steps"], record["base_calls"], record["strategy"],
