@@ -12,11 +12,16 @@ attention / feed-forward / projection layer), on two GPUs, 2026-11-26:
 | SDXL 1024², 4 images | H200 | -       | 2.11x | 1.94x | 2.06x      | -      |                  |
 | SDXL 1024², 4 images | H100 | 2.03x   | -     | 1.89x | 1.94x      | -      | 1.96x per step   |
 
+Later H100 runs of the current code (README, runs 5 and 6): SD1.5 1 image `batched` 1.48x / 1.66x,
+`dual` 1.56x / 1.27x (per step 58 vs 69 ms, 38 vs 46 ms); SDXL 1 image `batched` 2.31x / 2.19x,
+`dual` 1.89x / 1.94x for +63 % peak memory; SDXL 4 images `swap` 1.76x / 1.79x.
+
 One image of SD1.5 (64 x 64 latent pixels) is launch-bound: `dual`, which runs each LoRA'd Linear
-of both branches as one matmul without hooks, was fastest on both GPUs (per step 47 vs 57 ms on the
-H200, 56 vs 66 ms on the H100), for two more copies of the LoRA'd Linears (+34 % peak memory, under
-1 GiB), so auto takes it when they fit in free memory. One SDXL image: `dual` and `batched` were
-level on the H100 and `batched` ahead on the H200, and dual's copies cost +93 % there: `batched`.
+of both branches without hooks, was fastest per step in every run on both GPUs, for a base copy of
+the LoRA'd Linears (+22 % peak memory, under 1 GiB), so auto takes it when room for two copies is
+free (a margin: it needs one, plus one of the Linears without a bias). One SDXL image: `dual` was
+level with `batched` in run 3 and behind on the H200, ahead by 0.25-0.4x in runs 5 and 6 (within
+the 0.3x the same strategy moves between runs), for +63 % memory against +2 %: `batched`.
 Once a step is compute-bound (four SDXL 1024² latents, 4 x 128 x 128 latent pixels per branch) two
 forwards over swapped weights win on both GPUs, if a copy of the LoRA'd layers fits in free memory.
 A memory-lean request gets `sequential` (+1 to +2 % peak). Functional LoRAs (not merged into the
