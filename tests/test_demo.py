@@ -225,3 +225,23 @@ def test_demo_command_writes_the_grid(tmp_path, capsys):
     assert (tmp_path / "grid.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "LoRA+CFG" in out and "AutoLoRA+CFG" in out
+
+
+def test_pixel_diversity_is_zero_for_copies_and_grows_with_distance():
+    from lib_autolora.demo.metrics import pixel_diversity
+    x = torch.rand(1, 1, 8, 8) * 2 - 1
+    labels = torch.tensor([0, 0, 1, 1])
+    copies = torch.cat([x, x, x, x])
+    assert max(abs(v) for v in pixel_diversity(copies, labels)) < 1e-9
+    # class 0: x and -x (cosine -1: Eq. 8 gives 2, distance |2x|); class 1: two copies (0, 0)
+    cos_div, dist = pixel_diversity(torch.cat([x, -x, x, x]), labels)
+    assert abs(cos_div - (2.0 + 0.0) / 2) < 1e-9
+    assert abs(dist - float((2 * x).flatten().norm()) / 2) < 1e-6
+
+
+def test_metric_check_reports_each_metric_of_each_method():
+    from lib_autolora.demo import metric_check
+    from lib_autolora.demo.__main__ import Settings
+    rows = [(1.0, {"LoRA+CFG": (0.02, 0.05, 1.3), "AutoLoRA+CFG": (0.01, 0.06, 0.9)})]
+    text = metric_check.format_rows(rows, 1.5, Settings(), 32)
+    assert "1.00 |    0.0200    0.0100  |    0.0500    0.0600  |     1.300     0.900  | no, yes, no" in text

@@ -68,6 +68,23 @@ def diversity(features: torch.Tensor) -> float:
     return float(1.0 - mean_pair)
 
 
+def pixel_diversity(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Two diversities that need no trained network, averaged over the classes: Eq. 8 on the raw
+    pixels (images in [-1, 1], flattened), and the mean pairwise Euclidean distance between them.
+    A check that a finding does not hinge on the classifier's features."""
+    cosine, distance = [], []
+    for c in labels.unique().tolist():
+        x = images[labels == c].flatten(1).double()
+        n = x.shape[0]
+        if n < 2:
+            continue
+        cosine.append(diversity(x))
+        distance.append(float(torch.cdist(x, x).sum() / (n * (n - 1))))
+    if not cosine:
+        raise ValueError("pixel_diversity needs two samples of one class")
+    return sum(cosine) / len(cosine), sum(distance) / len(distance)
+
+
 @dataclass
 class Scores:
     diversity: float  # 0..1, mean over the prompts (classes)
