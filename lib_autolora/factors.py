@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 
 
+# Float dtypes a layer computes in; others (fp8 storage) are cast by the host per call.
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 @dataclass
 class LowRankTerm:
     """scale * up @ (mid) @ down; Linear: down (r, in), up (out, r).

@@ -23,18 +23,18 @@ from contextlib import contextmanager
 
 import torch
 
+from ..factors import COMPUTE_DTYPES
 from .batching import batch_size, cat_batches, split_batch
 from .hooks import BatchLayoutError, DeltaHooks
 from .strategies import BatchedStrategy
 
-_DUAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def dual_eligible(module, delta) -> bool:
     """A Linear whose weight the host uses as stored: no per-call cast, scale or online patch."""
     weight = getattr(module, "weight", None)
     return (delta.kind == "linear" and isinstance(weight, torch.Tensor) and weight.ndim == 2
-            and weight.dtype in _DUAL_DTYPES
+            and weight.dtype in COMPUTE_DTYPES
             and not getattr(module, "parameters_manual_cast", False)  # Forge: weights cast per call
             and getattr(module, "scale_weight", None) is None  # Forge: fp8 scaled weights
             and getattr(module, "forge_online_loras", None) is None)  # Forge: LoRA applied per call
@@ -127,11 +127,9 @@ class DualStrategy(BatchedStrategy):
         name = self.factors.names.get(module, type(module).__name__)
         if biases is None:
             weights_t = weights.transpose(1, 2)  # [2, in, out]: a strided view, bmm reads it as is
-            first = weights[0]
         else:
             lora_t, base_t = weights[0].t(), weights[1].t()
-            first = weights[0]
-        n_out, device, dtype = first.shape[0], first.device, first.dtype
+        n_out, device, dtype = weights[0].shape[0], weights[0].device, weights[0].dtype
         delta = self.factors.deltas[module]
         host_forward = type(module).forward
         lora_coef = self.lora_scale - 1.0

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..factors import LoraFactors, ModuleDelta, prepare_deltas
+from ..factors import COMPUTE_DTYPES, LoraFactors, ModuleDelta, prepare_deltas
 
 
 class BatchLayoutError(RuntimeError):
@@ -115,7 +115,7 @@ class DeltaHooks:
         targets = []
         for module, delta in self.factors.nonzero().items():
             weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            if isinstance(weight, torch.Tensor) and weight.dtype in COMPUTE_DTYPES:
                 targets.append((delta, weight.device, weight.dtype))
         return prepare_deltas(targets)
 

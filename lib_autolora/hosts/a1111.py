@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -543,14 +542,12 @@ class A1111Adapter:
             notices.append(f"{exc}; using 'batched'")
             name = "batched"
             strategy = make_strategy(name, factors.unet, settings.lora_scale, weights_merged=weights_merged)
-        started = time.perf_counter()
-        run.strategy = strategy.__enter__()
-        setup_ms = round(1000.0 * (time.perf_counter() - started), 1)
+        run.strategy = common.enter_strategy(strategy, run.record)
         from ..base_branch import DeltaHooks
         run.te_hooks = DeltaHooks(factors.te)
         run.mha_swap = MhaSwap(factors, getattr(networks, "network_apply_weights", None))
         record = run.record
-        record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged, strategy_setup_ms=round(setup_ms + (run.record.get("strategy_setup_ms") or 0), 1),
+        record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged,
                       guided_loras=[n.name for n in guided],
                       modules={"text_encoder": len(factors.te.nonzero()) + len(factors.mha),
                                "unet": len(factors.unet.nonzero())})

@@ -263,6 +263,7 @@ class Diagnostics:
         self._lock = threading.Lock()
         self.generations = 0
         self.last: dict = {}
+        self._gc_at_begin = GC_CLOCK.reading()
 
     def begin(self, host: str, settings: AutoLoraSettings) -> dict:
         record = {"generation": None, "host": host, "started": time.time(), "active": False,
@@ -282,7 +283,7 @@ class Diagnostics:
     def end(self, record: dict) -> None:
         """What the garbage collector took since `begin` (the host's own work included)."""
         seconds, full = GC_CLOCK.reading()
-        seconds0, full0 = getattr(self, "_gc_at_begin", (seconds, full))
+        seconds0, full0 = self._gc_at_begin
         record["gc_ms"] = round(1000.0 * (seconds - seconds0), 1)
         record["gc_full_collections"] = full - full0
 
@@ -292,6 +293,16 @@ class Diagnostics:
 
 
 DIAGNOSTICS = Diagnostics()
+
+
+def enter_strategy(strategy, record: dict):
+    """`strategy.__enter__()`, its wall time added to the record's `strategy_setup_ms` (every
+    pass of a generation, hires too, enters its own)."""
+    started = time.perf_counter()
+    entered = strategy.__enter__()
+    record["strategy_setup_ms"] = round(1000.0 * (time.perf_counter() - started)
+                                        + (record.get("strategy_setup_ms") or 0), 1)
+    return entered
 
 
 def note_once(notices: list, record: dict, text: str, p=None) -> None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -243,12 +242,8 @@ class Sampling:
             self.run.note(f"{exc}; using 'batched'", self.p)
             name, reason = "batched", str(exc)
             strategy = make_strategy(name, self.ff.factors, settings.lora_scale, weights_merged=weights_merged)
-        started = time.perf_counter()
-        self.strategy = strategy.__enter__()
-        record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged,
-                      # every pass (hires too) adds its own
-                      strategy_setup_ms=round(1000.0 * (time.perf_counter() - started)
-                                              + (record.get("strategy_setup_ms") or 0), 1))
+        self.strategy = common.enter_strategy(strategy, record)
+        record.update(strategy=name, strategy_reason=reason, weights_merged=weights_merged)
         log.info("AutoLoRA: base-branch strategy %s (%s)", name, reason)
 
     def close(self):
