@@ -8,7 +8,7 @@ from lib_autolora.demo import data
 from lib_autolora.demo.__main__ import (BASE_PATH, LORA_PATH, Settings, load_lora_model, main, prompts,
                                         sample_autolora, sample_lora_cfg)
 from lib_autolora.demo.metrics import Evaluators, Scores, diversity
-from lib_autolora.demo import front, sweep
+from lib_autolora.demo import front, pareto, sweep
 from lib_autolora.demo.train import ASSETS, LORA, TrainingLora, load_base, train_base, train_lora
 from lib_autolora.kohya import factors_from_kohya, load_state_dict, merge_into
 
@@ -127,6 +127,60 @@ def test_front_at_gamma_1_matches_lora_cfg_at_the_same_scale(evaluators):
     assert row.matched.style == pytest.approx(row.auto.style, abs=1e-4)
     assert not row.wins
     assert front.format_row(row).endswith("no")
+
+
+def test_pareto_interpolates_each_score_along_the_curve():
+    curve = [(0.2, Scores(0.10, 1.0, 0.5)), (0.4, Scores(0.05, 3.0, 0.9)), (0.6, Scores(0.03, 5.0, 1.0))]
+    assert pareto.interpolate(curve, 0.4) == curve[1][1]
+    mid = pareto.interpolate(curve, 0.3)
+    assert (mid.diversity, mid.style, mid.accuracy) == pytest.approx((0.075, 2.0, 0.7))
+    assert pareto.interpolate(curve, 0.1) == curve[0][1] and pareto.interpolate(curve, 0.9) == curve[-1][1]
+
+
+def test_pareto_answer_is_the_most_diverse_cfg_that_reaches_the_style_accurately():
+    # cfg 2: reaches style 4 at 0.5, diversity 0.04 there but accuracy 0.70 (misdrawn digits)
+    # cfg 4: reaches style 4 at 0.5, diversity 0.03, accuracy 0.95
+    # cfg 7: tops out at style 3.5, never reaches it
+    curves = {
+        2.0: [(0.4, Scores(0.05, 3.0, 0.6)), (0.6, Scores(0.03, 5.0, 0.8))],
+        4.0: [(0.4, Scores(0.04, 3.0, 0.9)), (0.6, Scores(0.02, 5.0, 1.0))],
+        7.0: [(0.4, Scores(0.09, 3.0, 1.0)), (0.6, Scores(0.08, 3.5, 1.0))],
+    }
+    answer = pareto.best_answer(curves, Scores(0.035, 4.0 + pareto.STYLE_TOLERANCE, 0.95))
+    assert answer.cfg == 4.0 and answer.scale == pytest.approx(0.5)
+    assert answer.interpolated.diversity == pytest.approx(0.03)
+    # the same point drawn with worse digits: cfg 2's accuracy is now within the margin, and it is more diverse
+    assert pareto.best_answer(curves, Scores(0.035, 4.0 + pareto.STYLE_TOLERANCE, 0.72)).cfg == 2.0
+    # a style none of them reaches: no answer, the point is beyond the front by definition
+    assert pareto.best_answer(curves, Scores(0.01, 5.5, 1.0)) is None
+    assert pareto.beyond_front(Scores(0.01, 5.5, 1.0), None, None)
+
+
+def test_pareto_beyond_front_needs_more_diversity_at_about_the_same_accuracy():
+    answer = pareto.Answer(4.0, 0.5, Scores(0.03, 4.0, 0.95))
+    measured = Scores(0.028, 4.0, 0.95)  # the verdict uses the measured answer, not the interpolated one
+    assert pareto.beyond_front(Scores(0.029, 4.0, 0.95), answer, measured)
+    assert not pareto.beyond_front(Scores(0.029, 4.0, 0.89), answer, measured)  # bought with wrong digits
+    assert not pareto.beyond_front(Scores(0.028, 4.0, 1.0), answer, measured)  # a tie is not beyond
+
+
+def test_pareto_gamma_1_is_not_beyond_its_own_curve(evaluators):
+    """gamma 1 with w2 = a curve's CFG is LoRA + CFG at that CFG (whatever w1): through the real
+    sampling path the answer is that CFG at the same LoRA scale, it measures the same, and the
+    point is not beyond the front."""
+    settings = Settings(steps=8)
+    labels, seeds = prompts(2, first_seed=pareto.FIRST_SEED)
+    curves = pareto.baseline_curves(evaluators, labels, seeds, cfgs=[4.0], scales=[1.0], settings=settings)
+    points = list(pareto.run(evaluators, samples_per_class=2, gammas=[1.0], scales=[1.0], w1s=[7.0], w2s=[4.0],
+                             settings=settings, curves=curves))
+    assert len(points) == 1
+    point = points[0]
+    assert point.judged, point.auto
+    assert (point.answer.cfg, point.answer.scale) == (4.0, 1.0)
+    assert point.measured.diversity == pytest.approx(point.auto.diversity, abs=1e-4)
+    assert point.measured.style == pytest.approx(point.auto.style, abs=1e-4)
+    assert not point.beyond
+    assert pareto.format_point(point).endswith("no")
 
 
 def test_strategies_agree_on_the_demo():
