@@ -153,15 +153,34 @@ def test_pareto_answer_is_the_most_diverse_cfg_that_reaches_the_style_accurately
     assert pareto.best_answer(curves, Scores(0.035, 4.0 + pareto.STYLE_TOLERANCE, 0.72)).cfg == 2.0
     # a style none of them reaches: no answer, the point is beyond the front by definition
     assert pareto.best_answer(curves, Scores(0.01, 5.5, 1.0)) is None
-    assert pareto.beyond_front(Scores(0.01, 5.5, 1.0), None, None)
 
 
-def test_pareto_beyond_front_needs_more_diversity_at_about_the_same_accuracy():
-    answer = pareto.Answer(4.0, 0.5, Scores(0.03, 4.0, 0.95))
-    measured = Scores(0.028, 4.0, 0.95)  # the verdict uses the measured answer, not the interpolated one
-    assert pareto.beyond_front(Scores(0.029, 4.0, 0.95), answer, measured)
-    assert not pareto.beyond_front(Scores(0.029, 4.0, 0.89), answer, measured)  # bought with wrong digits
-    assert not pareto.beyond_front(Scores(0.028, 4.0, 1.0), answer, measured)  # a tie is not beyond
+def test_pareto_point_is_beyond_only_when_it_beats_every_measured_answer():
+    auto = Scores(0.029, 4.0, 0.95)
+    assert pareto.beats(auto, Scores(0.028, 4.0, 0.95))
+    assert not pareto.beats(Scores(0.029, 4.0, 0.89), Scores(0.028, 4.0, 0.95))  # bought with wrong digits
+    assert not pareto.beats(Scores(0.028, 4.0, 1.0), Scores(0.028, 4.0, 0.95))  # a tie is not a win
+    matched = pareto.Candidate(4.0, 0.5, Scores(0.028, 4.0, 0.95), "matched")
+    curve_point = pareto.Candidate(2.0, 0.7, Scores(0.031, 4.5, 0.93), "curve")
+    point = pareto.Point(1.5, 0.6, 4.0, 4.0, auto, (matched,))
+    assert point.beyond and point.shown is matched
+    point = pareto.Point(1.5, 0.6, 4.0, 4.0, auto, (matched, curve_point))
+    assert not point.beyond and point.shown is curve_point
+    assert pareto.format_point(point).endswith("curve   | no")
+    assert pareto.Point(1.5, 0.6, 4.0, 4.0, auto, ()).beyond  # nothing reaches it
+    assert not pareto.Point(1.5, 0.6, 4.0, 4.0, Scores(0.5, 4.0, 0.5), ()).beyond  # misdrawn: not judged
+
+
+def test_pareto_curve_points_answer_past_the_first_crossing():
+    """A curve whose accuracy dips where the style comes in (half-styled digits are misread):
+    the first crossing of style 4.8 is too inaccurate, a higher scale on the same curve is not."""
+    curves = {1.5: [(0.5, Scores(0.15, 4.5, 0.40)), (0.6, Scores(0.09, 4.86, 0.72)), (0.7, Scores(0.047, 4.96, 0.92))]}
+    point = Scores(0.035, 4.85, 0.97)
+    assert pareto.best_answer(curves, point) is None
+    (only,) = pareto.curve_candidates(curves, point)
+    assert (only.cfg, only.scale, only.kind) == (1.5, 0.7, "curve")
+    assert not pareto.beats(point, only.scores)
+    assert pareto.curve_candidates(curves, Scores(0.035, 4.97 + pareto.STYLE_TOLERANCE * 2, 0.97)) == []
 
 
 def test_pareto_gamma_1_is_not_beyond_its_own_curve(evaluators):
@@ -176,9 +195,12 @@ def test_pareto_gamma_1_is_not_beyond_its_own_curve(evaluators):
     assert len(points) == 1
     point = points[0]
     assert point.judged, point.auto
-    assert (point.answer.cfg, point.answer.scale) == (4.0, 1.0)
-    assert point.measured.diversity == pytest.approx(point.auto.diversity, abs=1e-4)
-    assert point.measured.style == pytest.approx(point.auto.style, abs=1e-4)
+    matched = [c for c in point.candidates if c.kind == "matched"]
+    assert [(c.cfg, c.scale) for c in matched] == [(4.0, 1.0)]
+    assert matched[0].scores.diversity == pytest.approx(point.auto.diversity, abs=1e-4)
+    assert matched[0].scores.style == pytest.approx(point.auto.style, abs=1e-4)
+    # the curve's own point at scale 1.0 is the same setting, measured once more
+    assert [(c.cfg, c.scale) for c in point.candidates if c.kind == "curve"] == [(4.0, 1.0)]
     assert not point.beyond
     assert pareto.format_point(point).endswith("no")
 

@@ -11,15 +11,20 @@ gamma give the user something that the LoRA's strength and the CFG slider do not
 How each AutoLoRA point P (style, diversity, accuracy) is judged:
 1. LoRA + CFG is sampled over BASELINE_SCALES for each of BASELINE_CFGS: one curve per CFG.
 2. On each curve, the matched scale is where its style first reaches P's style less STYLE_TOLERANCE
-   (`front.matched_scale`, linear between neighbouring scales); the curve's diversity and accuracy are interpolated there.
-   CFGs whose curve never reaches P's style, or whose interpolated accuracy is more than ACC_MARGIN
-   below P's, are out.
-3. Of the CFGs left, the one with the highest interpolated diversity is LoRA + CFG's best answer;
-   it is then *sampled* at that CFG and matched scale, so the verdict compares measured numbers.
-   P is beyond the front when it is more diverse than that sample and no more than ACC_MARGIN
-   less accurate, or when no CFG is left in step 2.
-Step 3 measures one candidate only, the best by interpolation; another CFG might beat P when
-measured, so this errs in AutoLoRA's favour, never against it.
+   (`front.matched_scale`, linear between neighbouring scales); the curve's diversity and accuracy
+   are interpolated there. CFGs whose curve never reaches P's style, or whose interpolated accuracy
+   is more than ACC_MARGIN below P's, are out. Of the CFGs left, the one with the highest
+   interpolated diversity is *sampled* at its matched scale: the "matched" answer.
+3. Every sampled curve point with at least P's style (less the tolerance) and an accuracy within
+   ACC_MARGIN of P's is an answer too (a curve's accuracy is not monotone in the LoRA scale, so a
+   higher scale than the first crossing can answer P when the crossing cannot).
+4. P beats an answer when it is more diverse and no more than ACC_MARGIN less accurate. P is
+   beyond the front when it beats every answer, or when there is none.
+Step 2 samples one interpolated candidate only; a CFG not sampled at its crossing might beat P,
+so this errs in AutoLoRA's favour, never against it.
+
+The first run of this command judged with steps 1, 2 and 4 only (docs/demo.md says what step 3
+changed).
 
 Only points with accuracy >= MIN_ACCURACY are judged: diversity from misdrawn digits is not the
 diversity the paper means. The grid and seeds are declared here before any of it was run, and the
@@ -89,13 +94,36 @@ def best_answer(curves: dict[float, Curve], point: Scores, acc_margin: float = A
     return best
 
 
-def beyond_front(point: Scores, answer: Optional[Answer], measured: Optional[Scores],
-                 acc_margin: float = ACC_MARGIN) -> bool:
-    """The point is beyond LoRA + CFG's front: nothing answers it, or it is more diverse than the
-    measured answer at no more than the margin's loss of accuracy."""
-    if answer is None:
-        return True
+def beats(point: Scores, measured: Scores, acc_margin: float = ACC_MARGIN) -> bool:
+    """The point beats one measured LoRA + CFG setting: more diverse, at no more than the margin's
+    loss of accuracy."""
     return point.diversity > measured.diversity + TIE and point.accuracy >= measured.accuracy - acc_margin
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A measured LoRA + CFG setting that may answer an AutoLoRA point."""
+    cfg: float
+    scale: float
+    scores: Scores
+    kind: str  # "matched": sampled at the interpolated answer; "curve": a sampled point of a curve
+
+
+def curve_candidates(curves: dict[float, Curve], point: Scores, acc_margin: float = ACC_MARGIN) -> list[Candidate]:
+    """Every sampled curve point that shows at least the point's style (less the tolerance) at an
+    accuracy within the margin. The interpolated answer takes the first crossing of each curve;
+    a curve's accuracy is not monotone in the LoRA scale (half-styled digits are misread), so a
+    higher scale on the same curve can answer a point that its first crossing cannot."""
+    return [Candidate(cfg, scale, scores, "curve") for cfg, curve in curves.items() for scale, scores in curve
+            if scores.style >= point.style - STYLE_TOLERANCE and scores.accuracy >= point.accuracy - acc_margin]
+
+
+def strongest(point: Scores, candidates: Sequence[Candidate]) -> Optional[Candidate]:
+    """The candidate to show against the point: the most diverse one it does not beat, else the
+    most diverse one; None without candidates."""
+    unbeaten = [c for c in candidates if not beats(point, c.scores)]
+    pool = unbeaten or list(candidates)
+    return max(pool, key=lambda c: c.scores.diversity) if pool else None
 
 
 @dataclass(frozen=True)
@@ -105,8 +133,7 @@ class Point:
     w1: float
     w2: float
     auto: Scores
-    answer: Optional[Answer]  # None also when the point is not judged (accuracy below MIN_ACCURACY)
-    measured: Optional[Scores]
+    candidates: tuple = ()  # measured LoRA + CFG answers; empty when not judged or none qualifies
 
     @property
     def judged(self) -> bool:
@@ -114,7 +141,12 @@ class Point:
 
     @property
     def beyond(self) -> bool:
-        return self.judged and beyond_front(self.auto, self.answer, self.measured)
+        """Beyond LoRA + CFG's front: it beats every measured answer (or none exists)."""
+        return self.judged and all(beats(self.auto, c.scores) for c in self.candidates)
+
+    @property
+    def shown(self) -> Optional[Candidate]:
+        return strongest(self.auto, self.candidates)
 
 
 def baseline_curves(evaluators: Evaluators, labels, seeds, cfgs: Sequence[float], scales: Sequence[float],
@@ -143,7 +175,7 @@ def run(evaluators: Evaluators, samples_per_class: int = 24, baseline_cfgs=BASEL
             # with w1 and w2 given, settings.cfg is used only outside a guidance interval (none here)
             images = sample_autolora(model, factors, labels, seeds, gamma, replace(settings, cfg=w2), w1=w1, w2=w2)
             auto = evaluators.score(images, labels)
-            answer = measured = None
+            candidates = []
             if auto.accuracy >= MIN_ACCURACY:
                 answer = best_answer(curves, auto)
                 if answer is not None:
@@ -152,23 +184,25 @@ def run(evaluators: Evaluators, samples_per_class: int = 24, baseline_cfgs=BASEL
                         lora_model, _ = load_lora_model(key[1])
                         measured_at[key] = evaluators.score(
                             sample_lora_cfg(lora_model, labels, seeds, replace(settings, cfg=answer.cfg)), labels)
-                    measured = measured_at[key]
-            yield Point(gamma, scale, w1, w2, auto, answer, measured)
+                    candidates.append(Candidate(answer.cfg, answer.scale, measured_at[key], "matched"))
+                candidates += curve_candidates(curves, auto)
+            yield Point(gamma, scale, w1, w2, auto, tuple(candidates))
 
 
-HEADER = ("gamma scale   w1   w2 |  AutoLoRA+CFG        | LoRA+CFG's best answer (measured)  | beyond\n"
-          "                      |  Div   Style   Acc   |  cfg scale   Div   Style   Acc    | front")
+HEADER = ("gamma scale   w1   w2 |  AutoLoRA+CFG        | LoRA+CFG's strongest answer (measured) | beyond\n"
+          "                      |  Div   Style   Acc   |  cfg scale   Div   Style   Acc   from  | front")
 
 
 def format_point(p: Point) -> str:
     fmt = lambda s: f"{s.diversity:6.4f} {s.style:5.2f} {s.accuracy:5.2f}"
+    shown = p.shown
     if not p.judged:
-        answer, verdict = f"{'(not judged: Acc < ' + str(MIN_ACCURACY) + ')':34s}", "-"
-    elif p.answer is None:
-        answer, verdict = f"{'(no CFG reaches this style)':34s}", "yes"
+        answer = f"{'(not judged: Acc < ' + str(MIN_ACCURACY) + ')':38s}"
+    elif shown is None:
+        answer = f"{'(no LoRA+CFG setting reaches this style)':38s}"
     else:
-        answer = f"{p.answer.cfg:4g} {p.answer.scale:5.3f} {fmt(p.measured)} "
-        verdict = "yes" if p.beyond else "no"
+        answer = f"{shown.cfg:4g} {shown.scale:5.3f} {fmt(shown.scores)} {shown.kind:7s}"
+    verdict = "-" if not p.judged else ("yes" if p.beyond else "no")
     return f"{p.gamma:5g} {p.scale:5.2f} {p.w1:4g} {p.w2:4g} | {fmt(p.auto)}   | {answer} | {verdict}"
 
 
