@@ -162,10 +162,10 @@ def baseline_curves(evaluators: Evaluators, labels, seeds, cfgs: Sequence[float]
 
 def run(evaluators: Evaluators, samples_per_class: int = 24, baseline_cfgs=BASELINE_CFGS,
         baseline_scales=BASELINE_SCALES, gammas=GAMMAS, scales=AUTO_SCALES, w1s=W1S, w2s=W2S,
-        settings: Settings = Settings(), curves: Optional[dict] = None):
+        settings: Settings = Settings(), curves: Optional[dict] = None, first_seed: int = FIRST_SEED):
     """Yields one Point per (gamma, AutoLoRA's LoRA scale, w1, w2), in the grid's order. The
-    baseline curves are sampled first (or passed in)."""
-    labels, seeds = prompts(samples_per_class, first_seed=FIRST_SEED)
+    baseline curves are sampled first (or passed in, sampled on the same seeds)."""
+    labels, seeds = prompts(samples_per_class, first_seed=first_seed)
     if curves is None:
         curves = baseline_curves(evaluators, labels, seeds, baseline_cfgs, baseline_scales, settings)
     measured_at: dict[tuple[float, float], Scores] = {}
@@ -220,19 +220,23 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=24, help="samples per digit class and cell")
     parser.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     parser.add_argument("--scales", type=float, nargs="+", default=list(AUTO_SCALES))
+    parser.add_argument("--w1s", type=float, nargs="+", default=list(W1S))
+    parser.add_argument("--w2s", type=float, nargs="+", default=list(W2S))
+    parser.add_argument("--first-seed", type=int, default=FIRST_SEED,
+                        help="seeds first_seed .. first_seed + samples - 1 for every digit; another range re-checks a result")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.time()
     evaluators = Evaluators.load()
-    labels, seeds = prompts(args.samples, first_seed=FIRST_SEED)
+    labels, seeds = prompts(args.samples, first_seed=args.first_seed)
     curves = baseline_curves(evaluators, labels, seeds, BASELINE_CFGS, BASELINE_SCALES, Settings())
     print(f"AutoLoRA+CFG against LoRA+CFG at any LoRA scale and CFG, {Settings.sampler} {Settings.steps} "
-          f"steps, {args.samples} seeds x 10 digits per cell; beyond front = no LoRA+CFG setting matches "
+          f"steps, {args.samples} seeds ({args.first_seed}-{args.first_seed + args.samples - 1}) x 10 digits per cell; beyond front = no LoRA+CFG setting matches "
           f"its style with at least its Diversity at Acc within {ACC_MARGIN}; judged when Acc >= {MIN_ACCURACY}")
     print(format_curves(curves), flush=True)
-    points = stream_rows(HEADER, run(evaluators, args.samples, gammas=args.gammas, scales=args.scales,
-                                     curves=curves), format_point)
+    points = stream_rows(HEADER, run(evaluators, args.samples, gammas=args.gammas, scales=args.scales, w1s=args.w1s,
+                                     w2s=args.w2s, curves=curves, first_seed=args.first_seed), format_point)
     judged = [p for p in points if p.judged]
     print(f"judged {len(judged)} of {len(points)} AutoLoRA points; beyond LoRA+CFG's front: "
           f"{sum(p.beyond for p in judged)} ({time.time() - start:.0f} s)")
