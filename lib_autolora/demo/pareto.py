@@ -41,9 +41,9 @@ from typing import Optional, Sequence
 import torch
 
 from .__main__ import Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
-from .front import matched_scale
+from .front import ACC_MARGIN, matched_scale, wins as beats  # beats: more diverse, accuracy within the margin
 from .metrics import Evaluators, Scores
-from .sweep import TIE, stream_rows
+from .sweep import stream_rows
 
 BASELINE_CFGS = (1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
 BASELINE_SCALES = tuple(round(0.1 * i, 1) for i in range(1, 15))  # 0.1 .. 1.4
@@ -51,7 +51,6 @@ GAMMAS = (1.25, 1.5, 2.0)
 AUTO_SCALES = (0.4, 0.6, 0.8, 1.0)
 W1S = (1.0, 2.0, 4.0, 7.0)
 W2S = (2.0, 4.0, 7.0)
-ACC_MARGIN = 0.05  # accuracy AutoLoRA may lose against LoRA + CFG's answer and still be beyond it
 MIN_ACCURACY = 0.9  # points below are printed but not judged
 STYLE_TOLERANCE = 0.01  # of 5: "the same style"; without it a point at 4.999 outruns curves that top at 4.995
 FIRST_SEED = 13000  # used nowhere else (demo 1000, tests 5000, sweep 7000, front 9000, metric_check 11000)
@@ -92,12 +91,6 @@ def best_answer(curves: dict[float, Curve], point: Scores, acc_margin: float = A
         if best is None or there.diversity > best.interpolated.diversity:
             best = Answer(cfg, at, there)
     return best
-
-
-def beats(point: Scores, measured: Scores, acc_margin: float = ACC_MARGIN) -> bool:
-    """The point beats one measured LoRA + CFG setting: more diverse, at no more than the margin's
-    loss of accuracy."""
-    return point.diversity > measured.diversity + TIE and point.accuracy >= measured.accuracy - acc_margin
 
 
 @dataclass(frozen=True)
