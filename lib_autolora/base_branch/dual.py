@@ -29,7 +29,6 @@ from .hooks import BatchLayoutError, DeltaHooks
 from .strategies import BatchedStrategy
 
 
-
 def dual_eligible(module, delta) -> bool:
     """A Linear whose weight the host uses as stored: no per-call cast, scale or online patch."""
     weight = getattr(module, "weight", None)

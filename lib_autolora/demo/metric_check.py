@@ -30,9 +30,9 @@ def run(evaluators: Evaluators, scales=SCALES, gamma: float = GAMMA, samples_per
         settings: Settings = Settings()) -> list:
     """[(scale, {"LoRA+CFG": (feature Div, pixel Div, pixel distance), "AutoLoRA+CFG": ...})]"""
     rows = []
+    labels, seeds = prompts(samples_per_class, first_seed=FIRST_SEED)
     for scale in scales:
         model, factors = load_lora_model(scale)
-        labels, seeds = prompts(samples_per_class, first_seed=FIRST_SEED)
         cells = {}
         for name, images in (("LoRA+CFG", sample_lora_cfg(model, labels, seeds, settings)),
                              ("AutoLoRA+CFG", sample_autolora(model, factors, labels, seeds, gamma, settings))):
