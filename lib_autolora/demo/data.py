@@ -1,9 +1,13 @@
 """The demo's data: scikit-learn's digits (1,797 8x8 images, 10 classes, shipped with the package).
 
-Pixels are scaled from 0..16 to [-1, 1] (ink = +1). The LoRA's style, "italic negative", is one the
-base model never sees: an inverted palette (dark ink on a light ground) and an italic shear.
+Pixels are scaled from 0..16 to [-1, 1] (ink = +1). The shipped LoRA's style, "italic negative", is
+one the base model never sees: an inverted palette (dark ink on a light ground) and an italic
+shear. `STYLES` adds the styles `variants.py` trains other LoRAs in: each alone, and bold strokes.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,29 @@ def stylize(images: torch.Tensor) -> torch.Tensor:
 def style_negatives(images: torch.Tensor) -> torch.Tensor:
     """Half-styled digits (inverted only, slanted only) and plain ones: what is *not* the style."""
     return torch.cat([images, invert(images), shear(images, STYLE_SHEAR)])
+
+
+def bold(images: torch.Tensor) -> torch.Tensor:
+    """Thick strokes: ink spreads one pixel to the right (a 1x2 dilation; 3x3 fills an 8x8 digit)."""
+    shifted = F.pad(images[..., :-1], (1, 0), value=-1.0)
+    return torch.maximum(images, shifted)
+
+
+@dataclass(frozen=True)
+class Style:
+    """A LoRA style: how a digit is rendered in it, and the renderings that do not count as it
+    (the style classifier's negatives, which include the plain digit)."""
+    name: str
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    negatives: Callable[[torch.Tensor], torch.Tensor]
+
+
+STYLES = {s.name: s for s in (
+    Style(STYLE_NAME, stylize, style_negatives),
+    Style("italic", lambda x: shear(x, STYLE_SHEAR), lambda x: x),
+    Style("negative", invert, lambda x: x),
+    Style("bold", bold, lambda x: x),
+)}
 
 
 def lora_subset(labels: torch.Tensor, per_class: int = 2, seed: int = 4) -> torch.Tensor:

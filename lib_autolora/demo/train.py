@@ -23,6 +23,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -86,33 +87,36 @@ def _fit(net: nn.Module, inputs, targets, loss_fn, cfg: dict, g: torch.Generator
 
 
 @torch.enable_grad()
-def train_evaluators(images, labels, cfg: dict = EVAL) -> tuple[Evaluators, dict]:
+def train_evaluators(images, labels, cfg: dict = EVAL,
+                     style: data.Style = data.STYLES[data.STYLE_NAME]) -> tuple[Evaluators, dict]:
     torch.manual_seed(cfg["seed"])
     g = torch.Generator().manual_seed(cfg["seed"])
     train_idx, test_idx = data.split(len(labels))
 
     def views(idx):  # every rendering a sample may come in: plain, half-styled, styled
         x = images[idx]
-        return torch.cat([data.style_negatives(x), data.stylize(x)]), labels[idx].repeat(4)
+        rendered = torch.cat([style.negatives(x), style.apply(x)])
+        return rendered, labels[idx].repeat(len(rendered) // len(x))
 
     digit = DigitNet()
     x, y = views(train_idx)
     _fit(digit.train(), x, y, F.cross_entropy, cfg, g)
 
-    def style_views(idx):
-        neg, pos = data.style_negatives(images[idx]), data.stylize(images[idx])
-        return torch.cat([neg, pos.repeat(3, 1, 1, 1)]), torch.cat([torch.zeros(len(neg)), torch.ones(3 * len(pos))])
+    def style_views(idx):  # the styled digits repeated to balance the negatives' renderings
+        neg, pos = style.negatives(images[idx]), style.apply(images[idx])
+        k = len(neg) // len(pos)
+        return torch.cat([neg, pos.repeat(k, 1, 1, 1)]), torch.cat([torch.zeros(len(neg)), torch.ones(k * len(pos))])
 
-    style = StyleNet()
+    style_net = StyleNet()
     xs, ys = style_views(train_idx)
-    _fit(style.train(), xs, ys, F.binary_cross_entropy_with_logits, cfg, g)
+    _fit(style_net.train(), xs, ys, F.binary_cross_entropy_with_logits, cfg, g)
 
-    ev = Evaluators(digit, style)
+    ev = Evaluators(digit, style_net)
     with torch.no_grad():
         x, y = views(test_idx)
         xs, ys = style_views(test_idx)
         report = {"digit_accuracy_heldout": float((digit(x).argmax(1) == y).float().mean()),
-                  "style_accuracy_heldout": float(((style(xs) > 0).float() == ys).float().mean())}
+                  "style_accuracy_heldout": float(((style_net(xs) > 0).float() == ys).float().mean())}
     return ev, report
 
 
@@ -199,12 +203,13 @@ class TrainingLora:
 
 
 @torch.enable_grad()
-def train_lora(base: TinyDiffusionModel, images, labels, cfg: dict = LORA) -> tuple[dict, torch.Tensor]:
+def train_lora(base: TinyDiffusionModel, images, labels, cfg: dict = LORA,
+               style: data.Style = data.STYLES[data.STYLE_NAME]) -> tuple[dict, torch.Tensor]:
     """Returns (kohya state dict, indices of the training digits)."""
     torch.manual_seed(cfg["seed"])
     g = torch.Generator().manual_seed(cfg["seed"])
     subset = data.lora_subset(labels, cfg["per_class"], cfg["subset_seed"])
-    x0 = data.stylize(images[subset]).repeat(cfg["repeats"], 1, 1, 1)
+    x0 = style.apply(images[subset]).repeat(cfg["repeats"], 1, 1, 1)
     y0 = labels[subset].repeat(cfg["repeats"])
     base.requires_grad_(False)
     lora = TrainingLora(base.kohya_modules(), cfg["rank"], cfg["alpha"], g)
@@ -232,6 +237,12 @@ def save_base(model: TinyDiffusionModel, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
 
 
+def save_evaluators(evaluators: Evaluators, report: dict, path: Path, extra: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in evaluators.state_dict().items()}, str(path),
+              metadata={**{k: f"{v:.4f}" for k, v in report.items()}, **(extra or {})})
+
+
 def load_base(path: Path) -> TinyDiffusionModel:
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -242,11 +253,12 @@ def load_base(path: Path) -> TinyDiffusionModel:
     return model.eval().requires_grad_(False)
 
 
-def save_lora(state_dict: dict, subset: torch.Tensor, path: Path) -> None:
+def save_lora(state_dict: dict, subset: torch.Tensor, path: Path, cfg: dict = LORA,
+              style_name: str = data.STYLE_NAME) -> None:
     from safetensors.torch import save_file
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(LORA["rank"]),
-            "ss_network_alpha": str(LORA["alpha"]), "autolora_demo_style": data.STYLE_NAME,
-            "autolora_demo_training": json.dumps(LORA),
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg["rank"]),
+            "ss_network_alpha": str(cfg["alpha"]), "autolora_demo_style": style_name,
+            "autolora_demo_training": json.dumps(cfg),
             "autolora_demo_subset": json.dumps(subset.tolist())}
     save_file(state_dict, str(path), metadata=meta)
 
@@ -265,9 +277,7 @@ def main(argv=None) -> None:
 
     if "evaluators" in args.stages:
         evaluators, report = train_evaluators(images, labels)
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in evaluators.state_dict().items()}, str(args.out / EVALUATORS_FILE),
-                  metadata={k: f"{v:.4f}" for k, v in report.items()})
+        save_evaluators(evaluators, report, args.out / EVALUATORS_FILE)
         log(f"evaluators written: {report}")
     if "base" in args.stages:
         save_base(train_base(images, labels), args.out / BASE_FILE)
