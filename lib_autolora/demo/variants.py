@@ -26,9 +26,9 @@ import torch
 from . import data
 from .__main__ import (BASE_PATH, LORA_PATH, Settings, load_lora_model, prompts, sample_autolora,
                        sample_lora_cfg)
-from .metrics import EVALUATORS_FILE, Evaluators, Scores
+from .metrics import EVALUATORS_FILE, Evaluators, Scores, pixel_diversity
 from .sweep import STYLE_MARGIN, claim_holds, stream_rows
-from .train import EVAL, LORA, load_base, save_evaluators, save_lora, train_evaluators, train_lora
+from .train import EVAL, LORA, edm_loss, load_base, save_evaluators, save_lora, train_evaluators, train_lora
 
 CACHE = Path("out/variants")
 SCALES = (0.6, 0.8, 1.0)
@@ -125,10 +125,25 @@ class Row:
     scale: float
     lora: Scores  # LoRA + CFG, i.e. AutoLoRA at gamma 1
     autos: dict  # gamma -> AutoLoRA + CFG scores
+    pixels: dict  # 1.0 (LoRA + CFG) and each gamma -> Eq. 8 on raw pixels: no trained network
 
     @property
     def holds(self) -> bool:
         return claim_holds(self.lora, self.autos[CLAIM_GAMMA])
+
+    @property
+    def holds_in_pixels(self) -> bool:
+        return self.pixels[CLAIM_GAMMA] > self.pixels[1.0]
+
+
+def base_fit(style: data.Style, base_path: Path = BASE_PATH, seed: int = 0) -> tuple[float, float]:
+    """How far a style is from what the base model knows: the base's denoising loss (the training
+    loss, fixed noise) on all digits in the style, and on the plain digits."""
+    images, labels = data.load_digits()
+    model = load_base(base_path)
+    with torch.no_grad():
+        return tuple(float(edm_loss(model, x, labels, torch.Generator().manual_seed(seed)))
+                     for x in (style.apply(images), images))
 
 
 def measure(variant: Variant, files: Files, scales: Sequence[float] = SCALES,
@@ -139,23 +154,35 @@ def measure(variant: Variant, files: Files, scales: Sequence[float] = SCALES,
     labels, seeds = prompts(samples_per_class, first_seed=first_seed)
     for scale in scales:
         model, factors = load_lora_model(scale, lora_path=files.lora)
-        lora = evaluators.score(sample_lora_cfg(model, labels, seeds, settings), labels)
-        autos = {g: evaluators.score(sample_autolora(model, factors, labels, seeds, g, settings), labels)
-                 for g in gammas}
-        yield Row(variant, scale, lora, autos)
+        images = {1.0: sample_lora_cfg(model, labels, seeds, settings)}
+        images.update((g, sample_autolora(model, factors, labels, seeds, g, settings)) for g in gammas)
+        scores = {g: evaluators.score(x, labels) for g, x in images.items()}
+        pixels = {g: pixel_diversity(x, labels)[0] for g, x in images.items()}
+        yield Row(variant, scale, scores.pop(1.0), scores, pixels)
+
+
+def base_style(files: Files, samples_per_class: int, settings: Settings, first_seed: int = FIRST_SEED) -> float:
+    """Style presence (0-5) of the base model's own samples (base + CFG, gamma 0 through the
+    strategy): does the base draw the style unasked?"""
+    model, factors = load_lora_model(1.0, lora_path=files.lora)
+    labels, seeds = prompts(samples_per_class, first_seed=first_seed)
+    images = sample_autolora(model, factors, labels, seeds, 0.0, settings)
+    return Evaluators.load(files.evaluators).score(images, labels).style
 
 
 def header(gammas: Sequence[float]) -> str:
     labels = ["LoRA+CFG (gamma 1)"] + [f"gamma {g:g}" for g in gammas]
     top = f"{'variant':27s} scale |" + "".join(f" {label:19s} |" for label in labels)
     sub = f"{'':33s} |" + f" {'Div':6s} {'Style':>5s} {'Acc':>5s}  |" * len(labels)
-    return f"{top} claim\n{sub} holds"
+    return (f"{top} claim | pixel Div, gamma 1 -> {CLAIM_GAMMA:g}\n"
+            f"{sub} holds | (Eq. 8 on the raw pixels)")
 
 
 def format_row(row: Row) -> str:
     fmt = lambda s: f" {s.diversity:6.4f} {s.style:5.2f} {s.accuracy:5.2f}  |"
     cells = fmt(row.lora) + "".join(fmt(row.autos[g]) for g in sorted(row.autos))
-    return f"{row.variant.name:27s} {row.scale:5.2f} |{cells} {'yes' if row.holds else 'no'}"
+    return (f"{row.variant.name:27s} {row.scale:5.2f} |{cells} {'yes' if row.holds else 'no ':5s} | "
+            f"{row.pixels[1.0]:.4f} -> {row.pixels[CLAIM_GAMMA]:.4f} {'up' if row.holds_in_pixels else 'down'}")
 
 
 def main(argv=None) -> None:
@@ -163,6 +190,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", type=Path, default=CACHE, help="where trained LoRAs and evaluators go")
     parser.add_argument("--samples", type=int, default=24, help="samples per digit class and cell")
     parser.add_argument("--styles", nargs="+", choices=sorted(data.STYLES), help="only these styles' variants")
+    parser.add_argument("--first-seed", type=int, default=FIRST_SEED, help="seeds first..first+samples-1")
     parser.add_argument("--threads", type=int, default=2, help="2: the shipped weights' training threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -170,13 +198,20 @@ def main(argv=None) -> None:
     variants = [v for v in VARIANTS if not args.styles or v.style in args.styles]
     files = {v: prepare(v, args.cache) for v in variants}  # all training first: the table prints uninterrupted
     settings = Settings()
-    print(f"LoRA+CFG vs AutoLoRA+CFG at the same LoRA scale, CFG {settings.cfg:g} in both branches, "
+    print("How far each style is from the base model: its denoising loss on all 1,797 digits in the style "
+          "(on the plain ones), and the style presence of its own samples (base + CFG):")
+    for style in dict.fromkeys(v.style for v in variants):
+        styled, plain = base_fit(data.STYLES[style])
+        drawn = base_style(files[next(v for v in variants if v.style == style)], args.samples, settings, args.first_seed)
+        print(f"  {style:16s} loss {styled:.3f} ({plain:.3f} plain); base + CFG style {drawn:.2f}")
+    print(f"\nLoRA+CFG vs AutoLoRA+CFG at the same LoRA scale, CFG {settings.cfg:g} in both branches, "
           f"{settings.sampler} {settings.steps} steps, {args.samples} seeds x 10 digits per cell (seeds from "
-          f"{FIRST_SEED}); claim = gamma {CLAIM_GAMMA:g} more diverse with Style within {STYLE_MARGIN}")
+          f"{args.first_seed}); claim = gamma {CLAIM_GAMMA:g} more diverse with Style within {STYLE_MARGIN}")
     rows = stream_rows(header(GAMMAS), (row for v in variants
                                         for row in measure(v, files[v], samples_per_class=args.samples,
-                                                           settings=settings)), format_row)
-    print(f"claim holds in {sum(r.holds for r in rows)} of {len(rows)} rows ({time.time() - start:.0f} s)")
+                                                           settings=settings, first_seed=args.first_seed)), format_row)
+    print(f"claim holds in {sum(r.holds for r in rows)} of {len(rows)} rows; pixel diversity up in "
+          f"{sum(r.holds_in_pixels for r in rows)} ({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":
