@@ -6,7 +6,7 @@ import torch
 
 from lib_autolora.demo import data, variants
 from lib_autolora.demo.__main__ import BASE_PATH, LORA_PATH, Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
-from lib_autolora.demo.metrics import EVALUATORS_FILE, Evaluators
+from lib_autolora.demo.metrics import EVALUATORS_FILE, Evaluators, pixel_diversity
 from lib_autolora.demo.sweep import claim_holds
 from lib_autolora.demo.train import EVAL, LORA, load_base, train_evaluators
 from lib_autolora.kohya import factors_from_kohya
@@ -107,8 +107,19 @@ def test_a_row_is_the_variants_lora_cfg_and_autolora_on_the_same_seeds():
     evaluators = Evaluators.load(EVALUATORS_FILE)
     model, factors = load_lora_model(0.8)
     labels, seeds = prompts(2, first_seed=variants.FIRST_SEED)
-    lora = evaluators.score(sample_lora_cfg(model, labels, seeds, settings), labels)
-    auto = evaluators.score(sample_autolora(model, factors, labels, seeds, 1.5, settings), labels)
+    lora_images = sample_lora_cfg(model, labels, seeds, settings)
+    auto_images = sample_autolora(model, factors, labels, seeds, 1.5, settings)
+    lora, auto = evaluators.score(lora_images, labels), evaluators.score(auto_images, labels)
     assert (row.lora, row.autos[1.5]) == (lora, auto)
     assert row.holds == claim_holds(lora, auto)
-    assert variants.format_row(row).endswith("yes" if row.holds else "no")
+    assert row.pixels == {1.0: pixel_diversity(lora_images, labels)[0], 1.5: pixel_diversity(auto_images, labels)[0]}
+    assert row.holds_in_pixels == (row.pixels[1.5] > row.pixels[1.0])
+    assert f"| {'yes' if row.holds else 'no '}   | " in variants.format_row(row)
+
+
+def test_base_fit_is_the_training_loss_and_tells_a_far_style_from_a_near_one():
+    far, plain = variants.base_fit(data.STYLES["negative"])
+    near, plain_again = variants.base_fit(data.STYLES["bold"])
+    assert plain == plain_again  # same noise for every style: the numbers compare
+    assert far > near > plain
+    assert variants.base_fit(data.STYLES["bold"], seed=1)[1] != plain
