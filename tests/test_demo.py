@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from lib_autolora.demo import data
-from lib_autolora.demo.__main__ import (BASE_PATH, LORA_PATH, Settings, load_lora_model, main, prompts,
-                                        sample_autolora, sample_lora_cfg)
+from lib_autolora.demo.__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings,
+                                        load_lora_model, main, prompts, sample_autolora, sample_lora_cfg)
 from lib_autolora.demo.metrics import Evaluators, Scores, diversity
 from lib_autolora.demo import front, pareto, sweep
-from lib_autolora.demo.train import ASSETS, LORA, TrainingLora, load_base, train_base, train_lora
+from lib_autolora.demo.train import ASSETS, LORA, SHIPPED_STYLES, TrainingLora, load_base, train_base, train_lora
 from lib_autolora.kohya import factors_from_kohya, load_state_dict, merge_into
 
 from helpers import fingerprint
@@ -39,16 +39,22 @@ def evaluators():
     return Evaluators.load()
 
 
-def test_shipped_assets_are_small_and_kohya_format():
+@pytest.fixture(scope="module")
+def style_evaluators():
+    return {style: Evaluators.load(EVALUATORS_PATHS[style]) for style in SHIPPED_STYLES}
+
+
+@pytest.mark.parametrize("style", SHIPPED_STYLES)
+def test_shipped_assets_are_small_and_kohya_format(style):
     files = sorted(ASSETS.glob("*.safetensors"))
-    assert {f.name for f in files} >= {BASE_PATH.name, LORA_PATH.name, "evaluators.safetensors"}
+    assert {f.name for f in files} >= {BASE_PATH.name, LORA_PATHS[style].name, EVALUATORS_PATHS[style].name}
     assert sum(f.stat().st_size for f in files) < 5 * 1024 * 1024
-    sd = load_state_dict(LORA_PATH)
+    sd = load_state_dict(LORA_PATHS[style])
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in sd)
     assert max(v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")) <= 8
     model = load_base(BASE_PATH)
-    factors = factors_from_kohya(str(LORA_PATH), model.kohya_modules())  # strict: every key maps
+    factors = factors_from_kohya(str(LORA_PATHS[style]), model.kohya_modules())  # strict: every key maps
     assert len(factors) == len(model.kohya_modules())
     assert not factors.skipped
 
@@ -214,9 +220,11 @@ def test_strategies_agree_on_the_demo():
         torch.testing.assert_close(out, ref, atol=2e-4, rtol=0)
 
 
-def test_the_shipped_models_do_what_the_demo_says(evaluators):
+@pytest.mark.parametrize("style", SHIPPED_STYLES)
+def test_the_shipped_models_do_what_the_demo_says(style, style_evaluators):
     """Base + CFG draws the digits asked for, plain; LoRA + CFG draws them in the LoRA's style."""
-    model, factors = load_lora_model(1.0)
+    evaluators = style_evaluators[style]
+    model, factors = load_lora_model(1.0, lora_path=LORA_PATHS[style])
     labels, seeds = prompts(4)
     base = evaluators.score(sample_autolora(model, factors, labels, seeds, 0.0, SETTINGS), labels)
     lora = evaluators.score(sample_lora_cfg(model, labels, seeds, SETTINGS), labels)
@@ -224,27 +232,33 @@ def test_the_shipped_models_do_what_the_demo_says(evaluators):
     assert lora.accuracy >= 0.8 and lora.style > 4.0
 
 
-def _lora_vs_autolora(evaluators, scale, gamma, seeds_per_class):
-    model, factors = load_lora_model(scale)
+def _lora_vs_autolora(evaluators, scale, gamma, seeds_per_class, lora_path=LORA_PATH):
+    model, factors = load_lora_model(scale, lora_path=lora_path)
     labels, seeds = prompts(seeds_per_class, first_seed=5000)  # not the demo's seeds
     lora = evaluators.score(sample_lora_cfg(model, labels, seeds, SETTINGS), labels)
     auto = evaluators.score(sample_autolora(model, factors, labels, seeds, gamma, SETTINGS), labels)
     return lora, auto
 
 
-@pytest.fixture(scope="module")
-def quality_run(evaluators):
+FAR_STYLE_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "Measured on the shipped 'italic negative' LoRA (CFG 4, dpmpp_2m 20 steps, 240 samples): at LoRA "
+    "scale 1.0, AutoLoRA gamma 1.5 is LESS diverse than LoRA+CFG (0.009 vs 0.024; style 5.00 vs 4.98). "
+    "The inverted palette is far from anything the base model knows (its denoising loss 11x that of "
+    "plain digits), so the base cannot tell the LoRA's memorised digits from the rest and gamma > 1 "
+    "only sharpens the LoRA; on the 'bold' LoRA, near the base, the claim holds. See docs/demo.md. "
+    "Strict: if the claim starts to hold here (new weights, a core change), this XPASS fails."))
+QUALITY_STYLES = [pytest.param(data.STYLE_NAME, marks=FAR_STYLE_XFAIL), "bold"]
+
+
+@pytest.fixture(scope="module", params=QUALITY_STYLES)
+def quality_run(request, style_evaluators):
+    style = request.param
     start = time.time()
-    lora, auto = _lora_vs_autolora(evaluators, QUALITY_SCALE, QUALITY_GAMMA, QUALITY_SEEDS_PER_CLASS)
+    lora, auto = _lora_vs_autolora(style_evaluators[style], QUALITY_SCALE, QUALITY_GAMMA,
+                                   QUALITY_SEEDS_PER_CLASS, LORA_PATHS[style])
     return lora, auto, time.time() - start
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Measured on the shipped weights (CFG 4, dpmpp_2m 20 steps, 240 samples): at LoRA scale 1.0, "
-    "AutoLoRA gamma 1.5 is LESS diverse than LoRA+CFG (0.009 vs 0.024; style 5.00 vs 4.98). "
-    "gamma > 1 extrapolates away from the base and concentrates samples on the overfit LoRA's "
-    "training digits; only gamma < 1 raised diversity. See docs/demo.md. Strict: if the claim "
-    "starts to hold (new weights, a core change), this XPASS fails and the marker must go."))
 def test_quality_autolora_is_more_diverse_at_equal_lora_scale(quality_run):
     """The paper's claim (Tables 1-2) on the tiny model: higher Diversity, style kept."""
     lora, auto, _ = quality_run
@@ -254,10 +268,11 @@ def test_quality_autolora_is_more_diverse_at_equal_lora_scale(quality_run):
     assert sweep.claim_holds(lora, auto)
 
 
-def test_quality_autolora_strengthens_a_weak_lora(evaluators):
-    """The part of Table 1 that does reproduce: at a low LoRA scale, AutoLoRA + CFG (gamma 1.5)
-    shows the LoRA's style more than LoRA + CFG (the paper's CPS column)."""
-    lora, auto = _lora_vs_autolora(evaluators, 0.4, QUALITY_GAMMA, 12)
+@pytest.mark.parametrize("style", SHIPPED_STYLES)
+def test_quality_autolora_strengthens_a_weak_lora(style, style_evaluators):
+    """The CPS column of Table 1: at a low LoRA scale, AutoLoRA + CFG (gamma 1.5) shows the
+    LoRA's style more than LoRA + CFG."""
+    lora, auto = _lora_vs_autolora(style_evaluators[style], 0.4, QUALITY_GAMMA, 12, LORA_PATHS[style])
     assert auto.style > lora.style + 0.3, f"LoRA+CFG {lora}, AutoLoRA+CFG {auto}"
 
 
@@ -301,6 +316,7 @@ def test_demo_command_writes_the_grid(tmp_path, capsys):
     assert (tmp_path / "grid.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "LoRA+CFG" in out and "AutoLoRA+CFG" in out
+    assert all(f"LoRA {style!r}:" in out for style in SHIPPED_STYLES)
 
 
 def test_pixel_diversity_is_zero_for_copies_and_grows_with_distance():

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from lib_autolora.demo import data, variants
-from lib_autolora.demo.__main__ import BASE_PATH, LORA_PATH, Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
-from lib_autolora.demo.metrics import EVALUATORS_FILE, Evaluators, pixel_diversity
+from lib_autolora.demo.__main__ import BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
+from lib_autolora.demo.metrics import EVALUATORS_FILE, Evaluators, copied_share, pixel_diversity
 from lib_autolora.demo.sweep import claim_holds
-from lib_autolora.demo.train import EVAL, LORA, load_base, train_evaluators
+from lib_autolora.demo.train import EVAL, LORA, SHIPPED_STYLES, load_base, train_evaluators
 from lib_autolora.kohya import factors_from_kohya
 
 TINY_EVAL = {**EVAL, "epochs": 1}
@@ -68,9 +68,10 @@ def test_variant_recipes_are_the_shipped_one_but_for_the_digits():
     assert variants.CLAIM_GAMMA in variants.GAMMAS
 
 
-def test_the_shipped_variant_uses_the_shipped_files(tmp_path):
-    files = variants.prepare(variants.Variant(data.STYLE_NAME, 2), tmp_path, log=pytest.fail)
-    assert files == variants.Files(LORA_PATH, EVALUATORS_FILE)
+@pytest.mark.parametrize("style", SHIPPED_STYLES)
+def test_a_shipped_variant_uses_the_shipped_files(style, tmp_path):
+    files = variants.prepare(variants.Variant(style, 2), tmp_path, log=pytest.fail)
+    assert files == variants.Files(LORA_PATHS[style], EVALUATORS_PATHS[style])
     assert not any(tmp_path.iterdir())
 
 
@@ -114,7 +115,24 @@ def test_a_row_is_the_variants_lora_cfg_and_autolora_on_the_same_seeds():
     assert row.holds == claim_holds(lora, auto)
     assert row.pixels == {1.0: pixel_diversity(lora_images, labels)[0], 1.5: pixel_diversity(auto_images, labels)[0]}
     assert row.holds_in_pixels == (row.pixels[1.5] > row.pixels[1.0])
+    digits, digit_labels = data.load_digits()
+    styled, trained = data.stylize(digits), torch.zeros(len(digit_labels), dtype=torch.bool)
+    trained[data.lora_subset(digit_labels, 2, LORA["subset_seed"])] = True
+    pools = styled[trained], digit_labels[trained], styled[~trained], digit_labels[~trained]
+    assert row.copied == {1.0: copied_share(lora_images, labels, *pools), 1.5: copied_share(auto_images, labels, *pools)}
     assert f"| {'yes' if row.holds else 'no '}   | " in variants.format_row(row)
+
+
+def test_copied_share_counts_samples_nearest_a_training_digit(digits):
+    images, labels = digits
+    trained = torch.zeros(len(labels), dtype=torch.bool)
+    trained[data.lora_subset(labels, 2, 4)] = True
+    pools = images[trained], labels[trained], images[~trained], labels[~trained]
+    assert copied_share(images[trained], labels[trained], *pools) == 1.0
+    assert copied_share(images[~trained][:40], labels[~trained][:40], *pools) == 0.0
+    # a training digit drawn for another class is judged against that class's digits only
+    wrong = (labels[trained] + 1) % data.NUM_DIGITS
+    assert copied_share(images[trained], wrong, *pools) < 0.5
 
 
 def test_base_fit_is_the_training_loss_and_tells_a_far_style_from_a_near_one():

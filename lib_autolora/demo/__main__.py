@@ -8,9 +8,11 @@ host's merged LoRA mode does), and the base branch is evaluated by a base-branch
 (`make_strategy`) inside `AutoLoraGuider`, never by a second, clean model. Sampling uses
 k-diffusion's samplers.
 
-It writes a PNG grid (rows: the LoRA's training digits, base + CFG, LoRA + CFG, AutoLoRA + CFG at a
-few gammas; one seed per column, the same in every row) and prints a Table 1-like comparison of
-LoRA + CFG and AutoLoRA + CFG over a sweep of LoRA scales. A few minutes on a CPU.
+It writes a PNG grid (rows: base + CFG, then for each shipped LoRA its training digits, LoRA + CFG
+and AutoLoRA + CFG at a few gammas; one seed per column, the same in every row) and prints, for
+each shipped LoRA, a Table 1-like comparison of LoRA + CFG and AutoLoRA + CFG over a sweep of LoRA
+scales. Two LoRAs are shipped, "italic negative" (a style far from what the base model knows) and
+"bold" (thick strokes, near it); AutoLoRA behaves oppositely on them. A few minutes on a CPU.
 """
 from __future__ import annotations
 
@@ -28,10 +30,12 @@ from ..guider import AutoLoraGuider, BranchConds
 from ..kohya import factors_from_kohya, merge_into
 from . import data, ksampling
 from .metrics import Evaluators, Scores, format_table
-from .train import ASSETS, BASE_FILE, LORA, LORA_FILE, load_base
+from .train import ASSETS, BASE_FILE, EVALUATORS_FILES, LORA, LORA_FILES, SHIPPED_STYLES, load_base
 
 BASE_PATH = ASSETS / BASE_FILE
-LORA_PATH = ASSETS / LORA_FILE
+LORA_PATHS = {style: ASSETS / name for style, name in LORA_FILES.items()}
+EVALUATORS_PATHS = {style: ASSETS / name for style, name in EVALUATORS_FILES.items()}
+LORA_PATH = LORA_PATHS[data.STYLE_NAME]
 
 GRID_GAMMAS = (1.25, 1.5, 2.0)
 TABLE_SCALES = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
@@ -126,9 +130,9 @@ def prompts(samples_per_class: int, first_seed: int = 1000):
 
 
 def compare(scale: float, gamma: float, samples_per_class: int, settings: Settings,
-            evaluators: Evaluators) -> tuple[Scores, Scores]:
+            evaluators: Evaluators, lora_path=LORA_PATH) -> tuple[Scores, Scores]:
     """(LoRA + CFG, AutoLoRA + CFG) scores at one LoRA scale, on the same seeds."""
-    model, factors = load_lora_model(scale)
+    model, factors = load_lora_model(scale, lora_path=lora_path)
     labels, seeds = prompts(samples_per_class)
     lora = evaluators.score(sample_lora_cfg(model, labels, seeds, settings), labels)
     auto = evaluators.score(sample_autolora(model, factors, labels, seeds, gamma, settings), labels)
@@ -136,7 +140,7 @@ def compare(scale: float, gamma: float, samples_per_class: int, settings: Settin
 
 
 # -- the grid -----------------------------------------------------------------------------------
-def render_grid(rows, path: Path, cell: int = 4, gap: int = 2, label_width: int = 150) -> None:
+def render_grid(rows, path: Path, cell: int = 4, gap: int = 2, label_width: int = 190) -> None:
     """rows: [(label, images (n, 1, 8, 8) in [-1, 1] or None for an empty cell)] -> PNG."""
     from PIL import Image, ImageDraw
     columns = max(len(images) for _, images in rows)
@@ -158,22 +162,30 @@ def render_grid(rows, path: Path, cell: int = 4, gap: int = 2, label_width: int 
     canvas.save(path)
 
 
-def grid_rows(settings: Settings, seeds_per_class: int = 3, scale: float = 1.0, gammas=GRID_GAMMAS):
+def training_digits(style: str, seeds_per_class: int) -> list:
+    """A LoRA's training digits laid out like the samples: `seeds_per_class` cells per digit."""
     images, labels = data.load_digits()
     subset = data.lora_subset(labels, LORA["per_class"], LORA["subset_seed"])
-    styled = data.stylize(images[subset])
-    reference = []
+    styled = data.STYLES[style].apply(images[subset])
+    cells = []
     for digit in range(data.NUM_DIGITS):
         mine = [styled[i] for i in range(len(subset)) if int(labels[subset[i]]) == digit]
-        reference.extend((mine + [None] * seeds_per_class)[:seeds_per_class])
+        cells.extend((mine + [None] * seeds_per_class)[:seeds_per_class])
+    return cells
 
-    model, factors = load_lora_model(scale)
+
+def grid_rows(settings: Settings, seeds_per_class: int = 3, scale: float = 1.0, gammas=GRID_GAMMAS,
+              styles=SHIPPED_STYLES):
     labels, seeds = prompts(seeds_per_class)
-    rows = [("LoRA training set", reference),
-            (f"base + CFG {settings.cfg:g}", sample_autolora(model, factors, labels, seeds, 0.0, settings)),
-            (f"LoRA {scale:g} + CFG", sample_lora_cfg(model, labels, seeds, settings))]
-    for gamma in gammas:
-        rows.append((f"AutoLoRA g={gamma:g} + CFG", sample_autolora(model, factors, labels, seeds, gamma, settings)))
+    rows = []
+    for style in styles:
+        model, factors = load_lora_model(scale, lora_path=LORA_PATHS[style])
+        if not rows:  # the base model's samples do not depend on which LoRA the strategy removes
+            rows.append((f"base + CFG {settings.cfg:g}", sample_autolora(model, factors, labels, seeds, 0.0, settings)))
+        rows += [(f"{style}: training set", training_digits(style, seeds_per_class)),
+                 (f"LoRA {scale:g} + CFG", sample_lora_cfg(model, labels, seeds, settings))]
+        for gamma in gammas:
+            rows.append((f"AutoLoRA g={gamma:g} + CFG", sample_autolora(model, factors, labels, seeds, gamma, settings)))
     return rows
 
 
@@ -187,23 +199,27 @@ def main(argv=None) -> None:
     parser.add_argument("--sampler", default=Settings.sampler, choices=sorted(ksampling.SAMPLERS))
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--strategy", default=Settings.strategy, choices=["batched", "sequential", "swap", "toggle"])
+    parser.add_argument("--styles", nargs="+", default=list(SHIPPED_STYLES), choices=SHIPPED_STYLES,
+                        help="which shipped LoRAs")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = replace(Settings(), cfg=args.cfg, sampler=args.sampler, steps=args.steps, strategy=args.strategy)
     start = time.time()
 
-    render_grid(grid_rows(settings), args.grid)
+    render_grid(grid_rows(settings, styles=args.styles), args.grid)
     print(f"grid: {args.grid}")
 
-    evaluators = Evaluators.load()
-    base_model, base_factors = load_lora_model(1.0)
     labels, seeds = prompts(args.samples)
-    base = evaluators.score(sample_autolora(base_model, base_factors, labels, seeds, 0.0, settings), labels)
-    rows = [(scale, *compare(scale, args.gamma, args.samples, settings, evaluators)) for scale in args.scales]
-    print(f"\nLoRA+CFG vs AutoLoRA+CFG (gamma {args.gamma:g}), CFG {settings.cfg:g} in both branches, "
-          f"{settings.sampler} {settings.steps} steps, {args.samples} seeds x 10 digits per cell")
-    print(format_table(rows, base))
+    for style in args.styles:
+        evaluators = Evaluators.load(EVALUATORS_PATHS[style])
+        base_model, base_factors = load_lora_model(1.0, lora_path=LORA_PATHS[style])
+        base = evaluators.score(sample_autolora(base_model, base_factors, labels, seeds, 0.0, settings), labels)
+        rows = [(scale, *compare(scale, args.gamma, args.samples, settings, evaluators, LORA_PATHS[style]))
+                for scale in args.scales]
+        print(f"\nLoRA {style!r}: LoRA+CFG vs AutoLoRA+CFG (gamma {args.gamma:g}), CFG {settings.cfg:g} in both "
+              f"branches, {settings.sampler} {settings.steps} steps, {args.samples} seeds x 10 digits per cell")
+        print(format_table(rows, base))
     print(f"\n({time.time() - start:.0f} s)")
 
 

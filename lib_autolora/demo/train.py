@@ -7,13 +7,14 @@ Three stages, each from its own fixed seed:
 1. evaluators: the digit classifier (feature extractor) and the style classifier (metrics.py);
 2. base: the class-conditional TinyDiffusionModel on all 1,797 plain digits, EDM loss, 10% of
    labels replaced by the null class so that the model also learns the CFG uncond;
-3. LoRA: rank-4 factors on every Linear / Conv2d of the denoiser and the text encoder, trained on
-   20 "italic negative" digits (2 per class) for thousands of epochs, so that it overfits the way
-   community LoRAs do (it reproduces its training digits); 10% caption dropout (kohya's
+3. LoRAs: rank-4 factors on every Linear / Conv2d of the denoiser and the text encoder, trained on
+   20 digits (2 per class) in one style for thousands of epochs, so that they overfit the way
+   community LoRAs do (they reproduce their training digits); two are shipped, "italic negative"
+   and "bold" (thick strokes), each with evaluators for its style; 10% caption dropout (kohya's
    `--caption_dropout_rate`), without which the LoRA'd model's uncond is untrained and CFG breaks
    its samples. Saved in kohya's format, which `lib_autolora.kohya` reads.
 
-About 4 minutes on two idle cores (evaluators ~25 s, base ~3 min, LoRA ~1 min); much longer on a
+About 5 minutes on two idle cores (evaluators ~10 s, base ~3 min, each LoRA ~1 min); much longer on a
 loaded machine. Bit-identical files need the same torch build, CPU kind and thread count.
 """
 from __future__ import annotations
@@ -38,6 +39,11 @@ BASE_FILE = "base.safetensors"
 LORA_FILE = "lora_italic_negative.safetensors"
 EVALUATORS_FILE = "evaluators.safetensors"
 STAGES = ("evaluators", "base", "lora")
+# Two shipped LoRAs, one recipe: a style far from anything the base knows (the palette inverted)
+# and one near it (thick strokes); AutoLoRA behaves oppositely on them (docs/demo.md).
+SHIPPED_STYLES = (data.STYLE_NAME, "bold")
+LORA_FILES = {data.STYLE_NAME: LORA_FILE, "bold": "lora_bold.safetensors"}
+EVALUATORS_FILES = {data.STYLE_NAME: EVALUATORS_FILE, "bold": "evaluators_bold.safetensors"}
 
 MODEL_CONFIG = dict(num_classes=data.NUM_DIGITS + 1, width=32, context_dim=32, channels=1)
 
@@ -276,17 +282,19 @@ def main(argv=None) -> None:
     start = time.time()
 
     if "evaluators" in args.stages:
-        evaluators, report = train_evaluators(images, labels)
-        save_evaluators(evaluators, report, args.out / EVALUATORS_FILE)
-        log(f"evaluators written: {report}")
+        for name in SHIPPED_STYLES:
+            evaluators, report = train_evaluators(images, labels, style=data.STYLES[name])
+            save_evaluators(evaluators, report, args.out / EVALUATORS_FILES[name])
+            log(f"evaluators for {name!r} written: {report}")
     if "base" in args.stages:
         save_base(train_base(images, labels), args.out / BASE_FILE)
         log(f"base model written ({time.time() - start:.0f} s so far)")
     if "lora" in args.stages:
-        state_dict, subset = train_lora(load_base(args.out / BASE_FILE), images, labels)
-        save_lora(state_dict, subset, args.out / LORA_FILE)
-        log(f"LoRA written ({time.time() - start:.0f} s so far)")
-    for name in (BASE_FILE, LORA_FILE, EVALUATORS_FILE):
+        for name in SHIPPED_STYLES:
+            state_dict, subset = train_lora(load_base(args.out / BASE_FILE), images, labels, style=data.STYLES[name])
+            save_lora(state_dict, subset, args.out / LORA_FILES[name], style_name=name)
+            log(f"LoRA {name!r} written ({time.time() - start:.0f} s so far)")
+    for name in (BASE_FILE, *LORA_FILES.values(), *EVALUATORS_FILES.values()):
         log(f"  {args.out / name}: {(args.out / name).stat().st_size / 1024:.0f} KiB")
 
 

@@ -24,11 +24,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from . import data
-from .__main__ import (BASE_PATH, LORA_PATH, Settings, load_lora_model, prompts, sample_autolora,
-                       sample_lora_cfg)
-from .metrics import EVALUATORS_FILE, Evaluators, Scores, pixel_diversity
+from .__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATHS, Settings, load_lora_model, prompts,
+                       sample_autolora, sample_lora_cfg)
+from .metrics import Evaluators, Scores, copied_share, pixel_diversity
 from .sweep import STYLE_MARGIN, claim_holds, stream_rows
-from .train import EVAL, LORA, edm_loss, load_base, save_evaluators, save_lora, train_evaluators, train_lora
+from .train import EVAL, LORA, SHIPPED_STYLES, edm_loss, load_base, save_evaluators, save_lora, train_evaluators, train_lora
 
 CACHE = Path("out/variants")
 SCALES = (0.6, 0.8, 1.0)
@@ -48,7 +48,7 @@ class Variant:
 
     @property
     def shipped(self) -> bool:
-        return self.style == data.STYLE_NAME and self.per_class == LORA["per_class"]
+        return self.style in SHIPPED_STYLES and self.per_class == LORA["per_class"]
 
     def lora_config(self) -> dict:
         """The shipped recipe; repeats keep a step's batch near the shipped 80 (at least one copy)."""
@@ -57,7 +57,7 @@ class Variant:
 
 
 VARIANTS = (
-    Variant(data.STYLE_NAME, 2),  # the shipped LoRA: the reference row
+    Variant(data.STYLE_NAME, 2),  # the first shipped LoRA: the reference row
     Variant("italic", 2),  # the slant alone: the style nearest to what the base model saw
     Variant("negative", 2),
     Variant("bold", 2),
@@ -90,13 +90,13 @@ class Files:
 def prepare(variant: Variant, cache: Path = CACHE, base_path: Path = BASE_PATH,
             lora_cfg: Optional[dict] = None, eval_cfg: dict = EVAL,
             log: Callable[[str], None] = print) -> Files:
-    """The variant's LoRA and its style's evaluators: the shipped files for the shipped LoRA and
+    """The variant's LoRA and its style's evaluators: the shipped files for a shipped LoRA and
     style, else trained (deterministically, from the shipped base) into `cache`, or reused from
     there when they were trained with the same recipe."""
     style = data.STYLES[variant.style]
     lora_cfg = lora_cfg or variant.lora_config()
-    if variant.style == data.STYLE_NAME and eval_cfg == EVAL:
-        evaluators_path = EVALUATORS_FILE
+    if variant.style in SHIPPED_STYLES and eval_cfg == EVAL:
+        evaluators_path = EVALUATORS_PATHS[variant.style]
     else:
         evaluators_path = cache / f"evaluators_{_slug(variant.style)}.safetensors"
         recipe = json.dumps({"style": variant.style, **eval_cfg})
@@ -107,7 +107,7 @@ def prepare(variant: Variant, cache: Path = CACHE, base_path: Path = BASE_PATH,
             save_evaluators(evaluators, report, evaluators_path, extra={"autolora_demo_training": recipe})
             log(f"trained evaluators for {variant.style!r} in {time.time() - start:.0f} s: {report}")
     if variant.shipped and lora_cfg == LORA:
-        return Files(LORA_PATH, evaluators_path)
+        return Files(LORA_PATHS[variant.style], evaluators_path)
     lora_path = cache / f"lora_{_slug(variant.style)}_{variant.per_class * data.NUM_DIGITS}.safetensors"
     if not (_is_current(lora_path, "autolora_demo_training", json.dumps(lora_cfg))
             and _metadata(lora_path).get("autolora_demo_style") == variant.style):
@@ -126,6 +126,7 @@ class Row:
     lora: Scores  # LoRA + CFG, i.e. AutoLoRA at gamma 1
     autos: dict  # gamma -> AutoLoRA + CFG scores
     pixels: dict  # 1.0 (LoRA + CFG) and each gamma -> Eq. 8 on raw pixels: no trained network
+    copied: dict  # 1.0 and each gamma -> metrics.copied_share: samples that copy a training digit
 
     @property
     def holds(self) -> bool:
@@ -152,13 +153,19 @@ def measure(variant: Variant, files: Files, scales: Sequence[float] = SCALES,
     """One Row per LoRA scale: LoRA + CFG and AutoLoRA + CFG at each gamma, on the same seeds."""
     evaluators = Evaluators.load(files.evaluators)
     labels, seeds = prompts(samples_per_class, first_seed=first_seed)
+    digits, digit_labels = data.load_digits()
+    styled = data.STYLES[variant.style].apply(digits)
+    trained = torch.zeros(len(digit_labels), dtype=torch.bool)
+    trained[data.lora_subset(digit_labels, variant.per_class, LORA["subset_seed"])] = True
+    pools = (styled[trained], digit_labels[trained], styled[~trained], digit_labels[~trained])
     for scale in scales:
         model, factors = load_lora_model(scale, lora_path=files.lora)
         images = {1.0: sample_lora_cfg(model, labels, seeds, settings)}
         images.update((g, sample_autolora(model, factors, labels, seeds, g, settings)) for g in gammas)
         scores = {g: evaluators.score(x, labels) for g, x in images.items()}
         pixels = {g: pixel_diversity(x, labels)[0] for g, x in images.items()}
-        yield Row(variant, scale, scores.pop(1.0), scores, pixels)
+        copied = {g: copied_share(x, labels, *pools) for g, x in images.items()}
+        yield Row(variant, scale, scores.pop(1.0), scores, pixels, copied)
 
 
 def base_style(files: Files, samples_per_class: int, settings: Settings, first_seed: int = FIRST_SEED) -> float:
@@ -174,15 +181,16 @@ def header(gammas: Sequence[float]) -> str:
     labels = ["LoRA+CFG (gamma 1)"] + [f"gamma {g:g}" for g in gammas]
     top = f"{'variant':27s} scale |" + "".join(f" {label:19s} |" for label in labels)
     sub = f"{'':33s} |" + f" {'Div':6s} {'Style':>5s} {'Acc':>5s}  |" * len(labels)
-    return (f"{top} claim | pixel Div, gamma 1 -> {CLAIM_GAMMA:g}\n"
-            f"{sub} holds | (Eq. 8 on the raw pixels)")
+    return (f"{top} claim | pixel Div, gamma 1 -> {CLAIM_GAMMA:g}   | copied, 1 -> {CLAIM_GAMMA:g}\n"
+            f"{sub} holds | (Eq. 8 on the raw pixels) | (a training digit)")
 
 
 def format_row(row: Row) -> str:
     fmt = lambda s: f" {s.diversity:6.4f} {s.style:5.2f} {s.accuracy:5.2f}  |"
     cells = fmt(row.lora) + "".join(fmt(row.autos[g]) for g in sorted(row.autos))
     return (f"{row.variant.name:27s} {row.scale:5.2f} |{cells} {'yes' if row.holds else 'no ':5s} | "
-            f"{row.pixels[1.0]:.4f} -> {row.pixels[CLAIM_GAMMA]:.4f} {'up' if row.holds_in_pixels else 'down'}")
+            f"{row.pixels[1.0]:.4f} -> {row.pixels[CLAIM_GAMMA]:.4f} {'up' if row.holds_in_pixels else 'down':4s} | "
+            f"{row.copied[1.0]:.2f} -> {row.copied[CLAIM_GAMMA]:.2f}")
 
 
 def main(argv=None) -> None:
