@@ -89,7 +89,8 @@ def copied_share(samples: torch.Tensor, labels: torch.Tensor, training: torch.Te
                  training_labels: torch.Tensor, others: torch.Tensor, other_labels: torch.Tensor) -> float:
     """How much a LoRA copies its training set: the share of samples nearer (Euclidean, pixels) to
     one of the training digits of their class than to any other digit of that class, all in the
-    LoRA's style. A LoRA that learned the style alone scores near its share of the digits (~1 %)."""
+    LoRA's style. A LoRA that learned the style alone scores near its training digits' share of the
+    class (1 % for 2 of ~180, 11 % for 20)."""
     copied = 0
     for sample, label in zip(samples, labels):
         distance = lambda pool, pool_labels: (pool[pool_labels == label] - sample).flatten(1).norm(dim=1).min()

@@ -40,10 +40,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .__main__ import Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
+from .__main__ import (EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model, prompts,
+                       sample_autolora, sample_lora_cfg)
 from .front import ACC_MARGIN, matched_scale, wins as beats  # beats: more diverse, accuracy within the margin
 from .metrics import Evaluators, Scores
 from .sweep import stream_rows
+from .train import SHIPPED_STYLES
 
 BASELINE_CFGS = (1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
 BASELINE_SCALES = tuple(round(0.1 * i, 1) for i in range(1, 15))  # 0.1 .. 1.4
@@ -143,10 +145,10 @@ class Point:
 
 
 def baseline_curves(evaluators: Evaluators, labels, seeds, cfgs: Sequence[float], scales: Sequence[float],
-                    settings: Settings) -> dict[float, list]:
+                    settings: Settings, lora_path=LORA_PATH) -> dict[float, list]:
     curves = {cfg: [] for cfg in cfgs}
     for scale in scales:
-        model, _ = load_lora_model(scale)
+        model, _ = load_lora_model(scale, lora_path=lora_path)
         for cfg in cfgs:
             images = sample_lora_cfg(model, labels, seeds, replace(settings, cfg=cfg))
             curves[cfg].append((scale, evaluators.score(images, labels)))
@@ -155,15 +157,16 @@ def baseline_curves(evaluators: Evaluators, labels, seeds, cfgs: Sequence[float]
 
 def run(evaluators: Evaluators, samples_per_class: int = 24, baseline_cfgs=BASELINE_CFGS,
         baseline_scales=BASELINE_SCALES, gammas=GAMMAS, scales=AUTO_SCALES, w1s=W1S, w2s=W2S,
-        settings: Settings = Settings(), curves: Optional[dict] = None, first_seed: int = FIRST_SEED):
+        settings: Settings = Settings(), curves: Optional[dict] = None, first_seed: int = FIRST_SEED,
+        lora_path=LORA_PATH):
     """Yields one Point per (gamma, AutoLoRA's LoRA scale, w1, w2), in the grid's order. The
     baseline curves are sampled first (or passed in, sampled on the same seeds)."""
     labels, seeds = prompts(samples_per_class, first_seed=first_seed)
     if curves is None:
-        curves = baseline_curves(evaluators, labels, seeds, baseline_cfgs, baseline_scales, settings)
+        curves = baseline_curves(evaluators, labels, seeds, baseline_cfgs, baseline_scales, settings, lora_path)
     measured_at: dict[tuple[float, float], Scores] = {}
     for scale in scales:
-        model, factors = load_lora_model(scale)
+        model, factors = load_lora_model(scale, lora_path=lora_path)
         for gamma, w1, w2 in itertools.product(gammas, w1s, w2s):
             # with w1 and w2 given, settings.cfg is used only outside a guidance interval (none here)
             images = sample_autolora(model, factors, labels, seeds, gamma, replace(settings, cfg=w2), w1=w1, w2=w2)
@@ -174,7 +177,7 @@ def run(evaluators: Evaluators, samples_per_class: int = 24, baseline_cfgs=BASEL
                 if answer is not None:
                     key = (answer.cfg, round(answer.scale, 4))
                     if key not in measured_at:
-                        lora_model, _ = load_lora_model(key[1])
+                        lora_model, _ = load_lora_model(key[1], lora_path=lora_path)
                         measured_at[key] = evaluators.score(
                             sample_lora_cfg(lora_model, labels, seeds, replace(settings, cfg=answer.cfg)), labels)
                     candidates.append(Candidate(answer.cfg, answer.scale, measured_at[key], "matched"))
@@ -217,19 +220,22 @@ def main(argv=None) -> None:
     parser.add_argument("--w2s", type=float, nargs="+", default=list(W2S))
     parser.add_argument("--first-seed", type=int, default=FIRST_SEED,
                         help="seeds first_seed .. first_seed + samples - 1 for every digit; another range re-checks a result")
+    parser.add_argument("--style", default=SHIPPED_STYLES[0], choices=SHIPPED_STYLES, help="which shipped LoRA")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.time()
-    evaluators = Evaluators.load()
+    evaluators = Evaluators.load(EVALUATORS_PATHS[args.style])
+    lora_path = LORA_PATHS[args.style]
     labels, seeds = prompts(args.samples, first_seed=args.first_seed)
-    curves = baseline_curves(evaluators, labels, seeds, BASELINE_CFGS, BASELINE_SCALES, Settings())
-    print(f"AutoLoRA+CFG against LoRA+CFG at any LoRA scale and CFG, {Settings.sampler} {Settings.steps} "
+    curves = baseline_curves(evaluators, labels, seeds, BASELINE_CFGS, BASELINE_SCALES, Settings(), lora_path)
+    print(f"LoRA {args.style!r}: AutoLoRA+CFG against LoRA+CFG at any LoRA scale and CFG, {Settings.sampler} {Settings.steps} "
           f"steps, {args.samples} seeds ({args.first_seed}-{args.first_seed + args.samples - 1}) x 10 digits per cell; beyond front = no LoRA+CFG setting matches "
           f"its style with at least its Diversity at Acc within {ACC_MARGIN}; judged when Acc >= {MIN_ACCURACY}")
     print(format_curves(curves), flush=True)
     points = stream_rows(HEADER, run(evaluators, args.samples, gammas=args.gammas, scales=args.scales, w1s=args.w1s,
-                                     w2s=args.w2s, curves=curves, first_seed=args.first_seed), format_point)
+                                     w2s=args.w2s, curves=curves, first_seed=args.first_seed, lora_path=lora_path),
+                         format_point)
     judged = [p for p in points if p.judged]
     print(f"judged {len(judged)} of {len(points)} AutoLoRA points; beyond LoRA+CFG's front: "
           f"{sum(p.beyond for p in judged)} ({time.time() - start:.0f} s)")

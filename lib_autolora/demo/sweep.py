@@ -21,8 +21,10 @@ from typing import Sequence
 import torch
 
 from . import ksampling
-from .__main__ import Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
+from .__main__ import (EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model, prompts,
+                       sample_autolora, sample_lora_cfg)
 from .metrics import Evaluators, Scores
+from .train import SHIPPED_STYLES
 
 STYLE_MARGIN = 0.25  # style presence (0-5) AutoLoRA may lose and still "keep the style"
 TIE = 1e-6  # diversity differences below float rounding of the two sampling paths are ties
@@ -53,11 +55,11 @@ class Cell:
 
 def run(evaluators: Evaluators, gamma: float = 1.5, scales: Sequence[float] = SCALES,
         samplers: Sequence[str] = SAMPLERS, pairs=GUIDANCE_PAIRS, samples_per_class: int = 24,
-        settings: Settings = Settings()):
+        settings: Settings = Settings(), lora_path=LORA_PATH):
     """Yields one Cell per (scale, sampler, (w1, w2)), in the grid's order."""
     labels, seeds = prompts(samples_per_class, first_seed=FIRST_SEED)
     for scale in scales:
-        model, factors = load_lora_model(scale)
+        model, factors = load_lora_model(scale, lora_path=lora_path)
         for sampler, (w1, w2) in itertools.product(samplers, pairs):
             s = replace(settings, sampler=sampler, cfg=w2)
             lora = evaluators.score(sample_lora_cfg(model, labels, seeds, s), labels)
@@ -92,14 +94,16 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=24, help="samples per digit class and cell")
     parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=sorted(ksampling.SAMPLERS))
+    parser.add_argument("--style", default=SHIPPED_STYLES[0], choices=SHIPPED_STYLES, help="which shipped LoRA")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.time()
-    print(f"AutoLoRA gamma {args.gamma:g} vs LoRA+CFG, {args.samples} seeds x 10 digits per cell, "
+    print(f"LoRA {args.style!r}: AutoLoRA gamma {args.gamma:g} vs LoRA+CFG, {args.samples} seeds x 10 digits per cell, "
           f"{Settings.steps} steps; claim = higher Diversity and Style within {STYLE_MARGIN}")
-    cells = stream_rows(HEADER, run(Evaluators.load(), args.gamma, args.scales, args.samplers,
-                                    samples_per_class=args.samples), format_cell)
+    cells = stream_rows(HEADER, run(Evaluators.load(EVALUATORS_PATHS[args.style]), args.gamma, args.scales,
+                                    args.samplers, samples_per_class=args.samples, lora_path=LORA_PATHS[args.style]),
+                        format_cell)
     print(f"claim holds in {sum(c.holds for c in cells)} of {len(cells)} settings ({time.time() - start:.0f} s)")
 
 
