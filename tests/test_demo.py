@@ -1,5 +1,6 @@
 """The offline demo: shipped weights, the training pieces, and the quality claim on real samples."""
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,6 +102,21 @@ def test_sweep_baseline_is_what_gamma_1_gives(evaluators):
     assert cell.auto.style == pytest.approx(cell.lora.style, abs=1e-3)
     assert not cell.holds
     assert "euler_a" in sweep.format_cell(cell) and sweep.format_cell(cell).endswith("no")
+
+
+def test_sweep_and_pareto_sample_the_lora_they_are_given(style_evaluators):
+    """--style bold: both checks sample the bold LoRA, not the default one."""
+    evaluators, settings = style_evaluators["bold"], Settings(steps=4)
+    labels, seeds = prompts(2, first_seed=sweep.FIRST_SEED)
+    model, _ = load_lora_model(1.0, lora_path=LORA_PATHS["bold"])
+    expected = evaluators.score(sample_lora_cfg(model, labels, seeds, replace(settings, cfg=4.0)), labels)
+    (cell,) = sweep.run(evaluators, scales=[1.0], samplers=["dpmpp_2m"], pairs=[(4.0, 4.0)], samples_per_class=2,
+                        settings=settings, lora_path=LORA_PATHS["bold"])
+    assert cell.lora == expected
+    curves = pareto.baseline_curves(evaluators, labels, seeds, [4.0], [1.0], settings, LORA_PATHS["bold"])
+    assert curves[4.0] == [(1.0, expected)]
+    default = pareto.baseline_curves(evaluators, labels, seeds, [4.0], [1.0], settings)
+    assert default[4.0][0][1] != expected
 
 
 def test_front_matches_the_style_on_the_lora_cfg_curve():
