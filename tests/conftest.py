@@ -15,3 +15,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _no_grad():
     with torch.no_grad():
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The demo's batches are small: on a shared CPU two OpenMP threads wait on each other at every
+    op (7x slower measured under load), one thread does not. The demo's test modules use it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

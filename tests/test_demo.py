@@ -25,14 +25,7 @@ QUALITY_SEEDS_PER_CLASS = 24  # x 10 digits = 240 samples per method
 STYLE_MARGIN = sweep.STYLE_MARGIN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The demo's batches are small: on a shared CPU two OpenMP threads wait on each other at every
-    op (7x slower measured under load), one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from lib_autolora.kohya import factors_from_kohya
 TINY_EVAL = {**EVAL, "epochs": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

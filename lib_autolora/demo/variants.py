@@ -2,15 +2,16 @@
 
     python -m lib_autolora.demo.variants     # trains what it needs into out/variants, then measures
 
-Every earlier check used the one shipped LoRA: "italic negative", 20 training digits, a style far
-from anything the base model saw. This trains LoRAs with the shipped recipe (`train.LORA`: rank 4,
-1,500 steps, caption dropout) in the issue's other styles, each alone (italic, negative, bold
-strokes), and on ten times the training digits (less overfit); trains evaluators for each style
-with the shipped recipe (`train.EVAL`); and asks the demo's question of each: AutoLoRA + CFG at
+The earlier checks (sweep, front, metric_check, pareto) were first run on the demo's first LoRA:
+"italic negative", 20 training digits, a style far from anything the base model saw. This trains
+LoRAs with the shipped recipe (`train.LORA`: rank 4, 1,500 steps, caption dropout) in the issue's
+other styles, each alone (italic, negative, bold strokes), and on ten times the training digits
+(less overfit); trains evaluators for each style with the shipped recipe (`train.EVAL`); and asks the demo's question of each: AutoLoRA + CFG at
 gamma 1.5 against LoRA + CFG at the same LoRA scale, same seeds, CFG 4 in both branches; the
 claim holds when AutoLoRA is more diverse with its style within `sweep.STYLE_MARGIN`
 (`sweep.claim_holds`). Gammas 1.25 and 2 are printed beside it. The variants, scales and seeds
-are declared here, before any of them was run, and every row is printed.
+are declared here, before any of them was run, and every row is printed. The "bold, 20 digits"
+variant found here is now shipped (`train.SHIPPED_STYLES`), and its shipped files are used.
 """
 from __future__ import annotations
 
