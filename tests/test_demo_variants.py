@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lib_autolora.demo import data, variants
-from lib_autolora.demo.__main__ import BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
+from lib_autolora.demo.__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model,
+                                        prompts, sample_autolora, sample_lora_cfg)
 from lib_autolora.demo.metrics import EVALUATORS_FILE, Evaluators, copied_share, pixel_diversity
 from lib_autolora.demo.sweep import claim_holds
 from lib_autolora.demo.train import EVAL, LORA, SHIPPED_STYLES, load_base, train_evaluators
@@ -114,7 +115,8 @@ def test_a_row_is_the_variants_lora_cfg_and_autolora_on_the_same_seeds():
     styled, trained = data.stylize(digits), torch.zeros(len(digit_labels), dtype=torch.bool)
     trained[data.lora_subset(digit_labels, 2, LORA["subset_seed"])] = True
     pools = styled[trained], digit_labels[trained], styled[~trained], digit_labels[~trained]
-    assert row.copied == {1.0: copied_share(lora_images, labels, *pools), 1.5: copied_share(auto_images, labels, *pools)}
+    assert row.copied == {1.0: copied_share(lora_images, labels, *pools),
+                          1.5: copied_share(auto_images, labels, *pools)}
     assert f"| {'yes' if row.holds else 'no '}   | " in variants.format_row(row)
 
 

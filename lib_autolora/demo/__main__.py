@@ -185,7 +185,8 @@ def grid_rows(settings: Settings, seeds_per_class: int = 3, scale: float = 1.0, 
         rows += [(f"{style}: training set", training_digits(style, seeds_per_class)),
                  (f"LoRA {scale:g} + CFG", sample_lora_cfg(model, labels, seeds, settings))]
         for gamma in gammas:
-            rows.append((f"AutoLoRA g={gamma:g} + CFG", sample_autolora(model, factors, labels, seeds, gamma, settings)))
+            images = sample_autolora(model, factors, labels, seeds, gamma, settings)
+            rows.append((f"AutoLoRA g={gamma:g} + CFG", images))
     return rows
 
 

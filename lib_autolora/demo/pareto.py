@@ -229,7 +229,8 @@ def main(argv=None) -> None:
     lora_path = LORA_PATHS[args.style]
     labels, seeds = prompts(args.samples, first_seed=args.first_seed)
     curves = baseline_curves(evaluators, labels, seeds, BASELINE_CFGS, BASELINE_SCALES, Settings(), lora_path)
-    print(f"LoRA {args.style!r}: AutoLoRA+CFG against LoRA+CFG at any LoRA scale and CFG, {Settings.sampler} {Settings.steps} "
+    print(f"LoRA {args.style!r}: AutoLoRA+CFG against LoRA+CFG at any LoRA scale and CFG, "
+          f"{Settings.sampler} {Settings.steps} "
           f"steps, {args.samples} seeds ({args.first_seed}-{args.first_seed + args.samples - 1}) x 10 digits per cell; beyond front = no LoRA+CFG setting matches "
           f"its style with at least its Diversity at Acc within {ACC_MARGIN}; judged when Acc >= {MIN_ACCURACY}")
     print(format_curves(curves), flush=True)

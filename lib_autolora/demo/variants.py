@@ -6,12 +6,13 @@ The earlier checks (sweep, front, metric_check, pareto) were first run on the de
 "italic negative", 20 training digits, a style far from anything the base model saw. This trains
 LoRAs with the shipped recipe (`train.LORA`: rank 4, 1,500 steps, caption dropout) in the issue's
 other styles, each alone (italic, negative, bold strokes), and on ten times the training digits
-(less overfit); trains evaluators for each style with the shipped recipe (`train.EVAL`); and asks the demo's question of each: AutoLoRA + CFG at
-gamma 1.5 against LoRA + CFG at the same LoRA scale, same seeds, CFG 4 in both branches; the
-claim holds when AutoLoRA is more diverse with its style within `sweep.STYLE_MARGIN`
-(`sweep.claim_holds`). Gammas 1.25 and 2 are printed beside it. The variants, scales and seeds
-are declared here, before any of them was run, and every row is printed. The "bold, 20 digits"
-variant found here is now shipped (`train.SHIPPED_STYLES`), and its shipped files are used.
+(less overfit); trains evaluators for each style with the shipped recipe (`train.EVAL`); and asks
+the demo's question of each: AutoLoRA + CFG at gamma 1.5 against LoRA + CFG at the same LoRA
+scale, same seeds, CFG 4 in both branches; the claim holds when AutoLoRA is more diverse with its
+style within `sweep.STYLE_MARGIN` (`sweep.claim_holds`). Gammas 1.25 and 2 are printed beside it.
+The variants, scales and seeds are declared here, before any of them was run, and every row is
+printed. The "bold, 20 digits" variant found here is now shipped (`train.SHIPPED_STYLES`), and its
+shipped files are used.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from .__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATHS, Settings, load_l
                        sample_autolora, sample_lora_cfg)
 from .metrics import Evaluators, Scores, copied_share, pixel_diversity
 from .sweep import STYLE_MARGIN, claim_holds, stream_rows
-from .train import EVAL, LORA, SHIPPED_STYLES, edm_loss, load_base, save_evaluators, save_lora, train_evaluators, train_lora
+from .train import (EVAL, LORA, SHIPPED_STYLES, edm_loss, load_base, save_evaluators, save_lora, train_evaluators,
+                    train_lora)
 
 CACHE = Path("out/variants")
 SCALES = (0.6, 0.8, 1.0)
@@ -77,9 +79,17 @@ def _metadata(path: Path) -> dict:
         return f.metadata() or {}
 
 
-def _is_current(path: Path, key: str, value: str) -> bool:
+def _recipe(style: str, cfg: dict) -> dict:
+    """The metadata a trained file records (`train.save_lora`'s keys) and a cached file must match."""
+    return {"autolora_demo_style": style, "autolora_demo_training": json.dumps(cfg)}
+
+
+def _trained_with(path: Path, recipe: dict) -> bool:
     """A cached file is reused only if it was trained with the recipe asked for now."""
-    return path.exists() and _metadata(path).get(key) == value
+    if not path.exists():
+        return False
+    metadata = _metadata(path)
+    return all(metadata.get(k) == v for k, v in recipe.items())
 
 
 @dataclass(frozen=True)
@@ -100,18 +110,17 @@ def prepare(variant: Variant, cache: Path = CACHE, base_path: Path = BASE_PATH,
         evaluators_path = EVALUATORS_PATHS[variant.style]
     else:
         evaluators_path = cache / f"evaluators_{_slug(variant.style)}.safetensors"
-        recipe = json.dumps({"style": variant.style, **eval_cfg})
-        if not _is_current(evaluators_path, "autolora_demo_training", recipe):
+        recipe = _recipe(variant.style, eval_cfg)
+        if not _trained_with(evaluators_path, recipe):
             cache.mkdir(parents=True, exist_ok=True)
             start = time.time()
             evaluators, report = train_evaluators(*data.load_digits(), cfg=eval_cfg, style=style)
-            save_evaluators(evaluators, report, evaluators_path, extra={"autolora_demo_training": recipe})
+            save_evaluators(evaluators, report, evaluators_path, extra=recipe)
             log(f"trained evaluators for {variant.style!r} in {time.time() - start:.0f} s: {report}")
     if variant.shipped and lora_cfg == LORA:
         return Files(LORA_PATHS[variant.style], evaluators_path)
     lora_path = cache / f"lora_{_slug(variant.style)}_{variant.per_class * data.NUM_DIGITS}.safetensors"
-    if not (_is_current(lora_path, "autolora_demo_training", json.dumps(lora_cfg))
-            and _metadata(lora_path).get("autolora_demo_style") == variant.style):
+    if not _trained_with(lora_path, _recipe(variant.style, lora_cfg)):
         cache.mkdir(parents=True, exist_ok=True)
         start = time.time()
         state_dict, subset = train_lora(load_base(base_path), *data.load_digits(), cfg=lora_cfg, style=style)
@@ -209,9 +218,9 @@ def main(argv=None) -> None:
     settings = Settings()
     print("How far each style is from the base model: its denoising loss on all 1,797 digits in the style "
           "(on the plain ones), and the style presence of its own samples (base + CFG):")
-    for style in dict.fromkeys(v.style for v in variants):
+    for style, style_files in {v.style: files[v] for v in variants}.items():  # base samples: any LoRA of the style
         styled, plain = base_fit(data.STYLES[style])
-        drawn = base_style(files[next(v for v in variants if v.style == style)], args.samples, settings, args.first_seed)
+        drawn = base_style(style_files, args.samples, settings, args.first_seed)
         print(f"  {style:16s} loss {styled:.3f} ({plain:.3f} plain); base + CFG style {drawn:.2f}")
     print(f"\nLoRA+CFG vs AutoLoRA+CFG at the same LoRA scale, CFG {settings.cfg:g} in both branches, "
           f"{settings.sampler} {settings.steps} steps, {args.samples} seeds x 10 digits per cell (seeds from "
