@@ -118,6 +118,9 @@ def test_front_matches_the_style_on_the_lora_cfg_curve():
     assert front.matched_scale(curve, 3.0) == 0.4  # a grid point
     assert front.matched_scale(curve, 0.5) == 0.2  # below the curve's start: its lowest scale
     assert front.matched_scale(curve, 5.0 + front.STYLE_TIE / 2) == 0.8  # a float rounding apart
+    # the curve's point a rounding above the style (4e-6, seen on another CPU): that point, not a
+    # value interpolated a hair below it
+    assert front.matched_scale(curve, 3.0 - 4e-6) == 0.4
     assert front.matched_scale(curve, 5.1) is None  # LoRA + CFG never gets there
     # Non-monotone: the first crossing, i.e. the lowest LoRA scale that gives the style.
     assert front.matched_scale([(0.2, 1.0), (0.4, 4.0), (0.6, 3.0), (0.8, 5.0)], 3.5) == pytest.approx(0.3667, abs=1e-4)
