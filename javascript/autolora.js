@@ -1,27 +1,22 @@
 // AutoLoRA tooltips. The texts are not repeated here: they come from the parameter table
-// (lib_autolora/params.py), which the extension serves at /autolora/v1/params; each control's
-// DOM id is autolora_<tab>_<name> (lib_autolora/hosts/common.py: elem_id).
+// (lib_autolora/params.py), which scripts/autolora.py puts into the page as the data-tooltips
+// attribute of #autolora_<tab>_tooltips; each control's DOM id is autolora_<tab>_<name>.
 (function() {
-    function applyTooltips(table) {
-        ["txt2img", "img2img"].forEach(function(tab) {
-            table.params.forEach(function(param) {
-                var root = gradioApp().getElementById("autolora_" + tab + "_" + param.name);
-                if (!root) return;
-                root.title = param.tooltip;
-                root.querySelectorAll("label, input, textarea, span, button").forEach(function(el) {
-                    el.title = param.tooltip;
-                });
+    function applyTooltips(tab) {
+        var holder = gradioApp().getElementById("autolora_" + tab + "_tooltips");
+        if (!holder || !holder.dataset.tooltips) return;
+        var tooltips = JSON.parse(holder.dataset.tooltips);
+        Object.keys(tooltips).forEach(function(name) {
+            var root = gradioApp().getElementById("autolora_" + tab + "_" + name);
+            if (!root) return;
+            root.title = tooltips[name];
+            root.querySelectorAll("label, input, textarea, span, button").forEach(function(el) {
+                el.title = tooltips[name];
             });
         });
     }
 
-    function load() {
-        var base = (typeof gradio_config !== "undefined" && gradio_config.root) ? gradio_config.root : "";
-        fetch(base + "/autolora/v1/params")
-            .then(function(response) { return response.ok ? response.json() : null; })
-            .then(function(table) { if (table) applyTooltips(table); })
-            .catch(function() { /* the tooltips are a nicety; the controls work without them */ });
-    }
-
-    onUiLoaded(load);
+    onUiLoaded(function() {
+        ["txt2img", "img2img"].forEach(applyTooltips);
+    });
 })();

@@ -21,6 +21,15 @@ import torch.nn.functional as F
 # Float dtypes a layer computes in; others (fp8 storage) are cast by the host per call.
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# The coefficient of the guided LoRAs' terms that the base-branch hooks add to a module's output,
+# which already holds them once (the host applied the LoRA): the base branch removes them
+# (BASE_COEF), the LoRA branch at LoRA scale s adds s - 1 more.
+BASE_COEF = -1.0
+
+
+def lora_branch_coef(lora_scale: float) -> float:
+    return float(lora_scale) - 1.0
+
 
 @dataclass
 class LowRankTerm:

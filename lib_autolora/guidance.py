@@ -9,36 +9,10 @@ predictions exactly as on eps predictions: the hosts blend whichever they have.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
-
-
-class GuidanceValueError(ValueError):
-    """A guidance scale that cannot be used (NaN, inf, negative CFG)."""
-
-
-def check_finite(name: str, value: float) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise GuidanceValueError(f"AutoLoRA: {name} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise GuidanceValueError(f"AutoLoRA: {name} must be a finite number, got {value!r}")
-    return value
-
-
-def check_scales(gamma: float, w1: float, w2: float) -> tuple[float, float, float]:
-    """γ may be any real number (0 = base only, 1 = LoRA only, >1 extrapolates); CFG scales ≥ 0."""
-    gamma = check_finite("gamma (AutoLoRA scale)", gamma)
-    w1 = check_finite("w1 (base CFG scale)", w1)
-    w2 = check_finite("w2 (LoRA CFG scale)", w2)
-    for name, w in (("w1 (base CFG scale)", w1), ("w2 (LoRA CFG scale)", w2)):
-        if w < 0:
-            raise GuidanceValueError(f"AutoLoRA: {name} must be >= 0, got {w}")
-    return gamma, w1, w2
 
 
 def cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -72,17 +46,11 @@ class GuidanceInterval:
     A model evaluation at sigma belongs to the step whose sigma range [sigmas[i], sigmas[i+1])
     contains it, so second-order samplers' intermediate evaluations follow their step.
     Outside the interval the step is the host's plain LoRA step, with no extra evaluation.
+    The bounds are validated with the other settings (lib_autolora.params).
     """
 
     start: float = 0.0
     end: float = 1.0
-
-    def __post_init__(self):
-        start = check_finite("interval start", self.start)
-        end = check_finite("interval end", self.end)
-        if not (0.0 <= start <= end <= 1.0):
-            raise GuidanceValueError(
-                f"AutoLoRA: guidance interval must satisfy 0 <= start <= end <= 1, got [{start}, {end}]")
 
     @property
     def is_full(self) -> bool:
@@ -113,10 +81,3 @@ def step_of_sigma(sigma: float, sigmas: Sequence[float]) -> int:
         if sigma <= upper * (1 + 1e-5) and sigma > lower * (1 + 1e-5):
             return i
     return 0 if sigma > values[0] else len(values) - 2
-
-
-def resolve_cfg_scale(value: Optional[float], generation_cfg: float) -> float:
-    """w1/w2 left unset (None) follow the generation's CFG scale."""
-    if value is None:
-        return float(generation_cfg)
-    return float(value)

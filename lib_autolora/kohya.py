@@ -8,7 +8,6 @@ The WebUI adapters read factors from the hosts' own loaded networks instead.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Mapping, Optional, Union
 

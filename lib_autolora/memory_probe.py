@@ -19,7 +19,7 @@ import ctypes.util
 import functools
 import gc
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -77,3 +77,34 @@ def live_tensor_bytes() -> tuple[int, int]:
         except Exception:  # noqa: BLE001 - exotic tensor subclasses (meta, sparse, fake) are not counted
             continue
     return total, len(seen)
+
+
+def residue_counts(callback_map: dict, module_roots: Iterable, extra: Optional[dict] = None) -> dict:
+    """What is registered in the host now: callbacks per list of the host's `script_callbacks`
+    (ours counted apart, by the `autolora` name or script path), forward (pre-)hooks on every module
+    of the model, and the adapter's own open state. Between generations, a clean extension leaves
+    these exactly as they were before its first generation."""
+    callbacks, ours = {}, 0
+    for name, entries in callback_map.items():
+        callbacks[name] = len(entries)
+        for entry in entries:
+            tag = f"{getattr(entry, 'name', '') or ''} {getattr(entry, 'script', '') or ''}".lower()
+            ours += "autolora" in tag
+    hooks, modules = 0, 0
+    seen = set()
+    for root in module_roots:
+        for module in getattr(root, "modules", lambda: [])():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            modules += 1
+            hooks += len(module._forward_hooks) + len(module._forward_pre_hooks)
+    # Raw RSS first, as the host left it; the trimmed reading collects garbage, so the tensors
+    # counted after it are the ones still referenced, not cycles waiting for the collector.
+    resident = resident_bytes()
+    trimmed = trimmed_resident_bytes()
+    tensor_bytes, tensors = live_tensor_bytes()
+    return {"callbacks_total": sum(callbacks.values()), "callbacks_autolora": ours, "callbacks": callbacks,
+            "module_hooks": hooks, "modules": modules, "resident_bytes": resident,
+            "resident_bytes_trimmed": trimmed, "tensor_bytes": tensor_bytes, "tensor_storages": tensors,
+            **(extra or {})}

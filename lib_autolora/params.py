@@ -1,13 +1,14 @@
 """AutoLoRA's parameters, declared once.
 
-The UI controls, their order (which is also the positional order of the API's
-`alwayson_scripts.AutoLoRA.args`), API validation, the infotext keys written and pasted back, the
-X/Y/Z axes and the tooltips are all derived from `PARAMS`. Host-free.
+Everything else is derived from `PARAMS`: the settings class, the UI controls and their order
+(which is also the positional order of the API's `alwayson_scripts.AutoLoRA.args`), validation
+with its bounds, the infotext keys written and pasted back, the X/Y/Z axes, the tooltips and the
+controls table in docs/controls.md (`python -m lib_autolora.params` writes it). Host-free.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, make_dataclass, replace
 from typing import Any, Optional
 
 STRATEGY_CHOICES = ("auto", "batched", "dual", "sequential", "swap", "toggle")
@@ -21,17 +22,25 @@ class AutoLoraArgumentError(ValueError):
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # bool | float | cfg (float or follow CFG) | choice | names
-    default: Any
+    kind: str  # bool | float | cfg (float, or follow the CFG scale) | choice | names
+    default: Any  # the UI/API default
     label: str
     tooltip: str
     infotext: str
-    minimum: Optional[float] = None  # UI slider range; API values outside are accepted if valid
-    maximum: Optional[float] = None
-    step: Optional[float] = None
+    bounds: Optional[tuple] = None  # (low, high): what the API, the UI and X/Y/Z accept
+    slider: Optional[tuple] = None  # (min, max, step): the UI slider's common range, within bounds
     choices: tuple = ()
     xyz: bool = False  # offered as an X/Y/Z plot axis
     advanced: bool = False
+
+    @property
+    def setting_default(self):
+        """The default as a settings value (w1/w2 follow the CFG scale: None; names: a tuple)."""
+        if self.kind == "cfg":
+            return None
+        if self.kind == "names":
+            return tuple(n.strip() for n in self.default.split(",") if n.strip())
+        return self.default
 
 
 PARAMS = (
@@ -40,62 +49,61 @@ PARAMS = (
           "AutoLoRA", xyz=True),
     Param("gamma", "float", 1.5, "γ (AutoLoRA scale)",
           "0 = base model only, 1 = the LoRA model as loaded, >1 pushes away from the base model "
-          "(paper default 1.5). Any real number.",
-          "AutoLoRA gamma", -2.0, 5.0, 0.05, xyz=True),
+          "(paper default 1.5); values below 0 push towards the base model.",
+          "AutoLoRA gamma", bounds=(-10.0, 10.0), slider=(-2.0, 5.0, 0.05), xyz=True),
     Param("w1", "cfg", FOLLOW_CFG, "w1 (base CFG)",
           "CFG scale of the base branch. -1 = the generation's CFG scale.",
-          "AutoLoRA w1", -1.0, 30.0, 0.5, xyz=True),
+          "AutoLoRA w1", bounds=(0.0, 30.0), slider=(-1.0, 30.0, 0.5), xyz=True),
     Param("w2", "cfg", FOLLOW_CFG, "w2 (LoRA CFG)",
           "CFG scale of the LoRA branch. -1 = the generation's CFG scale.",
-          "AutoLoRA w2", -1.0, 30.0, 0.5, xyz=True),
+          "AutoLoRA w2", bounds=(0.0, 30.0), slider=(-1.0, 30.0, 0.5), xyz=True),
     Param("lora_scale", "float", 1.0, "LoRA scale",
           "Multiplier on the guided LoRAs' strengths in the LoRA branch (1 = as written in the prompt).",
-          "AutoLoRA LoRA scale", 0.0, 2.0, 0.05, xyz=True),
+          "AutoLoRA LoRA scale", bounds=(0.0, 4.0), slider=(0.0, 2.0, 0.05), xyz=True),
     Param("start", "float", 0.0, "Guidance start",
           "Fraction of the sampling steps where AutoLoRA starts; before it, plain LoRA steps.",
-          "AutoLoRA start", 0.0, 1.0, 0.01, xyz=True),
+          "AutoLoRA start", bounds=(0.0, 1.0), slider=(0.0, 1.0, 0.01), xyz=True),
     Param("end", "float", 1.0, "Guidance end",
           "Fraction of the sampling steps where AutoLoRA stops; after it, plain LoRA steps at no extra cost.",
-          "AutoLoRA end", 0.0, 1.0, 0.01, xyz=True),
+          "AutoLoRA end", bounds=(0.0, 1.0), slider=(0.0, 1.0, 0.01), xyz=True),
     Param("guided_loras", "names", "", "Guided LoRAs",
           "Comma-separated LoRA names to guide (empty = every LoRA in the prompt). The others stay in "
           "both branches.",
           "AutoLoRA guided", advanced=True),
     Param("strategy", "choice", "auto", "Base-branch strategy",
-          "How the base model is evaluated: auto picks by batch size and free memory; batched = one "
-          "forward for both branches; dual = one forward, each LoRA'd layer holding both weights (two "
-          "copies of the LoRA'd layers; measured no faster than batched); sequential = two forwards, least "
-          "memory; swap = a copy of the LoRA'd layers' base weights (fastest when compute-bound, costs "
-          "memory); toggle = restore and re-merge the weights every step (slow; the benchmark's reference).",
-          "AutoLoRA strategy", choices=STRATEGY_CHOICES, advanced=True),
+          "How the base model is evaluated; all give the same image. auto picks by batch size and free "
+          "memory; batched = one forward for both branches; dual = one forward, each LoRA'd layer holding "
+          "both weights (memory for a copy of those layers); sequential = two forwards, least memory; "
+          "swap = two forwards over a copy of the LoRA'd layers' base weights (fast for large batches, "
+          "costs memory); toggle = restore and re-merge the weights every step (slow; a reference).",
+          "AutoLoRA strategy", choices=STRATEGY_CHOICES, xyz=True, advanced=True),
     Param("base_text_encoder", "bool", True, "Base text encoder without the LoRA",
           "Encode the base branch's prompt with the guided LoRAs removed from the text encoder(s). "
           "Off: both branches share the LoRA'd conditioning.",
-          "AutoLoRA base TE", advanced=True),
+          "AutoLoRA base TE", xyz=True, advanced=True),
 )
 BY_NAME = {p.name: p for p in PARAMS}
 BY_INFOTEXT = {p.infotext: p for p in PARAMS}
 ARG_ORDER = tuple(p.name for p in PARAMS)
+XYZ_PARAMS = tuple(p for p in PARAMS if p.xyz)
 
 
-@dataclass(frozen=True)
-class AutoLoraSettings:
-    enabled: bool = False
-    gamma: float = 1.5
-    w1: Optional[float] = None  # None = the generation's CFG scale
-    w2: Optional[float] = None
-    lora_scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    guided_loras: tuple = ()  # empty = every LoRA in the prompt
-    strategy: str = "auto"
-    base_text_encoder: bool = True
-
-    def with_overrides(self, overrides: dict) -> "AutoLoraSettings":
-        return replace(self, **{k: coerce(BY_NAME[k], v) for k, v in overrides.items()})
+def _with_overrides(self, overrides: dict):
+    """A copy with X/Y/Z values applied (each validated, then the whole checked again)."""
+    return validate(replace(self, **{k: coerce(BY_NAME[k], v) for k, v in overrides.items()}))
 
 
-# -- coercion ---------------------------------------------------------------------------------------
+# The settings of one generation: one field per parameter, in ARG_ORDER, with its default.
+AutoLoraSettings = make_dataclass(
+    "AutoLoraSettings", [(p.name, Any, field(default=p.setting_default)) for p in PARAMS], frozen=True,
+    namespace={"with_overrides": _with_overrides, "__module__": __name__})
+
+
+# -- validation -------------------------------------------------------------------------------------
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
 
 def _number(param: Param, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -106,6 +114,11 @@ def _number(param: Param, value) -> float:
         raise AutoLoraArgumentError(f"AutoLoRA: '{param.name}' must be a number, got {value!r}") from None
     if not math.isfinite(number):
         raise AutoLoraArgumentError(f"AutoLoRA: '{param.name}' must be finite, got {value!r}")
+    if param.bounds is not None and not param.bounds[0] <= number <= param.bounds[1]:
+        low, high = param.bounds
+        also = " (or -1 for the generation's CFG scale)" if param.kind == "cfg" else ""
+        raise AutoLoraArgumentError(
+            f"AutoLoRA: '{param.name}' must be between {_fmt(low)} and {_fmt(high)}{also}, got {_fmt(number)}")
     return number
 
 
@@ -120,23 +133,19 @@ def coerce(param: Param, value):
             return bool(value)
         raise AutoLoraArgumentError(f"AutoLoRA: '{param.name}' must be true or false, got {value!r}")
     if param.kind == "float":
-        number = _number(param, value)
-        if param.name in ("start", "end") and not 0.0 <= number <= 1.0:
-            raise AutoLoraArgumentError(f"AutoLoRA: '{param.name}' is a fraction of the steps in [0, 1], got {number}")
-        if param.name == "lora_scale" and number < 0:
-            raise AutoLoraArgumentError(f"AutoLoRA: 'lora_scale' must be >= 0, got {number}")
-        return number
+        return _number(param, value)
     if param.kind == "cfg":
         if value is None or (isinstance(value, str) and value.strip().lower() in ("cfg", "")):
             return None
-        number = _number(param, value)
-        if number == FOLLOW_CFG:
+        if not isinstance(value, bool) and isinstance(value, (int, float)) and value == FOLLOW_CFG:
             return None
-        if number < 0:
-            raise AutoLoraArgumentError(
-                f"AutoLoRA: '{param.name}' must be >= 0, or -1 / null / \"cfg\" for the generation's CFG scale; "
-                f"got {number}")
-        return number
+        if isinstance(value, str):
+            try:
+                if float(value) == FOLLOW_CFG:
+                    return None
+            except ValueError:
+                pass
+        return _number(param, value)
     if param.kind == "choice":
         if not isinstance(value, str) or value.strip().lower() not in param.choices:
             raise AutoLoraArgumentError(
@@ -154,7 +163,14 @@ def coerce(param: Param, value):
     raise AssertionError(param.kind)
 
 
-def settings_from_args(args) -> AutoLoraSettings:
+def validate(settings):
+    """Rules between parameters (each value is checked on its own by `coerce`)."""
+    if settings.start > settings.end:
+        raise AutoLoraArgumentError(f"AutoLoRA: 'start' ({settings.start:g}) must not exceed 'end' ({settings.end:g})")
+    return settings
+
+
+def settings_from_args(args):
     """The script's `process(p, *args)` arguments: positional in ARG_ORDER, or one dict of named args."""
     args = list(args or [])
     if args and isinstance(args[0], dict):
@@ -170,82 +186,103 @@ def settings_from_args(args) -> AutoLoraSettings:
             raise AutoLoraArgumentError(
                 f"AutoLoRA: got {len(args)} positional args, expected at most {len(ARG_ORDER)}: {', '.join(ARG_ORDER)}")
         named = dict(zip(ARG_ORDER, args))
-    values = {name: coerce(BY_NAME[name], value) for name, value in named.items()}
-    settings = AutoLoraSettings(**values)
-    if settings.start > settings.end:
-        raise AutoLoraArgumentError(f"AutoLoRA: 'start' ({settings.start}) must not exceed 'end' ({settings.end})")
-    return settings
+    return validate(AutoLoraSettings(**{name: coerce(BY_NAME[name], value) for name, value in named.items()}))
 
 
-def ui_values(settings: AutoLoraSettings) -> list:
+def ui_value(p: Param, value):
+    """A settings value -> the value of its UI component."""
+    if p.kind == "cfg":
+        return FOLLOW_CFG if value is None else value
+    if p.kind == "names":
+        return ", ".join(value)
+    return value
+
+
+def ui_values(settings) -> list:
     """Settings -> the UI components' values, in ARG_ORDER."""
-    out = []
-    for p in PARAMS:
-        v = getattr(settings, p.name)
-        if p.kind == "cfg":
-            v = FOLLOW_CFG if v is None else v
-        elif p.kind == "names":
-            v = ", ".join(v)
-        out.append(v)
-    return out
+    return [ui_value(p, getattr(settings, p.name)) for p in PARAMS]
+
+
+def as_dict(settings) -> dict:
+    """Settings as JSON values, by name."""
+    return {p.name: list(v) if isinstance(v := getattr(settings, p.name), tuple) else v for p in PARAMS}
 
 
 # -- infotext ---------------------------------------------------------------------------------------
 
 def _format(p: Param, v) -> str:
     if p.kind == "cfg":
-        return "cfg" if v is None else f"{v:g}"
+        return "cfg" if v is None else _fmt(v)
     if p.kind == "float":
-        return f"{v:g}"
+        return _fmt(v)
     if p.kind == "names":
         return ", ".join(v)  # the host quotes values holding commas when it writes the infotext
     return str(v)
 
 
-def infotext_fields(settings: AutoLoraSettings) -> dict:
+def infotext_fields(settings) -> dict:
     """Every setting of an enabled run, by infotext key (nothing when disabled)."""
     if not settings.enabled:
         return {}
-    fields_ = {}
-    for p in PARAMS:
-        value = getattr(settings, p.name)
-        text = _format(p, value)
-        if text != "":
-            fields_[p.infotext] = text
-    return fields_
+    return {p.infotext: text for p in PARAMS if (text := _format(p, getattr(settings, p.name))) != ""}
 
 
 def paste_value(param: Param, infotext: dict):
     """The UI value for `param` restored from a parsed infotext (missing keys -> the default/off)."""
     raw = infotext.get(param.infotext)
     if raw is None:
-        if param.name == "enabled":
-            return False
-        return FOLLOW_CFG if param.kind == "cfg" else param.default
+        return False if param.name == "enabled" else param.default
     try:
-        value = coerce(param, raw)
+        return ui_value(param, coerce(param, raw))
     except AutoLoraArgumentError:
         return param.default
-    if param.kind == "cfg":
-        return FOLLOW_CFG if value is None else value
-    if param.kind == "names":
-        return ", ".join(value)
-    return value
 
 
-def settings_from_infotext(infotext: dict) -> AutoLoraSettings:
+def settings_from_infotext(infotext: dict):
     return settings_from_args([paste_value(p, infotext) for p in PARAMS])
 
 
-# -- X/Y/Z ------------------------------------------------------------------------------------------
-
-XYZ_PARAMS = tuple(p for p in PARAMS if p.xyz)
-
+# -- X/Y/Z and docs -----------------------------------------------------------------------------------
 
 def xyz_label(p: Param) -> str:
     return "[AutoLoRA] Enabled" if p.name == "enabled" else f"[AutoLoRA] {p.label}"
 
 
-def xyz_value(p: Param, text):
-    """An X/Y/Z cell value (a string the grid parsed, or a number) -> validated settings value."""
-    return coerce(p, text)
+def table_json() -> dict:
+    """The parameter table as JSON (GET /autolora/v1/params, the UI's tooltips)."""
+    return {"title": "AutoLoRA", "arg_order": list(ARG_ORDER), "follow_cfg": FOLLOW_CFG,
+            "params": [{"name": p.name, "kind": p.kind, "default": p.default, "label": p.label,
+                        "tooltip": p.tooltip, "infotext": p.infotext,
+                        "bounds": list(p.bounds) if p.bounds else None,
+                        "slider": list(p.slider) if p.slider else None, "choices": list(p.choices),
+                        "xyz": p.xyz, "advanced": p.advanced} for p in PARAMS]}
+
+
+def _accepts(p: Param) -> str:
+    if p.kind == "bool":
+        return "true / false"
+    if p.kind == "choice":
+        return " / ".join(f"`{c}`" for c in p.choices)
+    if p.kind == "names":
+        return "comma-separated LoRA names, or a list"
+    text = f"{_fmt(p.bounds[0])} … {_fmt(p.bounds[1])}"
+    return text + " or -1 / `\"cfg\"` (the generation's CFG scale)" if p.kind == "cfg" else text
+
+
+def controls_markdown() -> str:
+    """docs/controls.md: the controls table, generated from PARAMS (a test keeps the file equal)."""
+    lines = ["# AutoLoRA's controls", "",
+             "Generated from the parameter table (`python -m lib_autolora.params > docs/controls.md`); the "
+             "UI, the API, the infotext and the X/Y/Z axes all follow it. The API takes these in this "
+             "order as positional `args`, or as one object of named args.", "",
+             "| # | API name | UI label | default | accepted | infotext key | X/Y/Z | what it does |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, p in enumerate(PARAMS):
+        default = "-1 (CFG)" if p.kind == "cfg" else (f"`{p.default}`" if p.default != "" else "(empty)")
+        lines.append(f"| {i} | `{p.name}` | {p.label} | {default} | {_accepts(p)} | `{p.infotext}` | "
+                     f"{'yes' if p.xyz else ''} | {p.tooltip} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(controls_markdown(), end="")

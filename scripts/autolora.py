@@ -5,6 +5,8 @@ this WebUI (A1111 or Forge). This file only wires the WebUI's script hooks to th
 """
 from __future__ import annotations
 
+import html
+import json
 import logging
 import os
 import sys
@@ -21,20 +23,26 @@ except ImportError:  # very old WebUIs
 _EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _EXTENSION_DIR not in sys.path:  # the WebUIs add it while loading scripts; be explicit
     sys.path.insert(0, _EXTENSION_DIR)
-from lib_autolora import params  # noqa: E402
-from lib_autolora.hosts import common, select_adapter  # noqa: E402
+from lib_autolora import params, stats  # noqa: E402
+from lib_autolora.hosts import http, memory, select_adapter, xyz  # noqa: E402
 from lib_autolora.params import AutoLoraArgumentError  # noqa: E402
 
 log = logging.getLogger("autolora")
 ADAPTER = select_adapter()
 SETTINGS_ATTR = "_autolora_settings"
+TITLE = "AutoLoRA"
+
+
+def elem_id(tab: str, name: str) -> str:
+    """DOM id of a control; javascript/autolora.js finds the controls by it."""
+    return f"autolora_{tab}_{name}"
 
 
 def _component(param, tab):
-    kwargs = dict(label=param.label, elem_id=common.elem_id(tab, param.name))
+    kwargs = dict(label=param.label, elem_id=elem_id(tab, param.name))
     if param.kind in ("float", "cfg"):
-        default = params.FOLLOW_CFG if param.kind == "cfg" else float(param.default)
-        return gr.Slider(minimum=param.minimum, maximum=param.maximum, step=param.step, value=default, **kwargs)
+        low, high, step = param.slider
+        return gr.Slider(minimum=low, maximum=high, step=step, value=float(param.default), **kwargs)
     if param.kind == "bool":
         return gr.Checkbox(value=bool(param.default), **kwargs)
     if param.kind == "choice":
@@ -44,13 +52,25 @@ def _component(param, tab):
     raise AssertionError(param.kind)
 
 
+def _tooltips(tab):
+    """The table's tooltips, carried in the page for javascript/autolora.js (no request needed)."""
+    data = html.escape(json.dumps({p.name: p.tooltip for p in params.PARAMS}), quote=True)
+    return gr.HTML(f'<div id="{elem_id(tab, "tooltips")}" data-tooltips="{data}" hidden></div>',
+                   elem_id=elem_id(tab, "tooltips_block"))
+
+
 def _paste(param):
     return lambda infotext: params.paste_value(param, infotext)
 
 
+def _strip_infotext(p) -> None:
+    for param in params.PARAMS:
+        p.extra_generation_params.pop(param.infotext, None)
+
+
 class AutoLoraScript(scripts.Script):
     def title(self):
-        return common.SCRIPT_TITLE
+        return TITLE
 
     def show(self, is_img2img):
         return scripts.AlwaysVisible
@@ -59,7 +79,7 @@ class AutoLoraScript(scripts.Script):
         tab = "img2img" if is_img2img else "txt2img"
         enabled_param = params.BY_NAME["enabled"]
         controls = {}
-        accordion_id = common.elem_id(tab, "enabled")
+        accordion_id = elem_id(tab, "enabled")
         if InputAccordion is not None:
             container = InputAccordion(False, label=enabled_param.label, elem_id=accordion_id)
             controls["enabled"] = container
@@ -73,20 +93,20 @@ class AutoLoraScript(scripts.Script):
                 with gr.Row():
                     for param in pair:
                         controls[param.name] = _component(param, tab)
-            with gr.Accordion("Advanced", open=False, elem_id=common.elem_id(tab, "advanced")):
+            with gr.Accordion("Advanced", open=False, elem_id=elem_id(tab, "advanced")):
                 for param in params.PARAMS:
                     if param.advanced:
                         controls[param.name] = _component(param, tab)
-        ordered = [controls[name] for name in params.ARG_ORDER]
+            _tooltips(tab)
         self.infotext_fields = [(controls[p.name], _paste(p)) for p in params.PARAMS]
         self.paste_field_names = [p.infotext for p in params.PARAMS]
-        return ordered
+        return [controls[name] for name in params.ARG_ORDER]
 
     def process(self, p, *args):
         ADAPTER.finish(p)  # a previous generation that raised (postprocess never ran)
         setattr(p, SETTINGS_ATTR, None)
         try:
-            settings = common.settings_for(p, args)
+            settings = xyz.settings_for(p, args)
         except AutoLoraArgumentError as exc:
             log.error("%s", exc)
             p.comment(f"{exc}; generated without AutoLoRA")
@@ -115,6 +135,18 @@ class AutoLoraScript(scripts.Script):
         except Exception as exc:
             self._fail(p, exc)
 
+    def postprocess_batch(self, p, *args, **kwargs):
+        """After sampling, before the host writes the batch's infotexts: the images claim AutoLoRA
+        only when at least one of their steps was guided."""
+        gen = ADAPTER.generation(p)
+        if gen is None:
+            return
+        if gen.batch_was_guided():
+            p.extra_generation_params.update(gen.infotext_fields())
+        else:
+            _strip_infotext(p)
+            gen.note("AutoLoRA: no step of this batch was guided; generated without AutoLoRA", p.comment)
+
     def postprocess(self, p, processed, *args):
         ADAPTER.finish(p)
 
@@ -125,7 +157,9 @@ class AutoLoraScript(scripts.Script):
             log.exception("AutoLoRA failed")
         ADAPTER.finish(p)
         setattr(p, SETTINGS_ATTR, None)
-        common.mark_inactive(p)
+        _strip_infotext(p)
+        if stats.BOARD.last is not None:
+            stats.BOARD.last.active = False
         p.comment(f"{exc if isinstance(exc, AutoLoraArgumentError) else f'AutoLoRA failed: {exc}'}; "
                   f"generated without AutoLoRA")
 
@@ -135,22 +169,20 @@ def on_ui_settings():
     shared.opts.add_option("autolora_default_strategy", shared.OptionInfo(
         "auto", "Base-branch strategy used when a generation asks for 'auto'", gr.Dropdown,
         {"choices": list(params.STRATEGY_CHOICES)}, section=section).info(
-        "auto = batched while a step is launch-bound, swap when compute-bound and it fits; "
-        "sequential = least memory"))
+        "auto = by batch size and free memory; sequential = least memory"))
     shared.opts.add_option("autolora_swap_budget_mb", shared.OptionInfo(
-        0, "Memory budget of the 'swap' strategy (MB of base weights kept on the device; 0 = free memory)",
+        0, "Memory budget of the 'swap' and 'dual' strategies (MB of base weights kept on the device; 0 = free memory)",
         gr.Number, {"precision": 0}, section=section))
 
 
 def on_app_started(_demo, app):
-    common.install_api_validation(app)
-    common.register_routes(app, reset_peak=getattr(sys.modules.get(type(ADAPTER).__module__), "reset_peak", None),
-                           residue=getattr(ADAPTER, "residue", None))
+    http.install(app, stats=stats.BOARD.snapshot, params_table=params.table_json,
+                 residue=ADAPTER.residue, reset_peak=memory.reset_peak)
 
 
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_app_started(on_app_started)
 # The X/Y/Z axes are added now (the built-in X/Y/Z script loads before extensions), so that they
 # exist before the API builds its script args; on_before_ui is the fallback for other load orders.
-if not ADAPTER.register_xyz_axes():
-    script_callbacks.on_before_ui(ADAPTER.register_xyz_axes)
+if not xyz.register():
+    script_callbacks.on_before_ui(xyz.register)

@@ -273,12 +273,16 @@ def standin_opts(**kw):
 
 
 class StandInComponent:
-    """A gradio 3.41 component: value, label, elem_id, and min/max/step/choices where it has them."""
+    """A gradio 3.41 component: value, label, elem_id, and min/max/step/choices where it has them.
+    `created` lists every component made, for the tests to find the ones a script builds."""
+
+    created: list = []
 
     def __init__(self, value=None, label=None, elem_id=None, **kw):
         self.value, self.label, self.elem_id = value, label, elem_id
         for k, v in kw.items():
             setattr(self, k, v)
+        StandInComponent.created.append(self)
 
     def __enter__(self):
         return self
@@ -289,7 +293,7 @@ class StandInComponent:
 
 def standin_gradio():
     gr = types.ModuleType("gradio")
-    for name in ("Slider", "Checkbox", "Dropdown", "Textbox", "Number", "Row", "Column", "Accordion", "Group"):
+    for name in ("Slider", "Checkbox", "Dropdown", "Textbox", "Number", "Row", "Column", "Accordion", "Group", "HTML"):
         setattr(gr, name, type(name, (StandInComponent,), {}))
     return gr
 

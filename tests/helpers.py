@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 
 import torch
 
 from lib_autolora.demo.model import TinyDiffusionModel
-from lib_autolora.kohya import factors_from_kohya, load_state_dict, merge_into
+from lib_autolora.kohya import factors_from_kohya, merge_into
 
 
 def make_model(seed: int = 0, dtype=torch.float32) -> TinyDiffusionModel:

@@ -1,5 +1,6 @@
 """The benchmark's arithmetic and requests (no server): paired ratios, medians, valid API args."""
-import sys, pathlib
+import sys
+import pathlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 import webui_bench as wb  # noqa: E402

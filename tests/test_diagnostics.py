@@ -1,7 +1,7 @@
 """The stats record's timing fields: what the garbage collector took during a generation."""
 import gc
 
-from lib_autolora.hosts import common
+from lib_autolora import params, stats
 from lib_autolora.params import AutoLoraSettings
 
 
@@ -11,21 +11,31 @@ class _Cycle:
 
 
 def test_the_record_counts_full_collections_and_their_time_between_begin_and_end():
-    settings = AutoLoraSettings(enabled=True)
+    settings = params.as_dict(AutoLoraSettings(enabled=True))
     was_enabled = gc.isenabled()
     gc.disable()  # only the collections this test makes
     try:
-        record = common.DIAGNOSTICS.begin("standin", settings)
+        record = stats.BOARD.begin("standin", settings)
         garbage = [_Cycle() for _ in range(20000)]
         del garbage
         gc.collect()
         gc.collect(0)  # a young collection: timed, not counted as full
-        common.DIAGNOSTICS.end(record)
-        assert record["gc_full_collections"] == 1 and record["gc_ms"] > 0
-        quiet = common.DIAGNOSTICS.begin("standin", settings)
-        common.DIAGNOSTICS.end(quiet)
-        assert quiet["gc_full_collections"] == 0 and quiet["gc_ms"] == 0
+        record.end(None)
+        assert record.gc_full_collections == 1 and record.gc_ms > 0
+        quiet = stats.BOARD.begin("standin", settings)
+        quiet.end(None)
+        assert quiet.gc_full_collections == 0 and quiet.gc_ms == 0
     finally:
         if was_enabled:
             gc.enable()
-    assert gc.callbacks.count(common.GC_CLOCK) == 1, "installed once however many generations ran"
+    assert gc.callbacks.count(stats.GC_CLOCK) == 1, "installed once however many generations ran"
+
+
+def test_the_snapshot_is_json_of_the_last_generation():
+    record = stats.BOARD.begin("standin", params.as_dict(AutoLoraSettings(enabled=True, guided_loras=("a",))))
+    record.notices.append("a notice")
+    snap = stats.BOARD.snapshot()
+    assert snap["generation"] == record.generation and snap["settings"]["guided_loras"] == ["a"]
+    assert snap["notices"] == ["a notice"] and "_gc_at_begin" not in snap
+    record.notices.append("later")
+    assert snap["notices"] == ["a notice"], "a snapshot is a copy"

@@ -24,9 +24,11 @@ import pytest
 import torch
 
 from lib_autolora.factors import DenseTerm
-from lib_autolora.guidance import GuidanceInterval
-from lib_autolora.hosts.forge import OUR_KEYS, Run, Sampling, scaled_text_encoder
-from lib_autolora.hosts.forge_factors import base_weight, read_factors
+from lib_autolora.generation import Generation
+from lib_autolora.hosts.forge import ForgeState
+from lib_autolora.hosts.forge.conditioning import scaled_text_encoder
+from lib_autolora.hosts.forge.factors import base_weight, read_factors
+from lib_autolora.hosts.forge.sampling import OUR_KEYS, Sampling
 from lib_autolora.params import AutoLoraSettings
 
 # -- stand-ins of Forge -----------------------------------------------------------------------------
@@ -269,6 +271,12 @@ def standin_api(max_entries=99):
         lean_memory=lambda: False, free_memory=lambda device: 2 ** 40)
 
 
+def standin_generation(settings, p=None):
+    gen = Generation(settings, "forge")
+    gen.host_state = ForgeState(p, guided_files={"A.safetensors"})
+    return gen
+
+
 def weights_of(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -314,12 +322,12 @@ class Bench:
         api = standin_api(max_entries)
         ff = read_factors(self.model, self.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
                           backup=self.model.lora_loader.backup)
-        record = {"guided_steps": 0, "plain_steps": 0, "base_calls": 0, "notices": []}
         p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=step[0], total_steps=step[1])),
                             comment=lambda text: None)
-        run = Run(settings, record, GuidanceInterval(settings.start, settings.end), p=p)
+        gen = standin_generation(settings, p)
+        record = gen.stats
         conds = {"base_c": self.texts["base"][0], "base_uc": self.texts["base"][1]} if base_text else {}
-        sampling = Sampling(api, run, p, SimpleNamespace(model=self.model), ff, conds)
+        sampling = Sampling(api, gen, p, SimpleNamespace(model=self.model), ff, conds)
         options = dict(options or {})
         options["sampler_pre_cfg_function"] = options.get("sampler_pre_cfg_function", []) + [sampling.pre_cfg_function()]
         options = copy.deepcopy(options)  # Forge deep-copies model_options on every patcher clone
@@ -348,8 +356,8 @@ def test_identities_through_forge_sampling(strategy, max_entries, pooled):
     g1, record, sampling = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.0, strategy=strategy), 7.0,
                                           max_entries=max_entries)
     torch.testing.assert_close(g1, lora, atol=TOL, rtol=0)
-    assert record["guided_steps"] == 1 and sampling.run.base_calls_done >= 1
-    assert record["strategy"] == strategy and record["strategy_setup_ms"] >= 0  # the set-up was timed
+    assert record.guided_steps == 1 and record.base_calls >= 1
+    assert record.strategy == strategy and record.strategy_setup_ms >= 0  # the set-up was timed
     g0, _, _ = bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0, strategy=strategy), 7.0,
                               max_entries=max_entries)
     torch.testing.assert_close(g0, base, atol=TOL, rtol=0)
@@ -404,7 +412,7 @@ def test_interval_outside_is_the_plain_step_with_no_extra_call():
     bench.model.calls = 0
     out, record, _ = bench.autolora(AutoLoraSettings(enabled=True, start=0.5, end=1.0), 7.0, step=(1, 4))
     assert torch.equal(out, lora) and bench.model.calls == 1
-    assert record["plain_steps"] == 1 and record["guided_steps"] == 0
+    assert record.plain_steps == 1 and record.guided_steps == 0
 
 
 def test_another_cfg_function_is_applied_to_each_branch():
@@ -544,7 +552,7 @@ def test_a_finished_pass_holds_nothing_and_its_function_passes_through():
 # -- per-step cost: no device syncs of our own, no per-step memory queries ----------------------------
 
 def test_row_tags_stay_on_their_own_device_when_forge_moves_conditions():
-    from lib_autolora.hosts.forge import resident_condition
+    from lib_autolora.hosts.forge.sampling import resident_condition
     tag = resident_condition(StandInCondition)(torch.full((1, 1), 3.0))
     moved = tag.process_cond(2, torch.device("meta"))
     assert moved.cond.device.type == "cpu" and moved.cond.shape == (2, 1)  # repeated, not moved
@@ -573,11 +581,11 @@ def test_doubled_forward_gets_forges_cond_marks_made_once_per_pass():
     ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
                       backup=bench.model.lora_loader.backup)
     settings = AutoLoraSettings(enabled=True, strategy="batched")
-    record = {"guided_steps": 0, "plain_steps": 0, "base_calls": 0, "notices": []}
     p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
                         comment=lambda text: None)
-    run = Run(settings, record, GuidanceInterval(settings.start, settings.end), p=p)
-    sampling = Sampling(api, run, p, SimpleNamespace(model=bench.model), ff,
+    gen = standin_generation(settings, p)
+    record = gen.stats
+    sampling = Sampling(api, gen, p, SimpleNamespace(model=bench.model), ff,
                         {"base_c": bench.texts["base"][0], "base_uc": bench.texts["base"][1]})
     options = {"sampler_pre_cfg_function": [sampling.pre_cfg_function()]}
     seen, apply_model = [], bench.model.apply_model
@@ -597,7 +605,7 @@ def test_doubled_forward_gets_forges_cond_marks_made_once_per_pass():
     finally:
         sampling.close()
     doubled = [to for rows, to in seen if rows == 4 * bench.x.shape[0]]
-    assert len(doubled) == 2 and record["guided_steps"] == 2, "one fused forward per step"
+    assert len(doubled) == 2 and record.guided_steps == 2, "one fused forward per step"
     both = [0, 1, 0, 1]
     torch.testing.assert_close(doubled[0]["cond_mark"], standin_compute_cond_mark(both, bench.sigma))
     assert (doubled[0]["cond_indices"], doubled[0]["uncond_indices"]) == standin_compute_cond_indices(both, bench.sigma)
@@ -607,40 +615,37 @@ def test_doubled_forward_gets_forges_cond_marks_made_once_per_pass():
 
 
 def test_base_conditioning_is_reused_only_for_forges_same_conditioning_and_settings():
-    """ForgeAdapter._encode_cached: Forge's cached conditioning object (the same object, not an
-    equal one) and equal AutoLoRA settings give back the earlier base conditioning; anything else
-    encodes. Stand-in `_encode`: a fresh value per call, as a real encoding would give."""
-    from lib_autolora.hosts.forge import BaseCondCache, ForgeAdapter
-    adapter = ForgeAdapter(api=standin_api())
+    """BaseConditioning.cached: Forge's cached conditioning object (the same object, not an equal
+    one) and equal AutoLoRA settings give back the earlier base conditioning; anything else
+    encodes. Stand-in `encode`: a fresh value per call, as a real encoding would give."""
+    from lib_autolora.hosts.forge.conditioning import BaseCondCache, BaseConditioning
+    conditioning = BaseConditioning(standin_api(), BaseCondCache())
     encoded = []
 
-    def encode(p, run, function, prompts, steps, hires_steps):
+    def encode(p, gen, function, prompts, steps, hires_steps):
         value = (object(), None)
         encoded.append(value)
-        return value, 7, "1 text-encoder layer(s) use an exact dense delta"
+        return value, 7, ("AutoLoRA: 1 text-encoder layer(s) use an exact dense delta",)
 
-    adapter._encode = encode
+    conditioning.encode = encode
 
-    def new_run(**settings):
-        record = {"te_base_encodes": 0, "te_base_cached": 0, "modules": {"text_encoder": 0}, "notices": []}
-        run = Run(AutoLoraSettings(enabled=True, **settings), record, GuidanceInterval(0.0, 1.0))
-        run.guided_files = {"A.safetensors"}
-        return run
+    def new_gen(**settings):
+        return standin_generation(AutoLoraSettings(enabled=True, **settings))
 
     forge_cond, forge_uncond = [torch.zeros(1)], [torch.zeros(1)]
-    first = new_run()
-    a = adapter._encode_cached(None, first, forge_cond, None, ["p"], 4, None)
-    b = adapter._encode_cached(None, first, forge_uncond, None, ["n"], 4, None)
-    second = new_run()
-    assert adapter._encode_cached(None, second, forge_cond, None, ["p"], 4, None) is a
-    assert adapter._encode_cached(None, second, forge_uncond, None, ["n"], 4, None) is b
-    assert len(encoded) == 2 and second.record["te_base_cached"] == 2
-    assert second.record["modules"]["text_encoder"] == 7 and second.notices, "reuse keeps the record and notice"
+    first = new_gen()
+    a = conditioning.cached(None, first, forge_cond, None, ["p"], 4, None)
+    b = conditioning.cached(None, first, forge_uncond, None, ["n"], 4, None)
+    second = new_gen()
+    assert conditioning.cached(None, second, forge_cond, None, ["p"], 4, None) is a
+    assert conditioning.cached(None, second, forge_uncond, None, ["n"], 4, None) is b
+    assert len(encoded) == 2 and second.stats.te_base_cached == 2
+    assert second.stats.modules["text_encoder"] == 7 and second.stats.notices, "reuse keeps the record and notice"
     equal_not_same = [torch.zeros(1)]
-    assert adapter._encode_cached(None, new_run(), equal_not_same, None, ["p"], 4, None) is not a
-    assert adapter._encode_cached(None, new_run(lora_scale=0.5), forge_cond, None, ["p"], 4, None) is not a
-    assert adapter._encode_cached(None, new_run(base_text_encoder=False), forge_cond, None, ["p"], 4, None) is not a
-    other_lora = new_run()
-    other_lora.guided_files = {"B.safetensors"}
-    assert adapter._encode_cached(None, other_lora, forge_cond, None, ["p"], 4, None) is not a
-    assert len(encoded) == 6 and len(adapter.base_conds.entries) == BaseCondCache.SIZE  # bounded
+    assert conditioning.cached(None, new_gen(), equal_not_same, None, ["p"], 4, None) is not a
+    assert conditioning.cached(None, new_gen(lora_scale=0.5), forge_cond, None, ["p"], 4, None) is not a
+    assert conditioning.cached(None, new_gen(base_text_encoder=False), forge_cond, None, ["p"], 4, None) is not a
+    other_lora = new_gen()
+    other_lora.host_state.guided_files = {"B.safetensors"}
+    assert conditioning.cached(None, other_lora, forge_cond, None, ["p"], 4, None) is not a
+    assert len(encoded) == 6 and len(conditioning.cache.entries) == BaseCondCache.SIZE  # bounded

@@ -38,15 +38,14 @@ def test_residue_does_not_count_tensors_only_garbage_holds():
     """A reference cycle that holds a tensor and nothing else reaches is garbage, not a leak: the
     residue reading collects it before counting live tensors."""
     import gc
-    from lib_autolora.hosts import common
     gc.collect()
-    before = common.residue_counts({}, [])["tensor_bytes"]
+    before = memory_probe.residue_counts({}, [])["tensor_bytes"]
     gc.disable()  # keep the collector from running between here and the reading
     try:
         cycle = {"tensor": torch.zeros(1000, 250)}
         cycle["self"] = cycle
         del cycle
         assert memory_probe.live_tensor_bytes()[0] == before + 1_000_000  # still there, unreachable
-        assert common.residue_counts({}, [])["tensor_bytes"] == before
+        assert memory_probe.residue_counts({}, [])["tensor_bytes"] == before
     finally:
         gc.enable()

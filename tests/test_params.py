@@ -1,11 +1,16 @@
-"""The one parameter table: API args (positional and named), validation, infotext round trip, XYZ."""
-import math
+"""The one parameter table: API args (positional and named), validation and bounds, infotext round
+trip, X/Y/Z, the settings class and the docs' controls table, all derived from it."""
+import dataclasses
+import pathlib
 
 import pytest
 
+from lib_autolora import params
 from lib_autolora.params import (ARG_ORDER, PARAMS, XYZ_PARAMS, AutoLoraArgumentError, AutoLoraSettings,
-                                 BY_NAME, infotext_fields, settings_from_args, settings_from_infotext, ui_values,
-                                 xyz_value)
+                                 BY_NAME, coerce, infotext_fields, settings_from_args, settings_from_infotext,
+                                 ui_values)
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "controls.md"
 
 
 def test_positional_order_is_documented_order():
@@ -31,10 +36,15 @@ def test_named_dict_and_trailing_ui_defaults_ignored():
     ([True, "1.5x"], "'gamma' must be a number"),
     ([True, True], "'gamma' must be a number"),
     (["yes"], "'enabled' must be true or false"),
-    ([True, 1.5, -3], "'w1' must be >= 0"),
-    ([True, 1.5, -1, -1, -0.5], "'lora_scale' must be >= 0"),
+    ([True, 1.5, -3], r"'w1' must be between 0 and 30 \(or -1 for the generation's CFG scale\), got -3"),
+    ([True, 1.5, -1, 31], "'w2' must be between 0 and 30"),
+    ([True, 1e30], "'gamma' must be between -10 and 10, got 1e\\+30"),
+    ([True, -10.5], "'gamma' must be between -10 and 10"),
+    ([True, 1.5, -1, -1, -0.5], "'lora_scale' must be between 0 and 4, got -0.5"),
+    ([True, 1.5, -1, -1, 4.5], "'lora_scale' must be between 0 and 4"),
     ([True, 1.5, -1, -1, 1, 0.8, 0.2], "'start' .* must not exceed 'end'"),
-    ([True, 1.5, -1, -1, 1, 0, 1.5], "'end' is a fraction"),
+    ([True, 1.5, -1, -1, 1, -0.1], "'start' must be between 0 and 1"),
+    ([True, 1.5, -1, -1, 1, 0, 1.5], "'end' must be between 0 and 1"),
     ([{"enabled": True, "strategy": "fastest"}], "'strategy' must be one of auto, batched"),
     ([{"guided_loras": 3}], "'guided_loras' must be a comma-separated string"),
     ([True] * 11, "at most 10"),
@@ -59,13 +69,50 @@ def test_ui_values_follow_arg_order_and_parse_back():
 
 
 def test_xyz_axes_cover_every_number_and_enabled():
-    assert {p.name for p in XYZ_PARAMS} == {"enabled", "gamma", "w1", "w2", "lora_scale", "start", "end"}
-    assert xyz_value(BY_NAME["gamma"], " 2.5 ") == 2.5
-    assert xyz_value(BY_NAME["enabled"], "False") is False
+    assert {p.name for p in XYZ_PARAMS} == set(ARG_ORDER) - {"guided_loras"}  # a name list has no grid syntax
+    assert coerce(BY_NAME["gamma"], " 2.5 ") == 2.5
+    assert coerce(BY_NAME["enabled"], "False") is False
+    assert coerce(BY_NAME["strategy"], " Swap ") == "swap"
     with pytest.raises(AutoLoraArgumentError):
-        xyz_value(BY_NAME["w1"], "inf")
+        coerce(BY_NAME["w1"], "inf")
 
 
 def test_every_param_has_label_tooltip_and_unique_infotext_key():
     assert len({p.infotext for p in PARAMS}) == len(PARAMS)
     assert all(p.label and len(p.tooltip) > 20 for p in PARAMS)
+
+
+def test_every_bound_is_accepted_at_its_ends_and_refused_beyond():
+    for p in PARAMS:
+        if p.bounds is None:
+            continue
+        low, high = p.bounds
+        assert coerce(p, low) == (None if p.kind == "cfg" and low == params.FOLLOW_CFG else low)
+        assert coerce(p, high) == high
+        for outside in (low - 0.01, high + 0.01):
+            if p.kind == "cfg" and outside == params.FOLLOW_CFG:
+                continue
+            with pytest.raises(AutoLoraArgumentError, match=f"'{p.name}' must be between"):
+                coerce(p, outside)
+        # the UI slider shows a common range inside the bounds (-1 = follow the CFG scale for w1/w2)
+        s_low, s_high, _step = p.slider
+        assert (low <= s_low or (p.kind == "cfg" and s_low == params.FOLLOW_CFG)) and s_high <= high
+        assert s_low <= p.default <= s_high
+
+
+def test_the_settings_class_is_the_table():
+    fields = dataclasses.fields(AutoLoraSettings)
+    assert tuple(f.name for f in fields) == ARG_ORDER
+    assert AutoLoraSettings() == AutoLoraSettings(**{p.name: p.setting_default for p in PARAMS})
+    assert AutoLoraSettings().w1 is None and AutoLoraSettings().guided_loras == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        AutoLoraSettings().gamma = 2.0
+    with pytest.raises(AutoLoraArgumentError, match="must not exceed"):
+        AutoLoraSettings(enabled=True, end=0.5).with_overrides({"start": 0.7})
+
+
+def test_docs_controls_table_is_generated_from_the_table():
+    text = params.controls_markdown()
+    for p in PARAMS:
+        assert f"| `{p.name}` |" in text and p.tooltip in text and f"`{p.infotext}`" in text
+    assert DOCS.read_text() == text, "docs/controls.md is stale: python -m lib_autolora.params > docs/controls.md"

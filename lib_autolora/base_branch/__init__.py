@@ -6,3 +6,7 @@ from .strategies import (BatchedStrategy, SequentialStrategy, Strategy, Strategy
 from .dual import DualStrategy
 from .registry import STRATEGIES, make_strategy
 from .auto import choose_strategy
+
+__all__ = ["batch_size", "cat_batches", "split_batch", "BatchLayoutError", "DeltaHooks", "BatchedStrategy",
+           "SequentialStrategy", "Strategy", "StrategyUnavailable", "SwapStrategy", "ToggleStrategy", "DualStrategy",
+           "STRATEGIES", "make_strategy", "choose_strategy"]

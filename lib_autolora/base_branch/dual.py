@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..factors import COMPUTE_DTYPES
+from ..factors import BASE_COEF, COMPUTE_DTYPES, lora_branch_coef
 from .batching import batch_size, cat_batches, split_batch
 from .hooks import BatchLayoutError, DeltaHooks
 from .strategies import BatchedStrategy
@@ -60,7 +60,7 @@ class DualStrategy(BatchedStrategy):
                 base_w, base_b = self.base_weights(module, delta)
                 lora_w = module.weight.detach()  # the host's tensor, read only
                 if self.lora_scale != 1.0:
-                    lora_w = (lora_w.float() + (self.lora_scale - 1.0) * delta.delta_weight(lora_w.device)
+                    lora_w = (lora_w.float() + (lora_branch_coef(self.lora_scale)) * delta.delta_weight(lora_w.device)
                               ).to(lora_w.dtype)
                 base_w = base_w.to(lora_w.device, lora_w.dtype)
                 bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
@@ -96,7 +96,7 @@ class DualStrategy(BatchedStrategy):
             return super().evaluate(forward, lora_args, base_args)
         args = tuple(cat_batches(a, b) for a, b in zip(lora_args, base_args))
         total = n_lora + n_base
-        with self.rest_hooks.rows(total, [(0, n_lora, self.lora_scale - 1.0), (n_lora, total, -1.0)]), \
+        with self.rest_hooks.rows(total, [(0, n_lora, lora_branch_coef(self.lora_scale)), (n_lora, total, BASE_COEF)]), \
                 self._shadowed_forwards(total):
             out = forward(*args)
         self.base_calls += 1
@@ -131,7 +131,7 @@ class DualStrategy(BatchedStrategy):
         n_out, device, dtype = weights[0].shape[0], weights[0].device, weights[0].dtype
         delta = self.factors.deltas[module]
         host_forward = type(module).forward
-        lora_coef = self.lora_scale - 1.0
+        lora_coef = lora_branch_coef(self.lora_scale)
 
         def forward(x, *args, **kwargs):
             total = self._rows
@@ -144,7 +144,7 @@ class DualStrategy(BatchedStrategy):
                 # host does and correct the rows, as `batched` would.
                 half = total // 2
                 out = host_forward(module, x, *args, **kwargs)
-                delta.add_into(out[half:], x[half:], -1.0)
+                delta.add_into(out[half:], x[half:], BASE_COEF)
                 if lora_coef:
                     delta.add_into(out[:half], x[:half], lora_coef)
                 return out

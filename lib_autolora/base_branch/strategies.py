@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..factors import LoraFactors
+from ..factors import BASE_COEF, LoraFactors, lora_branch_coef
 from .batching import batch_size, cat_batches, split_batch
 from .hooks import DeltaHooks
 
@@ -81,13 +81,13 @@ class Strategy:
         return False
 
     # The LoRA branch at strength s: the host gives 1x, hooks add (s - 1)x.
-    def _lora_forward(self, forward, args):
+    def lora_forward(self, forward, args):
         n = batch_size(args)
-        with self.hooks.rows(n, [(0, n, self.lora_scale - 1.0)]):
+        with self.hooks.rows(n, [(0, n, lora_branch_coef(self.lora_scale))]):
             return forward(*args)
 
     def evaluate(self, forward, lora_args: tuple, base_args: tuple):
-        lora_out = self._lora_forward(forward, lora_args)
+        lora_out = self.lora_forward(forward, lora_args)
         return lora_out, self.evaluate_base(forward, base_args)
 
     def evaluate_base(self, forward, base_args: tuple):
@@ -101,8 +101,8 @@ class BatchedStrategy(Strategy):
     def evaluate(self, forward, lora_args, base_args):
         n_lora, n_base = batch_size(lora_args), batch_size(base_args)
         args = tuple(cat_batches(a, b) for a, b in zip(lora_args, base_args))
-        with self.hooks.rows(n_lora + n_base, [(0, n_lora, self.lora_scale - 1.0),
-                                               (n_lora, n_lora + n_base, -1.0)]):
+        with self.hooks.rows(n_lora + n_base, [(0, n_lora, lora_branch_coef(self.lora_scale)),
+                                               (n_lora, n_lora + n_base, BASE_COEF)]):
             out = forward(*args)
         self.base_calls += 1
         return split_batch(out, n_lora)
@@ -116,7 +116,7 @@ class SequentialStrategy(Strategy):
 
     def evaluate_base(self, forward, base_args):
         n = batch_size(base_args)
-        with self.hooks.rows(n, [(0, n, -1.0)]):
+        with self.hooks.rows(n, [(0, n, BASE_COEF)]):
             out = forward(*base_args)
         self.base_calls += 1
         return out

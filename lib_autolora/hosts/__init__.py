@@ -3,26 +3,42 @@
 `select_adapter()` is called once by scripts/autolora.py at import time. It never raises: a host
 whose API is missing gets an adapter that explains why AutoLoRA is unavailable.
 
-The interface every adapter implements (calls come from the AlwaysOn script):
-
-    start_batch(p, settings) -> str | None    # after the host activated the LoRAs for this batch:
-                                              # read factors, encode base conds, hook the sampler;
-                                              # returns a notice for the user, or None
-    before_sampling(p, **kwargs) -> None      # Forge: patch the UNet's model_options; A1111: no-op
-    finish(p) -> None                         # free per-generation state; idempotent
-    register_xyz_axes() -> bool               # add AutoLoRA axes to the X/Y/Z plot script (True: added;
-                                              # falsy: the script retries from on_before_ui)
-
-Shared helpers live in hosts/common.py: an adapter whose start_batch set guidance up calls
-`common.mark_active(p, settings)` (writes the infotext) and keeps its counters in the record from
-`common.DIAGNOSTICS.begin(...)` (served at /autolora/v1/stats: base_calls, guided_steps, strategy, ...).
+Besides the adapters (hosts/a1111/, hosts/forge/), the glue both share lives in modules named for
+their job: prompts.py (the LoRAs a prompt names), api_args.py and http.py (the API check and the
+routes), xyz.py (X/Y/Z axes), text_encoding.py (finite base conditionings), networks.py (the
+built-in LoRA extension), memory.py (device memory readings).
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Optional, Protocol
+
+from ..generation import Generation
 
 log = logging.getLogger("autolora")
+
+
+class HostAdapter(Protocol):
+    """What the AlwaysOn script calls, in this order, for each generation `p`."""
+
+    name: str
+
+    def start_batch(self, p, settings) -> Optional[str]:
+        """After the host activated the batch's LoRAs: read factors, prepare the base conditioning,
+        hook the sampler. Returns a notice when AutoLoRA cannot run (the generation goes on without)."""
+
+    def before_sampling(self, p, **kwargs) -> None:
+        """The host's process_before_every_sampling (first pass and hires pass)."""
+
+    def generation(self, p) -> Optional[Generation]:
+        """The Generation running for `p`, if any."""
+
+    def finish(self, p) -> None:
+        """Free every per-generation state; idempotent, also after an exception or interrupt."""
+
+    def residue(self) -> dict:
+        """What the adapter has registered in the host now (the soak test's leak check)."""
 
 
 def host_name() -> str:
@@ -45,14 +61,17 @@ class UnavailableAdapter:
     def before_sampling(self, p, **kwargs):
         return None
 
+    def generation(self, p):
+        return None
+
     def finish(self, p):
         return None
 
-    def register_xyz_axes(self):
-        return None
+    def residue(self) -> dict:
+        return {}
 
 
-def select_adapter():
+def select_adapter() -> HostAdapter:
     name = host_name()
     try:
         if name == "forge":

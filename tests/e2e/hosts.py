@@ -15,6 +15,7 @@ missing ones, and the suite's second LoRA, are made with the random-weight maker
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shlex
@@ -58,6 +59,9 @@ class HostSpec:
     archs: dict  # arch -> ArchSpec
     make_checkpoint: Callable  # (host, arch, out path) -> argv, run with the host's Python
     hires_fields: dict = field(default_factory=dict)  # fields a txt2img request with hires fix or infotext needs
+    # What the UI sends when the user changes nothing (read in each host's UI code; CFG 7 on both):
+    # the e2e suite's first case of every identity.
+    ui_defaults: dict = field(default_factory=dict)
 
 
 def _forge_checkpoint_cmd(host, arch, out):
@@ -81,7 +85,9 @@ HOSTS = {
         archs={"sd15": ArchSpec("sd15", "random-sd15.safetensors", "random_lora", "autolora_e2e_lora_b"),
                "sdxl": ArchSpec("sdxl", "random-sdxl.safetensors", "random_lora_xl",
                                 options={"show_progress_type": "Approx cheap"})},
-        make_checkpoint=_a1111_checkpoint_cmd),
+        make_checkpoint=_a1111_checkpoint_cmd,
+        # modules/processing_scripts/sampler.py: the first visible sampler; schedule type Automatic
+        ui_defaults={"negative_prompt": "", "sampler_name": "DPM++ 2M", "scheduler": "Automatic"}),
     # Forge (main): the UI is built (the UI test reads /config); "online" is Forge's on-the-fly LoRA
     # ("... (fp16 LoRA)" storage; Forge applies LoRAs online only to low-bit weights, so fp8 here).
     # Forge re-reads its model-loading options only when a memory option changes too, hence the
@@ -100,7 +106,9 @@ HOSTS = {
                "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
                                 args=("--unet-in-bf16", "--clip-in-fp16"))},
         make_checkpoint=_forge_checkpoint_cmd,
-        hires_fields={"hr_additional_modules": ["Use same choices"], "styles": []}),
+        hires_fields={"hr_additional_modules": ["Use same choices"], "styles": []},
+        # modules_forge/main_entry.py, the "sd" and "xl" presets: sd_t2i_sampler / xl_t2i_sampler
+        ui_defaults={"negative_prompt": "", "sampler_name": "Euler a", "scheduler": "Automatic"}),
 }
 
 
@@ -193,8 +201,11 @@ def free_port() -> int:
 class Server:
     """One WebUI process with the extension linked in; stops only the process it started."""
 
-    def __init__(self, host: Host, ckpt: Path, log_dir: Path, extra_args: tuple = ()):
+    def __init__(self, host: Host, ckpt: Path, log_dir: Path, extra_args: tuple = (), env: Optional[dict] = None,
+                 auth: Optional[tuple] = None):
         self.host, self.ckpt, self.extra_args = host, ckpt, tuple(extra_args)
+        self.env = {"AUTOLORA_DIAGNOSTICS": "1", **(env or {})}  # the soak's memory probes (/autolora/v1/residue)
+        self.auth = auth  # (user, password) when the server runs with --api-auth
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{host.name}-{ckpt.stem}-{self.port}.log"
@@ -225,14 +236,15 @@ class Server:
         args += list(self.extra_args)
         args += shlex.split(os.environ.get("AUTOLORA_WEBUI_ARGS", ""))
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([str(self.host.python), "launch.py", *args], cwd=str(self.host.root),
+        env = dict(os.environ, **self.env)
+        self.proc = subprocess.Popen([str(self.host.python), "launch.py", *args], cwd=str(self.host.root), env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the WebUI exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
             try:
-                get_json(f"{self.url}/sdapi/v1/options", timeout=5)
+                get_json(f"{self.url}/sdapi/v1/options", timeout=5, auth=self.auth)
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(2)
@@ -266,15 +278,30 @@ class Server:
                     path.write_bytes(data)
 
 
-def get_json(url: str, timeout: float = 600):
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def basic_auth(auth: Optional[tuple]) -> dict:
+    if not auth:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()}
+
+
+def get_json(url: str, timeout: float = 600, auth: Optional[tuple] = None):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=basic_auth(auth)), timeout=timeout) as resp:
         return json.loads(resp.read() or b"null")
 
 
-def post_json(url: str, payload, timeout: float = 1800):
+def get_status(url: str, auth: Optional[tuple] = None, method: str = "GET") -> int:
+    req = urllib.request.Request(url, headers=basic_auth(auth), method=method, data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def post_json(url: str, payload, timeout: float = 1800, auth: Optional[tuple] = None):
     """(status, parsed body) without raising on HTTP errors."""
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **basic_auth(auth)})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")

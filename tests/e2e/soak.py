@@ -59,9 +59,10 @@ BAD_ENTRIES = [
     ({"args": [True, "NaN"]}, "finite"),
     ({"args": [True, "inf"]}, "finite"),
     ({"args": [True, "1.5x"]}, "must be a number"),
-    ({"args": {"enabled": True, "w1": -3}}, "must be >= 0"),
+    ({"args": {"enabled": True, "w1": -3}}, "'w1' must be between 0 and 30"),
+    ({"args": {"enabled": True, "gamma": 1e30}}, "'gamma' must be between -10 and 10"),
     ({"args": {"enabled": True, "start": 0.9, "end": 0.1}}, "must not exceed"),
-    ({"args": {"enabled": True, "start": 1.5}}, "in [0, 1]"),
+    ({"args": {"enabled": True, "start": 1.5}}, "'start' must be between 0 and 1"),
     ({"args": {"enabled": True, "strategy": "fastest"}}, "must be one of"),
     ({"args": {"enabled": True, "guided_loras": "no_such_lora"}}, "not in the prompt"),
     ({"args": [True] * 11}, "at most 10"),
@@ -131,7 +132,7 @@ class Soak:
     # -- requests --------------------------------------------------------------------------------
     def request(self, loras=(), autolora=None, steps=STEPS, seed=None, **kw) -> dict:
         prompt = "a photo of a cat" + "".join(f" <lora:{name}:{strength}>" for name, strength in loras)
-        req = {"prompt": prompt, "negative_prompt": "blurry", "steps": steps, "sampler_name": "Euler a",
+        req = {"prompt": prompt, "negative_prompt": "", "steps": steps, "sampler_name": "Euler a",
                "width": 64, "height": 64, "cfg_scale": 7, "seed": self.rng.randrange(1 << 30) if seed is None else seed}
         req.update(kw)
         if autolora is not None:

@@ -1,11 +1,15 @@
-"""Issue 5's end-to-end checks on SD1.5, once per LoRA mode of the host (A1111: merged and
-lora_functional), against a real WebUI server. 64x64, 4 steps: about 1 s per step on a CPU.
+"""End-to-end checks on SD1.5, once per LoRA mode of the host (A1111: merged and lora_functional;
+Forge: merged and online), against a real WebUI server. 64x64, 4 steps: about 1 s per step on a CPU.
 
+Every identity runs first with what most users send, the WebUI's defaults (empty negative prompt,
+CFG 7, the UI's default sampler and schedule type, `<lora:name:1>` as "add network to prompt"
+writes it), then with the suite's variation (negative prompt "blurry", Euler a).
 Order matters: the first test records plain references, the last one proves nothing leaked.
 """
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 
@@ -19,19 +23,24 @@ ARCH = "sd15"
 STEPS = 4
 
 
+DEFAULTS, VARIATION = "WebUI defaults", "negative prompt, Euler a"
+VARIANTS = (DEFAULTS, VARIATION)
+
+
 def lora_tag(webui, name=None, strength=1):
     return f"<lora:{name or webui.models['lora'].stem}:{strength}>"
 
 
-def base_req(**kw):
-    req = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": STEPS, "sampler_name": "Euler a",
-           "width": 64, "height": 64, "cfg_scale": 7, "seed": 12345}
+def base_req(webui, variant=DEFAULTS, **kw):
+    req = {"prompt": "a photo of a cat", "steps": STEPS, "width": 64, "height": 64, "cfg_scale": 7, "seed": 12345}
+    req.update(webui.host.spec.ui_defaults if variant == DEFAULTS else
+               {"negative_prompt": "blurry", "sampler_name": "Euler a"})
     req.update(kw)
     return req
 
 
-def lora_req(webui, **kw):
-    req = base_req(**kw)
+def lora_req(webui, variant=DEFAULTS, **kw):
+    req = base_req(webui, variant, **kw)
     req["prompt"] = f"{req['prompt']} {lora_tag(webui)}"
     return req
 
@@ -40,53 +49,90 @@ ON = {"enabled": True}
 
 
 @pytest.fixture(scope="module")
-def refs(webui):
-    """Plain images (without and with the LoRA) made before any AutoLoRA call of this mode."""
-    plain = webui.txt2img(base_req())
-    lora = webui.txt2img(lora_req(webui))
-    return {"plain": plain, "lora": lora}
+def all_refs(webui):
+    """Plain images (without and with the LoRA) per variant, made before any AutoLoRA call of this mode."""
+    return {v: {"plain": webui.txt2img(base_req(webui, v)), "lora": webui.txt2img(lora_req(webui, v))}
+            for v in VARIANTS}
 
 
-def test_lora_changes_the_image_and_generation_is_deterministic(webui, refs):
-    assert_differs(refs["plain"].image, refs["lora"].image, "the LoRA must visibly change the image")
-    again = webui.txt2img(lora_req(webui))
-    assert again.pngs[0] == refs["lora"].pngs[0]
+@pytest.fixture(scope="module")
+def refs(all_refs):
+    return all_refs[DEFAULTS]
 
 
-def test_identity_gamma1_is_the_lora_image_and_base_branch_ran(webui, refs):
-    out = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 1.0}))
-    assert_close(out.image, refs["lora"].image, "γ=1, w2=CFG vs plain LoRA")
-    st = out.stats
-    assert st["active"] and st["base_calls"] >= STEPS and st["guided_steps"] == STEPS, st
-    # The base conditioning was encoded now, or (Forge) reused from an earlier request whose
-    # conditioning Forge itself reused: te_base_cached.
-    assert st["te_base_encodes"] + st["te_base_cached"] >= 1, st
-    assert st["modules"]["unet"] > 0 and st["modules"]["text_encoder"] > 0, st
-    assert st["weights_merged"] == (webui.mode == "merged")
-    assert "AutoLoRA gamma: 1" in out.infotext
+def test_lora_changes_the_image_and_generation_is_deterministic(webui, all_refs):
+    for v in VARIANTS:
+        assert_differs(all_refs[v]["plain"].image, all_refs[v]["lora"].image, f"{v}: the LoRA must change the image")
+        again = webui.txt2img(lora_req(webui, v))
+        assert again.pngs[0] == all_refs[v]["lora"].pngs[0], v
+        assert np.isfinite(again.image).all() and again.image.mean() > 5, f"{v}: not a black image"
 
 
-def test_identity_gamma0_is_the_image_without_the_lora(webui, refs):
-    out = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 0.0}))
-    assert_close(out.image, refs["plain"].image, "γ=0, w1=CFG vs prompt without the LoRA tag")
-    assert out.stats["guided_steps"] == STEPS
+def test_identity_gamma1_is_the_lora_image_and_base_branch_ran(webui, all_refs):
+    for v in VARIANTS:
+        out = webui.txt2img(with_autolora(lora_req(webui, v), {"enabled": True, "gamma": 1.0}))
+        assert_close(out.image, all_refs[v]["lora"].image, f"{v}: γ=1, w2=CFG vs plain LoRA")
+        st = out.stats
+        assert st["active"] and st["base_calls"] >= STEPS and st["guided_steps"] >= STEPS, (v, st)
+        # The base conditioning was encoded now, or (Forge) reused from an earlier request whose
+        # conditioning Forge itself reused: te_base_cached.
+        assert st["te_base_encodes"] + st["te_base_cached"] >= 1, st
+        assert st["modules"]["unet"] > 0 and st["modules"]["text_encoder"] > 0, st
+        assert st["weights_merged"] == (webui.mode == "merged")
+        assert not st["notices"], (v, st["notices"])
+        assert "AutoLoRA gamma: 1" in out.infotext
 
 
-def test_default_gamma_differs_from_both_and_repeats_byte_identically(webui, refs):
-    a = webui.txt2img(with_autolora(lora_req(webui), ON))
-    b = webui.txt2img(with_autolora(lora_req(webui), ON))
-    assert_differs(a.image, refs["lora"].image, "γ=1.5 vs plain LoRA")
-    assert_differs(a.image, refs["plain"].image, "γ=1.5 vs no LoRA")
-    assert a.pngs[0] == b.pngs[0], "same seed, same settings: byte-identical PNG"
-    webui.g15 = a
+def test_identity_gamma0_is_the_image_without_the_lora(webui, all_refs):
+    for v in VARIANTS:
+        out = webui.txt2img(with_autolora(lora_req(webui, v), {"enabled": True, "gamma": 0.0}))
+        assert_close(out.image, all_refs[v]["plain"].image, f"{v}: γ=0, w1=CFG vs prompt without the LoRA tag")
+        assert out.stats["guided_steps"] >= STEPS and not out.stats["notices"], (v, out.stats)
 
 
-def test_disabled_and_no_lora_are_byte_identical_to_the_webui_alone(webui, refs):
-    off = webui.txt2img(with_autolora(lora_req(webui), {"enabled": False, "gamma": 3.0}))
-    assert off.pngs[0] == refs["lora"].pngs[0]
-    no_lora = webui.txt2img(with_autolora(base_req(), ON))
-    assert no_lora.pngs[0] == refs["plain"].pngs[0]
-    assert not no_lora.stats["active"] and any("no LoRA" in n for n in no_lora.stats["notices"])
+def test_default_gamma_differs_from_both_and_repeats_byte_identically(webui, all_refs):
+    for v in VARIANTS:
+        a = webui.txt2img(with_autolora(lora_req(webui, v), ON))
+        b = webui.txt2img(with_autolora(lora_req(webui, v), ON))
+        assert_differs(a.image, all_refs[v]["lora"].image, f"{v}: γ=1.5 vs plain LoRA")
+        assert_differs(a.image, all_refs[v]["plain"].image, f"{v}: γ=1.5 vs no LoRA")
+        assert a.pngs[0] == b.pngs[0], f"{v}: same seed, same settings: byte-identical PNG"
+        if v == DEFAULTS:
+            webui.g15 = a
+
+
+def test_disabled_and_no_lora_are_byte_identical_to_the_webui_alone(webui, all_refs):
+    for v in VARIANTS:
+        off = webui.txt2img(with_autolora(lora_req(webui, v), {"enabled": False, "gamma": 3.0}))
+        assert off.pngs[0] == all_refs[v]["lora"].pngs[0], v
+        no_lora = webui.txt2img(with_autolora(base_req(webui, v), ON))
+        assert no_lora.pngs[0] == all_refs[v]["plain"].pngs[0], v
+        assert not no_lora.stats["active"] and any("no LoRA" in n for n in no_lora.stats["notices"])
+        assert not any(k.startswith("AutoLoRA") for k in no_lora.info["extra_generation_params"]), \
+            "an image AutoLoRA did not guide must not claim it"
+
+
+def test_cfg_1_blends_the_two_conditional_predictions_on_every_host(webui):
+    """At CFG 1 there is no CFG (Forge evaluates no negative prompt): AutoLoRA is the two-evaluation
+    blend, w1 and w2 do not apply, with a notice when they were set."""
+    plain = webui.txt2img(lora_req(webui, cfg_scale=1))
+    g1 = webui.txt2img(with_autolora(lora_req(webui, cfg_scale=1), {"enabled": True, "gamma": 1.0}))
+    assert_close(g1.image, plain.image, "CFG 1: γ=1 vs plain LoRA")
+    g0 = webui.txt2img(with_autolora(lora_req(webui, cfg_scale=1), {"enabled": True, "gamma": 0.0}))
+    assert_close(g0.image, webui.txt2img(base_req(webui, cfg_scale=1)).image, "CFG 1: γ=0 vs no LoRA")
+    g15 = webui.txt2img(with_autolora(lora_req(webui, cfg_scale=1), ON))
+    explicit = webui.txt2img(with_autolora(lora_req(webui, cfg_scale=1), {"enabled": True, "w1": 5, "w2": 9}))
+    assert explicit.pngs[0] == g15.pngs[0], "w1/w2 do not apply at CFG 1"
+    assert any("CFG 1" in n for n in explicit.stats["notices"]), explicit.stats["notices"]
+
+
+def test_extreme_values_within_the_bounds_give_an_image_and_beyond_them_a_422(webui):
+    """γ and the CFG scales at the ends of their declared ranges: an image (no HTTP 500); past them: 422."""
+    for args in ({"enabled": True, "gamma": 10.0, "w2": 30.0}, {"enabled": True, "gamma": -10.0, "w1": 30.0}):
+        status, body = webui.post("/sdapi/v1/txt2img", with_autolora(lora_req(webui), args))
+        assert status == 200, (args, status, str(body)[:300])
+    status, body = webui.post("/sdapi/v1/txt2img", with_autolora(lora_req(webui), {"enabled": True, "gamma": 1e30}))
+    assert status == 422 and "'gamma' must be between -10 and 10" in str(body), body
 
 
 SAMPLERS = [("Euler a", None), ("DPM++ 2M", "Karras"), ("DPM++ SDE", None), ("DDIM", None), ("UniPC", None)]
@@ -122,27 +168,29 @@ def test_hires_fix_guides_both_passes(webui):
     assert out.stats["te_base_encodes"] + out.stats["te_base_cached"] >= 2, \
         "the hires pass has its own (base) conditioning"
     g0 = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 0.0}))
-    assert_close(g0.image, webui.txt2img(base_req(**kw)).image, "hires fix: γ=0 vs no LoRA")
+    assert_close(g0.image, webui.txt2img(base_req(webui, **kw)).image, "hires fix: γ=0 vs no LoRA")
 
 
 def test_img2img_via_webuiapi(webui, refs):
     import webuiapi  # the PyPI client users call the API with (tests/e2e/requirements.txt)
     api = webuiapi.WebUIApi(baseurl=webui.url + "/sdapi/v1")
     init = Image.fromarray(refs["plain"].image.astype(np.uint8))
-    common = dict(images=[init], negative_prompt="blurry", steps=STEPS, sampler_name="Euler a", width=64, height=64,
-                  cfg_scale=7, seed=777, denoising_strength=0.7)
-    # A1111 quirk (seen without the extension): an img2img right after a txt2img differs from the same
-    # img2img after an img2img (3.8/255 on average here); so the first img2img is a warm-up.
-    api.img2img(prompt="a photo of a dog", **common)
-    plain = api.img2img(prompt="a photo of a dog", **common)
-    lora = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common)
-    g0 = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common,
-                     alwayson_scripts={"AutoLoRA": {"args": [{"enabled": True, "gamma": 0.0}]}})
-    g1 = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common,
-                     alwayson_scripts={"AutoLoRA": {"args": [{"enabled": True, "gamma": 1.0}]}})
-    assert_close(np.asarray(g0.image), np.asarray(plain.image), "img2img: γ=0 vs no LoRA")
-    assert_close(np.asarray(g1.image), np.asarray(lora.image), "img2img: γ=1 vs plain LoRA")
-    assert webui.stats()["guided_steps"] > 0
+    for v in VARIANTS:
+        common = dict(images=[init], steps=STEPS, width=64, height=64, cfg_scale=7, seed=777, denoising_strength=0.7,
+                      **{k: val for k, val in base_req(webui, v).items() if k in ("negative_prompt", "sampler_name",
+                                                                                    "scheduler")})
+        # A1111 quirk (seen without the extension): an img2img right after a txt2img differs from the same
+        # img2img after an img2img (3.8/255 on average here); so the first img2img is a warm-up.
+        api.img2img(prompt="a photo of a dog", **common)
+        plain = api.img2img(prompt="a photo of a dog", **common)
+        lora = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common)
+        g0 = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common,
+                         alwayson_scripts={"AutoLoRA": {"args": [{"enabled": True, "gamma": 0.0}]}})
+        g1 = api.img2img(prompt="a photo of a dog " + lora_tag(webui), **common,
+                         alwayson_scripts={"AutoLoRA": {"args": [{"enabled": True, "gamma": 1.0}]}})
+        assert_close(np.asarray(g0.image), np.asarray(plain.image), f"{v}: img2img: γ=0 vs no LoRA")
+        assert_close(np.asarray(g1.image), np.asarray(lora.image), f"{v}: img2img: γ=1 vs plain LoRA")
+        assert webui.stats()["guided_steps"] > 0
 
 
 def test_inpaint_with_mask(webui, refs):
@@ -168,36 +216,39 @@ def test_batch_size_and_batch_count(webui):
         assert_close(a, b, f"batch image {i}: γ=1 vs plain LoRA")
     assert out.stats["guided_steps"] == 2 * STEPS
     g0 = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 0.0}))
-    for i, (a, b) in enumerate(zip(g0.images, webui.txt2img(base_req(**kw)).images)):
+    for i, (a, b) in enumerate(zip(g0.images, webui.txt2img(base_req(webui, **kw)).images)):
         assert_close(a, b, f"batch image {i}: γ=0 vs no LoRA")
 
 
 def test_and_prompt(webui):
-    req = base_req(prompt=f"a photo of a cat AND a red ball :0.6 {lora_tag(webui)}")
-    plain = webui.txt2img(req)
-    out = webui.txt2img(with_autolora(req, {"enabled": True, "gamma": 1.0}))
-    assert_close(out.image, plain.image, "AND prompt: γ=1 vs plain LoRA")
-    g0 = webui.txt2img(with_autolora(req, {"enabled": True, "gamma": 0.0}))
-    assert_close(g0.image, webui.txt2img(base_req(prompt="a photo of a cat AND a red ball :0.6")).image,
-                 "AND prompt: γ=0 vs no LoRA")
+    for v in VARIANTS:
+        req = base_req(webui, v, prompt=f"a photo of a cat AND a red ball :0.6 {lora_tag(webui)}")
+        plain = webui.txt2img(req)
+        out = webui.txt2img(with_autolora(req, {"enabled": True, "gamma": 1.0}))
+        assert_close(out.image, plain.image, f"{v}: AND prompt: γ=1 vs plain LoRA")
+        g0 = webui.txt2img(with_autolora(req, {"enabled": True, "gamma": 0.0}))
+        assert_close(g0.image, webui.txt2img(base_req(webui, v, prompt="a photo of a cat AND a red ball :0.6")).image,
+                     f"{v}: AND prompt: γ=0 vs no LoRA")
 
 
 def test_two_loras_only_one_guided(webui):
     a, b = webui.models["lora"].stem, webui.models["lora_b"].stem
-    req = base_req(prompt=f"a photo of a cat <lora:{a}:1> <lora:{b}:0.8>")
-    out = webui.txt2img(with_autolora(req, {"enabled": True, "gamma": 0.0, "guided_loras": a}))
-    only_b = webui.txt2img(base_req(prompt=f"a photo of a cat <lora:{b}:0.8>"))
-    assert_close(out.image, only_b.image, "γ=0 guiding only A: the base keeps B")
-    assert out.stats["guided_loras"] == [a]
-    both = webui.txt2img(req)
-    assert_differs(only_b.image, both.image, "A must matter")
+    for v in VARIANTS:
+        req = base_req(webui, v, prompt=f"a photo of a cat <lora:{a}:1> <lora:{b}:0.8>")
+        out = webui.txt2img(with_autolora(req, {"enabled": True, "gamma": 0.0, "guided_loras": a}))
+        only_b = webui.txt2img(base_req(webui, v, prompt=f"a photo of a cat <lora:{b}:0.8>"))
+        assert_close(out.image, only_b.image, f"{v}: γ=0 guiding only A: the base keeps B")
+        assert out.stats["guided_loras"] == [a]
+        both = webui.txt2img(req)
+        assert_differs(only_b.image, both.image, "A must matter")
 
 
 def test_lora_at_strength_zero(webui):
-    req = base_req(prompt=f"a photo of a cat {lora_tag(webui, strength=0)}")
-    plain = webui.txt2img(req)
-    out = webui.txt2img(with_autolora(req, ON))
-    assert_close(out.image, plain.image, "strength 0: base == LoRA branch, any γ gives the plain image")
+    for v in VARIANTS:
+        req = base_req(webui, v, prompt=f"a photo of a cat {lora_tag(webui, strength=0)}")
+        plain = webui.txt2img(req)
+        out = webui.txt2img(with_autolora(req, ON))
+        assert_close(out.image, plain.image, f"{v}: strength 0: base == LoRA branch, any γ gives the plain image")
 
 
 def test_guidance_interval(webui, refs):
@@ -272,7 +323,9 @@ BAD = [
     ({"enabled": True, "gama": 1.5}, "unknown argument"),
     ([True, "NaN"], "finite"),
     ([True, "1.5x"], "must be a number"),
-    ({"enabled": True, "w1": -3}, "must be >= 0"),
+    ({"enabled": True, "w1": -3}, "'w1' must be between 0 and 30"),
+    ({"enabled": True, "gamma": 11}, "'gamma' must be between -10 and 10"),
+    ({"enabled": True, "lora_scale": 5}, "'lora_scale' must be between 0 and 4"),
     ({"enabled": True, "start": 0.9, "end": 0.1}, "must not exceed"),
     ({"enabled": True, "strategy": "fastest"}, "must be one of"),
     ({"enabled": True, "guided_loras": "no_such_lora"}, "not in the prompt"),
@@ -337,7 +390,7 @@ def test_forge_reuses_the_base_conditioning_while_forge_reuses_its_own(webui):
     assert again.stats["te_base_encodes"] == 0 and again.stats["te_base_cached"] >= 1, again.stats
     assert again.stats["modules"]["text_encoder"] == first.stats["modules"]["text_encoder"] > 0
     assert again.pngs[0] == first.pngs[0], "the reused base conditioning gives the same image"
-    assert_close(again.image, webui.txt2img(base_req(prompt="a cat on a sofa", seed=5)).image,
+    assert_close(again.image, webui.txt2img(base_req(webui, prompt="a cat on a sofa", seed=5)).image,
                  "γ=0 with the reused base conditioning vs no LoRA")
     scaled = webui.txt2img(with_autolora(lora_req(webui, prompt=prompt, seed=5), dict(g0, lora_scale=0.5)))
     assert scaled.stats["te_base_encodes"] >= 1, "another LoRA scale must encode again"
@@ -375,7 +428,7 @@ def test_forge_guidance_extensions_enabled_together(webui):
     assert g1.stats["active"] and g1.stats["base_calls"] >= STEPS, g1.stats
     assert_close(g1.image, plain.image, "PAG + dynamic thresholding: γ=1 vs plain LoRA")
     g0 = webui.txt2img(req(lora_req(webui), [DYNTHRES], {"enabled": True, "gamma": 0.0}))
-    assert_close(g0.image, webui.txt2img(req(base_req(), [DYNTHRES])).image, "dynamic thresholding: γ=0 vs no LoRA")
+    assert_close(g0.image, webui.txt2img(req(base_req(webui), [DYNTHRES])).image, "dynamic thresholding: γ=0 vs no LoRA")
     assert_differs(webui.txt2img(req(lora_req(webui), both, ON)).image, plain.image, "γ=1.5 with PAG + DT")
     all_three = webui.txt2img(req(lora_req(webui), list(FORGE_GUIDANCE), ON))
     assert all_three.stats["active"] and all_three.stats["base_calls"] >= STEPS, all_three.stats
@@ -384,7 +437,7 @@ def test_forge_guidance_extensions_enabled_together(webui):
 
 def test_nothing_leaked_plain_images_unchanged(webui, refs):
     """After every AutoLoRA call above (and the interrupted one, and the rejected ones)."""
-    assert webui.txt2img(base_req()).pngs[0] == refs["plain"].pngs[0]
+    assert webui.txt2img(base_req(webui)).pngs[0] == refs["plain"].pngs[0]
     assert webui.txt2img(lora_req(webui)).pngs[0] == refs["lora"].pngs[0]
 
 
@@ -394,6 +447,9 @@ def test_ui_controls_tooltips_and_settings(webui):
     config = webui.get("/config")
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
     table = webui.get("/autolora/v1/params")
+    for tab in ("txt2img", "img2img"):  # the tooltips travel in the page (an HTML component's value)
+        assert f'id=\\"autolora_{tab}_tooltips\\"' in json.dumps(config) or \
+            f'id="autolora_{tab}_tooltips"' in str(config), tab
     for tab in ("txt2img", "img2img"):
         for param in table["params"]:
             assert f"autolora_{tab}_{param['name']}" in ids, (tab, param["name"])

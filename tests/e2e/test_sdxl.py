@@ -18,33 +18,35 @@ def api(webui):
     return webuiapi.WebUIApi(baseurl=webui.url + "/sdapi/v1")
 
 
-def gen(api, webui, lora: bool, args=None):
+def gen(api, webui, variant, lora: bool, args=None):
     prompt = "a photo of a cat" + (f" <lora:{webui.models['lora'].stem}:1>" if lora else "")
-    result = api.txt2img(prompt=prompt, negative_prompt="blurry", steps=STEPS, sampler_name="Euler a", width=64,
-                         height=64, cfg_scale=7, seed=4242,
-                         alwayson_scripts={"AutoLoRA": {"args": [args]}} if args else {})
+    request = dict(webui.host.spec.ui_defaults) if variant == "WebUI defaults" else \
+        {"negative_prompt": "blurry", "sampler_name": "Euler a"}
+    result = api.txt2img(prompt=prompt, steps=STEPS, width=64, height=64, cfg_scale=7, seed=4242,
+                         alwayson_scripts={"AutoLoRA": {"args": [args]}} if args else {}, **request)
     return np.asarray(result.image).astype(np.int16), result, webui.stats()
 
 
-def test_sdxl_identities_determinism_and_no_leak(api, webui):
-    plain, plain_res, _ = gen(api, webui, lora=False)
-    lora, _, _ = gen(api, webui, lora=True)
+@pytest.mark.parametrize("variant", ["WebUI defaults", "negative prompt, Euler a"])
+def test_sdxl_identities_determinism_and_no_leak(api, webui, variant):
+    plain, plain_res, _ = gen(api, webui, variant, lora=False)
+    lora, _, _ = gen(api, webui, variant, lora=True)
     assert_differs(plain, lora, "SDXL LoRA must change the image")
 
-    g1, res, st = gen(api, webui, True, {"enabled": True, "gamma": 1.0})
+    g1, res, st = gen(api, webui, variant, True, {"enabled": True, "gamma": 1.0})
     assert_close(g1, lora, "SDXL γ=1 vs plain LoRA")
-    assert st["active"] and st["guided_steps"] == STEPS and st["base_calls"] >= STEPS, st
+    assert st["active"] and st["guided_steps"] >= STEPS and st["base_calls"] >= STEPS, st
     # both text encoders: CLIP-L Linear layers and OpenCLIP's MultiheadAttention + MLP layers
     assert st["modules"]["text_encoder"] > 72, st
 
-    g0, _, _ = gen(api, webui, True, {"enabled": True, "gamma": 0.0})
+    g0, _, _ = gen(api, webui, variant, True, {"enabled": True, "gamma": 0.0})
     assert_close(g0, plain, "SDXL γ=0 vs no LoRA (UNet and both text encoders LoRA-free)")
 
-    a, res_a, _ = gen(api, webui, True, {"enabled": True})
-    b, res_b, _ = gen(api, webui, True, {"enabled": True})
+    a, res_a, _ = gen(api, webui, variant, True, {"enabled": True})
+    b, res_b, _ = gen(api, webui, variant, True, {"enabled": True})
     assert_differs(a, lora, "SDXL γ=1.5 vs plain LoRA")
     assert_differs(a, plain, "SDXL γ=1.5 vs no LoRA")
     assert (a == b).all() and res_a.info["infotexts"] == res_b.info["infotexts"]
 
-    again, _, _ = gen(api, webui, lora=False)
+    again, _, _ = gen(api, webui, variant, lora=False)
     assert (again == plain).all(), "plain SDXL image unchanged after AutoLoRA"

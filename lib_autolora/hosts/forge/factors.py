@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from ..factors import DenseTerm, LoraFactors, LowRankTerm, ModuleDelta
+from ...factors import DenseTerm, LoraFactors, LowRankTerm, ModuleDelta
 
 ADDITIVE_TYPES = ("lora", "loha", "lokr", "diff")
 

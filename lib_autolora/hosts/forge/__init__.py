@@ -1,0 +1,218 @@
+"""AutoLoRA on Stable Diffusion WebUI Forge (main): the core bound to Forge's sampling hooks.
+
+The user's LoRAs stay exactly as Forge applies them (merged "offline", or on the fly "online"), so
+the LoRA branch is Forge's own evaluation. The base branch (every guided LoRA removed, the
+unguided ones kept) is built the Forge way: its text conditioning in conditioning.py, its UNet
+evaluation in sampling.py, the guided LoRAs' factors read from Forge's patches in factors.py.
+
+Forge's low-VRAM offloading keeps working: the hooks act on layer outputs wherever the weights
+live, and the factors' size is reserved with `add_extra_preserved_memory_during_sampling`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ... import memory_probe
+from ...generation import Generation
+from .. import memory, networks
+from ..prompts import select_guided
+from .conditioning import BaseCondCache, BaseConditioning
+from .factors import read_factors
+from .sampling import OUR_MARK, Sampling
+
+NAME = "forge"
+
+
+class ForgeAPI:
+    """The Forge functions the adapter calls, imported in one place (the tests pass stand-ins)."""
+
+    def __init__(self):
+        from backend import memory_management
+        from backend.patcher.lora import merge_lora_to_weight
+        from backend.sampling import condition, sampling_function
+        from modules import prompt_parser
+
+        self.calc_cond_uncond_batch = sampling_function.calc_cond_uncond_batch
+        self.compute_cond_mark = sampling_function.compute_cond_mark
+        self.compute_cond_indices = sampling_function.compute_cond_indices
+        self.compile_conditions = condition.compile_conditions
+        self.compile_weighted_conditions = condition.compile_weighted_conditions
+        self.Condition = condition.Condition
+        self.ConditionCrossAttn = condition.ConditionCrossAttn
+        self.reconstruct_multicond_batch = prompt_parser.reconstruct_multicond_batch
+        self.reconstruct_cond_batch = prompt_parser.reconstruct_cond_batch
+        self.merge_lora_to_weight = merge_lora_to_weight
+        self.memory_management = memory_management
+
+    def loaded_loras(self) -> Optional[list]:
+        """(filename, names…) of each LoRA Forge activated for this batch; None without `sd_forge_lora`."""
+        nets = networks.loaded()
+        return None if nets is None else [(net.network_on_disk.filename, *networks.names_of(net)) for net in nets]
+
+    def options(self):
+        from modules import shared
+        return shared.opts
+
+    def lean_memory(self) -> bool:
+        mm = self.memory_management
+        return mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
+
+    def free_memory(self, device) -> int:
+        return int(self.memory_management.get_free_memory(device))
+
+    @contextmanager
+    def encoding(self, p):
+        """What `get_conds_with_caching` sets up around a prompt function, undone afterwards."""
+        from modules import devices
+        import backend.text_processing.classic_engine as classic_engine
+        saved = dict(classic_engine.last_extra_generation_params)
+        try:
+            with devices.autocast():
+                p.sd_model.set_clip_skip(int(self.options().CLIP_stop_at_last_layers))
+                yield
+        finally:
+            classic_engine.last_extra_generation_params = saved
+
+
+@dataclass
+class ForgeState:
+    """The Forge-specific part of one generation (`Generation.host_state`)."""
+
+    p: object
+    guided_files: set = field(default_factory=set)
+    conds: dict = field(default_factory=dict)  # id(Forge's cond object) -> (that object, base, lora-scaled)
+    sampling: Optional[Sampling] = None
+    te_corrections: list = field(default_factory=lambda: [0])
+    unet_before: object = None  # forge_objects.unet before our clone took its place...
+    unet_ours: object = None  # ...and the clone carrying our sampler_pre_cfg_function
+
+    def close_sampling(self):
+        if self.sampling is not None:
+            self.sampling.close()
+            self.sampling = None
+
+
+class ForgeAdapter:
+    name = NAME
+
+    def __init__(self, api: Optional[ForgeAPI] = None):
+        self.api = api or ForgeAPI()
+        self.gen: Optional[Generation] = None
+        self.base_conditioning = BaseConditioning(self.api, BaseCondCache())
+
+    def _current(self, gen: Generation) -> bool:
+        return self.gen is gen
+
+    # -- start_batch: Forge activated the batch's LoRAs and is about to encode its prompts ---------
+    def start_batch(self, p, settings) -> Optional[str]:
+        gen = self.gen if self.gen is not None and self.gen.host_state.p is p else None
+        if gen is None:
+            self.finish(None)
+            gen = Generation(settings, NAME)
+            gen.host_state = ForgeState(p)
+        loaded = self.api.loaded_loras()
+        if loaded is None:
+            return self._off(gen, "AutoLoRA: the built-in LoRA extension (sd_forge_lora) is not loaded; AutoLoRA is off")
+        if not loaded:
+            return self._off(gen, "AutoLoRA: no LoRA in the prompt, nothing to guide; generated without AutoLoRA")
+        state = gen.host_state
+        state.guided_files = set(select_guided(loaded, settings.guided_loras))  # raises for unknown names
+        gen.stats.guided_loras = [entry[1] for entry in loaded if entry[0] in state.guided_files]
+        if self.gen is not gen:
+            self.gen = gen
+            if settings.base_text_encoder or settings.lora_scale != 1.0:
+                self.base_conditioning.wrap(p, gen, self._current)
+            gen.stats.active = True
+        gen.begin_batch()
+        return None
+
+    def _off(self, gen: Generation, message: str) -> str:
+        gen.stats.notices.append(message)
+        if self.gen is gen:
+            self.finish(gen.host_state.p)
+        return message
+
+    def generation(self, p) -> Optional[Generation]:
+        gen = self.gen
+        return gen if gen is not None and gen.host_state.p is p else None
+
+    # -- before_sampling: Forge's process_before_every_sampling -----------------------------------
+    def before_sampling(self, p, **kwargs):
+        gen = self.generation(p)
+        if gen is None or not gen.host_state.guided_files or gen.off:
+            return None
+        state = gen.host_state
+        state.close_sampling()  # hires pass: the first pass is over (or this is Forge's repeated call)
+        if getattr(p, "is_hr_pass", False):  # the hires prompt may name other LoRAs
+            loaded = self.api.loaded_loras() or []
+            try:
+                state.guided_files = set(select_guided(loaded, gen.settings.guided_loras)) if loaded else set()
+            except Exception as exc:
+                gen.note(f"{exc}; the hires pass runs without AutoLoRA", p.comment)
+                return None
+            if not state.guided_files:
+                gen.note("AutoLoRA: no LoRA in the hires prompt; the hires pass runs without AutoLoRA", p.comment)
+                return None
+        conds = {}
+        for name, obj in (("c", kwargs.get("c")), ("uc", kwargs.get("uc"))):
+            entry = state.conds.get(id(obj)) if obj is not None else None
+            if entry is not None and entry[0] is obj:
+                conds[f"base_{name}"], conds[f"lora_{name}"] = entry[1], entry[2]
+        if kwargs.get("uc") is None and gen.explicit_cfg_ignored(getattr(p, "cfg_scale", 0)):
+            gen.note("AutoLoRA: at CFG 1 the WebUI evaluates no negative prompt, so w1 and w2 do not apply",
+                     p.comment)
+        unet = p.sd_model.forge_objects.unet
+        ff = read_factors(unet.model, unet.lora_patches, state.guided_files, merge=self.api.merge_lora_to_weight,
+                          backup=getattr(getattr(unet.model, "lora_loader", None), "backup", {}))
+        gen.stats.modules["unet"] = len(ff.factors.nonzero())
+        message = ff.message("UNet")
+        if message:
+            gen.note(f"AutoLoRA: {message}", p.comment)
+        if ff.empty and not any(v is not None for v in conds.values()):
+            gen.note("AutoLoRA: the guided LoRAs change nothing in this model; sampling without AutoLoRA", p.comment)
+            return None
+        state.unet_before = unet
+        unet = unet.clone()
+        sampling = Sampling(self.api, gen, p, unet, ff, conds)
+        unet.add_sampler_pre_cfg_function(sampling.pre_cfg_function())
+        unet.add_extra_preserved_memory_during_sampling(ff.nbytes())
+        p.sd_model.forge_objects.unet = state.unet_ours = unet
+        state.sampling = sampling
+        return None
+
+    # -- finish: end of the generation (postprocess), interrupted or not ------------------------
+    def finish(self, p):
+        gen, self.gen = self.gen, None
+        if gen is None:
+            return None
+        state = gen.host_state
+        state.close_sampling()
+        BaseConditioning.unwrap(state.p)
+        # Forge resets forge_objects at the next generation anyway; putting the patcher back now
+        # drops our pre-CFG function and what its closure holds (conds, factors) between generations.
+        objects = getattr(getattr(state.p, "sd_model", None), "forge_objects", None)
+        if objects is not None and state.unet_ours is not None and objects.unet is state.unet_ours:
+            objects.unet = state.unet_before
+        if state.unet_ours is not None:  # the clone may live on in Forge's loaded-models list
+            hooks = state.unet_ours.model_options.get("sampler_pre_cfg_function", [])
+            hooks[:] = [f for f in hooks if not getattr(f, OUR_MARK, False)]
+            state.unet_ours.extra_preserved_memory_during_sampling = \
+                state.unet_before.extra_preserved_memory_during_sampling
+        state.unet_before = state.unet_ours = None
+        state.conds.clear()
+        gen.finish(memory.peak_bytes())
+        return None
+
+    def residue(self) -> dict:
+        """What is registered now (GET /autolora/v1/residue): the host's callback lists, hooks on the
+        UNet and text encoder modules, our sampler hooks on the current UNet patcher, open generations."""
+        from modules import script_callbacks, shared
+        objects = getattr(shared.sd_model, "forge_objects", None)
+        roots, pre_cfg = [], 0
+        if objects is not None:
+            roots = [getattr(objects.unet, "model", None), getattr(objects.clip, "cond_stage_model", None)]
+            pre_cfg = len(objects.unet.model_options.get("sampler_pre_cfg_function", []))
+        return memory_probe.residue_counts(script_callbacks.callback_map, [r for r in roots if r is not None], {
+            "open_runs": int(self.gen is not None), "unet_pre_cfg_functions": pre_cfg})

@@ -1,0 +1,30 @@
+"""Device memory readings the adapters put into the stats and the strategy choice (CUDA only;
+None where unknown)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def peak_bytes() -> Optional[int]:
+    if torch.cuda.is_available():
+        try:
+            return int(torch.cuda.max_memory_allocated())
+        except RuntimeError:
+            return None
+    return None
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free_bytes() -> Optional[int]:
+    if torch.cuda.is_available():
+        try:
+            return int(torch.cuda.mem_get_info()[0])
+        except RuntimeError:
+            return None
+    return None
