@@ -107,7 +107,8 @@ def step_inputs(config: dict, size: int, images: int, device, dtype, seed: int =
     args = [x, t, context]
     if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text and size/crop ids
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        args += [torch.randn(rows, pooled, generator=g), torch.tensor([[size, size, 0, 0, size, size]] * rows, dtype=torch.float32)]
+        args += [torch.randn(rows, pooled, generator=g),
+                 torch.tensor([[size, size, 0, 0, size, size]] * rows, dtype=torch.float32)]
     return tuple(a.to(device=device, dtype=dtype) for a in args)
 
 
@@ -152,7 +153,8 @@ def profile_step(step, device, path: Path, title: str) -> dict:
         synchronize(device)
     events = prof.events()
     counts = {"aten_ops": sum(1 for e in events if e.name.startswith("aten::")),
-              "kernel_launches": sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))}
+              "kernel_launches": sum(1 for e in events
+                                     if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))}
     sort = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
     with path.open("a") as f:
         f.write(f"\n## {title}\n{counts}\n{prof.key_averages().table(sort_by=sort, row_limit=25)}\n")

@@ -21,8 +21,8 @@ except ImportError:  # very old WebUIs
     InputAccordion = None
 
 _EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _EXTENSION_DIR not in sys.path:  # the WebUIs add it while loading scripts; be explicit
-    sys.path.insert(0, _EXTENSION_DIR)
+if _EXTENSION_DIR not in sys.path:  # for `lib_autolora`; appended, so the folder's demo/ and tests/
+    sys.path.append(_EXTENSION_DIR)  # never shadow a module of the WebUI
 from lib_autolora import params, stats  # noqa: E402
 from lib_autolora.hosts import http, memory, select_adapter, xyz  # noqa: E402
 from lib_autolora.params import AutoLoraArgumentError  # noqa: E402

@@ -87,7 +87,8 @@ class StandInCFGDenoisedParams:
     """script_callbacks.CFGDenoisedParams(x, sampling_step, total_sampling_steps, inner_model)."""
 
     def __init__(self, x, sampling_step, total_sampling_steps, inner_model):
-        self.x, self.sampling_step, self.total_sampling_steps, self.inner_model = x, sampling_step, total_sampling_steps, inner_model
+        self.x, self.sampling_step, self.total_sampling_steps = x, sampling_step, total_sampling_steps
+        self.inner_model = inner_model
 
 
 class StandInModelWrap(torch.nn.Module):
@@ -168,9 +169,11 @@ class StandInCFGDenoiser(torch.nn.Module):
         make_condition_dict = lambda c_crossattn, c_concat: {"c_crossattn": [c_crossattn], "c_concat": [c_concat]}  # noqa: E731
         x_in = torch.cat([torch.stack([x[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [x])
         sigma_in = torch.cat([torch.stack([sigma[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [sigma])
-        image_cond_in = torch.cat([torch.stack([image_cond[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [image_uncond])
+        image_cond_in = torch.cat([torch.stack([image_cond[i] for _ in range(n)]) for i, n in enumerate(repeats)]
+                                  + [image_uncond])
 
-        denoiser_params = StandInCFGDenoiserParams(x_in, image_cond_in, sigma_in, self.step, self.total_steps, tensor, uncond, self)
+        denoiser_params = StandInCFGDenoiserParams(x_in, image_cond_in, sigma_in, self.step, self.total_steps, tensor,
+                                                   uncond, self)
         self._callbacks.cfg_denoiser_callback(denoiser_params)
         x_in, image_cond_in, sigma_in = denoiser_params.x, denoiser_params.image_cond, denoiser_params.sigma
         tensor, uncond = denoiser_params.text_cond, denoiser_params.text_uncond
@@ -209,7 +212,8 @@ class StandInCFGDenoiser(torch.nn.Module):
                     standin_subscript_cond(tensor, a, b), image_cond_in[a:b]))
             if not skip_uncond:
                 x_out[-uncond.shape[0]:] = self.inner_model(x_in[-uncond.shape[0]:], sigma_in[-uncond.shape[0]:],
-                                                            cond=make_condition_dict(uncond, image_cond_in[-uncond.shape[0]:]))
+                                                            cond=make_condition_dict(uncond,
+                                                                                     image_cond_in[-uncond.shape[0]:]))
 
         denoised_image_indexes = [x[0][0] for x in conds_list]
         if skip_uncond:

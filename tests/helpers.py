@@ -5,7 +5,7 @@ import hashlib
 
 import torch
 
-from lib_autolora.demo.model import TinyDiffusionModel
+from demo.model import TinyDiffusionModel
 from lib_autolora.kohya import factors_from_kohya, merge_into
 
 

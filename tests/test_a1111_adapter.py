@@ -14,6 +14,7 @@ import a1111_standins as sti
 from helpers import lora_state_dict, make_model, merged_copy
 from lib_autolora import memory_probe
 from lib_autolora.base_branch import DeltaHooks, make_strategy
+from lib_autolora.factors import BASE_COEF
 from lib_autolora.generation import Generation
 from lib_autolora.hosts import a1111
 from lib_autolora.hosts.a1111 import binding, conditioning
@@ -114,7 +115,10 @@ def test_factors_equal_what_the_host_adds(merged, variant):
         base = sd(x)
         if merged:  # the host adds calc_updown(W) to the weight
             w = sd.weight + nm.calc_updown(sd.weight)[0]
-            host = sd._conv_forward(x, w, sd.bias) if isinstance(sd, torch.nn.Conv2d) else torch.nn.functional.linear(x, w, sd.bias)
+            if isinstance(sd, torch.nn.Conv2d):
+                host = sd._conv_forward(x, w, sd.bias)
+            else:
+                host = torch.nn.functional.linear(x, w, sd.bias)
         else:
             host = nm.forward(x, base)
         torch.testing.assert_close(base + delta.forward(x), host, atol=1e-5, rtol=1e-4)
@@ -130,7 +134,8 @@ def test_factors_guided_subset_skips_and_mha():
     assert a1111_factors.read_factors([a], [a], weights_merged=True).exact_backup >= {some}
     # LoRA on a GroupNorm / functional Tucker: named, kept in both branches
     norm = StandInNetwork("n")
-    nm = StandInNetworkModuleLora(norm, "diffusion_model_norm", torch.nn.GroupNorm(2, 4), torch.zeros(4, 1), torch.zeros(1, 4), 1.0)
+    nm = StandInNetworkModuleLora(norm, "diffusion_model_norm", torch.nn.GroupNorm(2, 4), torch.zeros(4, 1),
+                                  torch.zeros(1, 4), 1.0)
     norm.modules["k"] = nm
     f = a1111_factors.read_factors([norm], [norm], weights_merged=True)
     assert f.skipped == [("n", "k", "LoRA on a GroupNorm layer")]
@@ -363,7 +368,8 @@ def test_base_text_encoding_with_sequence_first_layers_and_mha():
     assert (lora - clean).abs().max() > 1e-2
     factors = a1111_factors.read_factors([net], [net], True, {"1_model_transformer_resblocks_0_attn": model.attn})
     assert set(factors.mha) == {model.attn} and model.c_fc in factors.te.deltas
-    base = conditioning.EncodeWith(model, DeltaHooks(factors.te), a1111_factors.MhaSwap(factors), -1.0).get_learned_conditioning(texts)
+    wrapper = conditioning.EncodeWith(model, DeltaHooks(factors.te), a1111_factors.MhaSwap(factors), BASE_COEF)
+    base = wrapper.get_learned_conditioning(texts)
     torch.testing.assert_close(base, clean, atol=1e-5, rtol=0)
     assert torch.equal(model.get_learned_conditioning(texts), lora)  # nothing left behind
 

@@ -128,7 +128,8 @@ def _trace(path, steps, extra_ops=()):
     (`extra_ops`) and a blocking copy."""
     events, ts = [], 0
     for name in extra_ops:
-        events.append({"cat": "cpu_op", "name": name, "ts": ts, "dur": 5, "tid": 1}); ts += 10
+        events.append({"cat": "cpu_op", "name": name, "ts": ts, "dur": 5, "tid": 1})
+        ts += 10
     for _ in range(steps):
         events.append({"cat": "cpu_op", "name": "aten::linear", "ts": ts, "dur": 100, "tid": 1})
         events.append({"cat": "cpu_op", "name": "aten::addmm", "ts": ts + 10, "dur": 50, "tid": 1})
@@ -169,9 +170,10 @@ def test_step_ops_table_names_what_changed_against_plain(tmp_path):
 
 # Lines as `py-spy record --format raw --threads --idle` writes them (seen on this machine's Forge):
 # "thread (tid): name;outermost frame;...;innermost frame count".
-_RAW = """\
-thread (11): AnyIO worker;run (api.py:10);sample_euler (/w/k_diffusion/sampling.py:130);forward (/w/dual.py:150) 60
-thread (11): AnyIO worker;run (api.py:10);sample_euler (/w/k_diffusion/sampling.py:130);forward (/w/dual.py:150);forward (/w/dual.py:160) 30
+_SAMPLE = "thread (11): AnyIO worker;run (api.py:10);sample_euler (/w/k_diffusion/sampling.py:130)"
+_RAW = f"""\
+{_SAMPLE};forward (/w/dual.py:150) 60
+{_SAMPLE};forward (/w/dual.py:150);forward (/w/dual.py:160) 30
 thread (11): AnyIO worker;run (api.py:10);sample_euler (/w/k_diffusion/sampling.py:131) 10
 thread (11): AnyIO worker;run (api.py:10);decode (vae.py:5) 500
 thread (12): MainThread;serve (uvicorn.py:3) 900

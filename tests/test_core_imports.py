@@ -1,5 +1,5 @@
-"""The core is host-free: outside hosts/ (the adapters) and demo/ it imports only the standard
-library, torch and safetensors — never a WebUI module."""
+"""The core is host-free: outside hosts/ (the adapters) it imports only the standard library, torch
+and safetensors, never a WebUI module; and the product package holds no demo or research code."""
 import ast
 import pathlib
 import sys
@@ -17,7 +17,13 @@ def _imports(path):
 
 
 def test_core_imports_nothing_from_the_webui():
-    files = [p for p in CORE.rglob("*.py") if not {"hosts", "demo"} & set(p.relative_to(CORE).parts)]
+    files = [p for p in CORE.rglob("*.py") if "hosts" not in p.relative_to(CORE).parts]
     assert len(files) >= 8
     bad = {f"{p.relative_to(CORE)}: {name}" for p in files for name in _imports(p) if name not in ALLOWED}
     assert not bad, bad
+
+
+def test_the_product_package_has_no_demo_research_or_weights():
+    parts = {part for p in CORE.rglob("*") for part in p.relative_to(CORE).parts}
+    assert not {"demo", "research", "assets"} & parts
+    assert not list(CORE.rglob("*.safetensors"))

@@ -5,12 +5,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lib_autolora.demo import data
-from lib_autolora.demo.__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings,
+from demo import data
+from demo.__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings,
                                         load_lora_model, main, prompts, sample_autolora, sample_lora_cfg)
-from lib_autolora.demo.metrics import Evaluators, Scores, diversity
-from lib_autolora.demo import front, pareto, sweep
-from lib_autolora.demo.train import ASSETS, LORA, SHIPPED_STYLES, TrainingLora, load_base, train_base, train_lora
+from demo.metrics import Evaluators, Scores, diversity
+from research import front, pareto, sweep
+from demo.train import ASSETS, LORA, SHIPPED_STYLES, TrainingLora, load_base, train_base, train_lora
 from lib_autolora.kohya import factors_from_kohya, load_state_dict, merge_into
 
 from helpers import fingerprint
@@ -18,11 +18,18 @@ from helpers import fingerprint
 SETTINGS = Settings()
 
 # The quality check: AutoLoRA + CFG at the paper's default gamma against LoRA + CFG, same LoRA
-# scale, same seeds. Style presence (0-5) may drop by at most this much.
+# scale, same seeds. Style presence (0-5) may drop by at most STYLE_MARGIN. The effect it must show
+# and the cost it may have were declared from the spread of the same comparison over six other
+# seed sets of this size (python -m research.claim_margins --seeds-per-class 96 --sets 6, printout
+# in research/runs/claim-margins-96-seeds.txt): relative diversity gain +0.148, sd 0.034; accuracy
+# change -0.048, sd 0.003. The margins are the mean -/+ 2 sd. With 24 seeds per digit the gain's sd
+# was 0.080 (claim-margins-24-seeds.txt), too wide to tell a gain from a draw of seeds.
 QUALITY_SCALE = 1.0
 QUALITY_GAMMA = 1.5
-QUALITY_SEEDS_PER_CLASS = 24  # x 10 digits = 240 samples per method
+QUALITY_SEEDS_PER_CLASS = 96  # x 10 digits = 960 samples per method
 STYLE_MARGIN = sweep.STYLE_MARGIN
+MIN_DIVERSITY_GAIN = 0.08  # AutoLoRA's diversity / LoRA + CFG's - 1
+MAX_ACCURACY_LOSS = 0.055  # share of samples that no longer draw the digit asked for
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -252,7 +259,7 @@ def _lora_vs_autolora(evaluators, scale, gamma, seeds_per_class, lora_path=LORA_
     return lora, auto
 
 
-FAR_STYLE_XFAIL = pytest.mark.xfail(strict=True, reason=(
+FAR_STYLE_XFAIL = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "Measured on the shipped 'italic negative' LoRA (CFG 4, dpmpp_2m 20 steps, 240 samples): at LoRA "
     "scale 1.0, AutoLoRA gamma 1.5 is LESS diverse than LoRA+CFG (0.009 vs 0.024; style 5.00 vs 4.98). "
     "The inverted palette is far from anything the base model knows (its denoising loss 11x that of "
@@ -272,11 +279,13 @@ def quality_run(request, style_evaluators):
 
 
 def test_quality_autolora_is_more_diverse_at_equal_lora_scale(quality_run):
-    """The paper's claim (Tables 1-2) on the tiny model: higher Diversity, style kept."""
+    """The paper's claim (Tables 1-2) on the tiny model: higher Diversity by the declared minimum
+    effect, style kept, and class accuracy lost by no more than the declared cost."""
     lora, auto, _ = quality_run
     summary = f"LoRA+CFG {lora}, AutoLoRA+CFG {auto}"
     assert auto.style >= lora.style - STYLE_MARGIN, summary
-    assert auto.diversity > lora.diversity, summary
+    assert auto.diversity / lora.diversity - 1.0 >= MIN_DIVERSITY_GAIN, summary
+    assert lora.accuracy - auto.accuracy <= MAX_ACCURACY_LOSS, summary
     assert sweep.claim_holds(lora, auto)
 
 
@@ -332,7 +341,7 @@ def test_demo_command_writes_the_grid(tmp_path, capsys):
 
 
 def test_pixel_diversity_is_zero_for_copies_and_grows_with_distance():
-    from lib_autolora.demo.metrics import pixel_diversity
+    from demo.metrics import pixel_diversity
     x = torch.rand(1, 1, 8, 8) * 2 - 1
     labels = torch.tensor([0, 0, 1, 1])
     copies = torch.cat([x, x, x, x])
@@ -344,7 +353,7 @@ def test_pixel_diversity_is_zero_for_copies_and_grows_with_distance():
 
 
 def test_metric_check_reports_each_metric_of_each_method():
-    from lib_autolora.demo import metric_check
+    from demo import metric_check
     rows = [(1.0, {"LoRA+CFG": (0.02, 0.05, 1.3), "AutoLoRA+CFG": (0.01, 0.06, 0.9)})]
     text = metric_check.format_rows(rows, 1.5, Settings(), 32)
     assert "1.00 |    0.0200    0.0100  |    0.0500    0.0600  |     1.300     0.900  | no, yes, no" in text

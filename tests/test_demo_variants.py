@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from lib_autolora.demo import data, variants
-from lib_autolora.demo.__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model,
+from demo import data, variants
+from demo.__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model,
                                         prompts, sample_autolora, sample_lora_cfg)
-from lib_autolora.demo.metrics import EVALUATORS_FILE, Evaluators, copied_share, pixel_diversity
-from lib_autolora.demo.sweep import claim_holds
-from lib_autolora.demo.train import EVAL, LORA, SHIPPED_STYLES, load_base, train_evaluators
+from demo.metrics import EVALUATORS_FILE, Evaluators, copied_share, pixel_diversity
+from research.sweep import claim_holds
+from demo.train import EVAL, LORA, SHIPPED_STYLES, load_base, train_evaluators
 from lib_autolora.kohya import factors_from_kohya
 
 TINY_EVAL = {**EVAL, "epochs": 1}

@@ -156,7 +156,8 @@ def test_strength_and_alpha_scale():
     model = make_model(0)
     sd = lora_state_dict(model, rank=4, alpha=2.0, only=["mid_attn_to_q"])
     (module, delta), = factors_from_kohya(sd, model.kohya_modules(), strength=0.5).deltas.items()
-    expected = sd["lora_unet_mid_attn_to_q.lora_up.weight"] @ sd["lora_unet_mid_attn_to_q.lora_down.weight"] * (2.0 / 4) * 0.5
+    up, down = sd["lora_unet_mid_attn_to_q.lora_up.weight"], sd["lora_unet_mid_attn_to_q.lora_down.weight"]
+    expected = up @ down * (2.0 / 4) * 0.5
     torch.testing.assert_close(delta.delta_weight(), expected)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from helpers import fingerprint, lora_state_dict, make_model, merged_copy
 from lib_autolora.base_branch import make_strategy, split_batch
-from lib_autolora.demo.ksampling import karras_sigmas, sample
+from demo.ksampling import karras_sigmas, sample
 from lib_autolora.guidance import GuidanceInterval, cfg
 from lib_autolora.guider import AutoLoraGuider, BranchConds
 from lib_autolora.kohya import factors_from_kohya

@@ -49,7 +49,8 @@ class StandInAxisOption:
 
 def standin_xyz_module():
     return SimpleNamespace(AxisOption=StandInAxisOption, axis_options=[StandInAxisOption("Nothing", str, None)],
-                           boolean_choice=lambda reverse=False: (lambda: ["False", "True"] if reverse else ["True", "False"]))
+                           boolean_choice=lambda reverse=False: (
+                               lambda: ["False", "True"] if reverse else ["True", "False"]))
 
 
 def test_xyz_axes_from_the_table_and_cells_independent():

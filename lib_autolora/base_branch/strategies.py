@@ -15,7 +15,8 @@ tensor it was before, bit for bit.
 | sequential | a second forward with hooks subtracting on every row   | two forwards            | none                |
 | swap       | a second forward over base weights swapped by reference| two forwards, no hooks  | one copy of LoRA'd layers |
 | toggle     | a second forward after restoring the weights in place  | two forwards + 2 copies | one copy (backup)   |
-| dual       | one forward; each LoRA'd Linear runs each half against its own weight (dual.py) | one bigger forward | one copy of LoRA'd Linears, two of the unbiased |
+| dual       | one forward; each LoRA'd Linear runs each half   | one bigger forward      | LoRA'd Linears      |
+|            | against its own weight (dual.py)                       |                         |                     |
 
 `make_strategy` and the name -> class table live in registry.py.
 """

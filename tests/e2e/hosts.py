@@ -131,7 +131,8 @@ def configured_hosts() -> list:
             continue
         root = Path(root).resolve()
         python = os.environ.get(f"{spec.env_var}_PYTHON")
-        candidates = [Path(python)] if python else [root / "venv" / "bin" / "python", root.parent / "venv" / "bin" / "python"]
+        candidates = [Path(python)] if python else [root / "venv" / "bin" / "python",
+                                                    root.parent / "venv" / "bin" / "python"]
         found = next((c for c in candidates if c.exists()), None)
         hosts.append(Host(spec, root, found or candidates[0]))
     return hosts

@@ -241,7 +241,8 @@ class Soak:
         which the WebUI loads as a different checkpoint), generate with AutoLoRA, switch back."""
         current = self.get("/sdapi/v1/options").get("sd_model_checkpoint")
         models = self.get("/sdapi/v1/sd-models")
-        source = next((Path(m["filename"]) for m in models if m["title"] == current or m["model_name"] in str(current)), None)
+        source = next((Path(m["filename"]) for m in models
+                       if m["title"] == current or m["model_name"] in str(current)), None)
         if source is None or not source.exists():
             self.tally.fail(f"checkpoint switch: the current checkpoint {current!r} has no file listed")
             return
@@ -249,7 +250,8 @@ class Soak:
         link.unlink(missing_ok=True)
         link.hardlink_to(source)
         try:
-            self.tally.add("refresh checkpoints", "ok" if self.post("/sdapi/v1/refresh-checkpoints", {})[0] == 200 else "error")
+            refreshed = self.post("/sdapi/v1/refresh-checkpoints", {})[0] == 200
+            self.tally.add("refresh checkpoints", "ok" if refreshed else "error")
             other = next((m["title"] for m in self.get("/sdapi/v1/sd-models") if m["filename"] == str(link)), None)
             for target in (other, current):
                 status, body = self.post("/sdapi/v1/options", {"sd_model_checkpoint": target})
@@ -308,7 +310,8 @@ class Soak:
                  f"{'call kind':44s} {'calls':>5s}  outcomes"]
         for kind in sorted(self.tally.by_kind):
             outcomes = self.tally.by_kind[kind]
-            lines.append(f"{kind:44s} {sum(outcomes.values()):5d}  " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items())))
+            counts = ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()))
+            lines.append(f"{kind:44s} {sum(outcomes.values()):5d}  " + counts)
         mb = lambda b: "n/a" if b is None else f"{b / 2 ** 20:+.0f} MB" if b < 0 else f"{b / 2 ** 20:.0f} MB"  # noqa: E731
         memory_lines, memory_ok = self.memory_report(warmup_calls, mb)
         lines += memory_lines

@@ -227,7 +227,8 @@ class Page:
         self.scroll_to(self.wait(option, f"{selector}: no option {label!r}")).click()
         self.wait(lambda d: box.get_attribute("value") == label, f"{selector} did not select {label!r}")
         self.d.execute_script("arguments[0].blur();", box)
-        self.wait(lambda d: not any(li.is_displayed() for li in root.find_elements(By.CSS_SELECTOR, self.host.dropdown_option)),
+        options = lambda: root.find_elements(By.CSS_SELECTOR, self.host.dropdown_option)
+        self.wait(lambda d: not any(li.is_displayed() for li in options()),
                   f"{selector}: the option list stays open")
 
     def open_autolora(self, tab="txt2img"):

@@ -44,7 +44,8 @@ def diff(a, b) -> tuple:
 
 def assert_close(a, b, what=""):
     mean, mx = diff(a, b)
-    assert mean <= IDENTITY_MEAN and mx <= IDENTITY_MAX, f"{what}: mean |Δ| {mean:.3f}, max {mx} (tolerance {IDENTITY_MEAN}, {IDENTITY_MAX})"
+    assert mean <= IDENTITY_MEAN and mx <= IDENTITY_MAX, \
+        f"{what}: mean |Δ| {mean:.3f}, max {mx} (tolerance {IDENTITY_MEAN}, {IDENTITY_MAX})"
 
 
 def assert_differs(a, b, what=""):

@@ -1,6 +1,6 @@
 """Is the demo's finding an artefact of its diversity metric? The same comparison, three metrics.
 
-    python -m lib_autolora.demo.metric_check
+    python -m research.metric_check
 
 The demo measures Diversity (the paper's Eq. 8) on a small digit classifier's features, a
 stand-in for DINOv2. A classifier is trained to map different drawings of one digit close
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from .__main__ import Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
-from .metrics import Evaluators, pixel_diversity
+from demo.__main__ import Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
+from demo.metrics import Evaluators, pixel_diversity
 
 SCALES = (0.6, 0.8, 1.0)
 GAMMA = 1.5
@@ -45,7 +45,8 @@ def format_rows(rows, gamma: float, settings: Settings, samples_per_class: int) 
     lines = [f"LoRA+CFG vs AutoLoRA+CFG (gamma {gamma:g}), CFG {settings.cfg:g}, {settings.sampler} "
              f"{settings.steps} steps, {samples_per_class} seeds x 10 digits per cell; Diversity by three metrics",
              "LoRA scale | classifier Eq. 8     | pixel Eq. 8          | pixel mean distance  | AutoLoRA more diverse by",
-             "           |  LoRA+CFG  AutoLoRA  |  LoRA+CFG  AutoLoRA  |  LoRA+CFG  AutoLoRA  | (classifier, pixel, distance)"]
+             "           |  LoRA+CFG  AutoLoRA  |  LoRA+CFG  AutoLoRA  |  LoRA+CFG  AutoLoRA  "
+             "| (classifier, pixel, distance)"]
     for scale, cells in rows:
         lora, auto = cells["LoRA+CFG"], cells["AutoLoRA+CFG"]
         verdict = ", ".join("yes" if a > b else "no" for a, b in zip(auto, lora))

@@ -1,6 +1,6 @@
 """Does AutoLoRA buy diversity at the same style? LoRA + CFG and AutoLoRA + CFG matched on style.
 
-    python -m lib_autolora.demo.front
+    python -m research.front
 
 The demo's table and `demo.sweep` compare the two at the same LoRA scale, as the paper's Table 1
 does. But gamma > 1 also strengthens the style, and a user who wants more variety can simply turn
@@ -26,9 +26,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .__main__ import Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
-from .metrics import Evaluators, Scores
-from .sweep import TIE, stream_rows
+from demo.__main__ import Settings, load_lora_model, prompts, sample_autolora, sample_lora_cfg
+from demo.metrics import Evaluators, Scores
+from research.sweep import TIE, stream_rows
 
 CFGS = (2.0, 4.0, 7.0)  # w1 = w2 = CFG in AutoLoRA, CFG in LoRA + CFG
 GAMMAS = (1.25, 1.5, 2.0)
@@ -108,7 +108,7 @@ def format_row(r: Row) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lib_autolora.demo.front", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m research.front", description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=24, help="samples per digit class and cell")
     parser.add_argument("--cfgs", type=float, nargs="+", default=list(CFGS))
     parser.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))

@@ -1,6 +1,6 @@
 """Does any AutoLoRA setting reach a style/diversity point that LoRA + CFG cannot reach?
 
-    python -m lib_autolora.demo.pareto
+    python -m research.pareto
 
 The most generous reading of the paper's claim. `demo.front` matches AutoLoRA against LoRA + CFG
 at the *same* CFG; here the baseline may pick any LoRA scale *and* any CFG, and AutoLoRA any
@@ -40,12 +40,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .__main__ import (EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model, prompts,
+from demo.__main__ import (EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model, prompts,
                        sample_autolora, sample_lora_cfg)
-from .front import ACC_MARGIN, matched_scale, wins as beats  # beats: more diverse, accuracy within the margin
-from .metrics import Evaluators, Scores
-from .sweep import stream_rows
-from .train import SHIPPED_STYLES
+from research.front import ACC_MARGIN, matched_scale, wins as beats  # beats: more diverse, accuracy within the margin
+from demo.metrics import Evaluators, Scores
+from research.sweep import stream_rows
+from demo.train import SHIPPED_STYLES
 
 BASELINE_CFGS = (1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
 BASELINE_SCALES = tuple(round(0.1 * i, 1) for i in range(1, 15))  # 0.1 .. 1.4
@@ -212,14 +212,15 @@ def format_curves(curves: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lib_autolora.demo.pareto", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m research.pareto", description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=24, help="samples per digit class and cell")
     parser.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     parser.add_argument("--scales", type=float, nargs="+", default=list(AUTO_SCALES))
     parser.add_argument("--w1s", type=float, nargs="+", default=list(W1S))
     parser.add_argument("--w2s", type=float, nargs="+", default=list(W2S))
     parser.add_argument("--first-seed", type=int, default=FIRST_SEED,
-                        help="seeds first_seed .. first_seed + samples - 1 for every digit; another range re-checks a result")
+                        help="seeds first_seed .. first_seed + samples - 1 for every digit; "
+                             "another range re-checks a result")
     parser.add_argument("--style", default=SHIPPED_STYLES[0], choices=SHIPPED_STYLES, help="which shipped LoRA")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -231,7 +232,8 @@ def main(argv=None) -> None:
     curves = baseline_curves(evaluators, labels, seeds, BASELINE_CFGS, BASELINE_SCALES, Settings(), lora_path)
     print(f"LoRA {args.style!r}: AutoLoRA+CFG against LoRA+CFG at any LoRA scale and CFG, "
           f"{Settings.sampler} {Settings.steps} "
-          f"steps, {args.samples} seeds ({args.first_seed}-{args.first_seed + args.samples - 1}) x 10 digits per cell; beyond front = no LoRA+CFG setting matches "
+          f"steps, {args.samples} seeds ({args.first_seed}-{args.first_seed + args.samples - 1}) x 10 digits per cell; "
+          f"beyond front = no LoRA+CFG setting matches "
           f"its style with at least its Diversity at Acc within {ACC_MARGIN}; judged when Acc >= {MIN_ACCURACY}")
     print(format_curves(curves), flush=True)
     points = stream_rows(HEADER, run(evaluators, args.samples, gammas=args.gammas, scales=args.scales, w1s=args.w1s,

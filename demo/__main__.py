@@ -1,6 +1,6 @@
 """The offline demo: AutoLoRA on a tiny digits diffusion model; no WebUI, no GPU, no download.
 
-    python -m lib_autolora.demo --grid docs/demo_grid.png
+    python -m demo --grid docs/demo_grid.png
 
 It runs the WebUI scripts' core path: the kohya reader turns the shipped LoRA into LoraFactors,
 the LoRA is merged into the model's weights at the requested scale (`kohya.merge_into`, as a
@@ -24,10 +24,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..base_branch import make_strategy, split_batch
-from ..guidance import cfg
-from ..guider import AutoLoraGuider, BranchConds
-from ..kohya import factors_from_kohya, merge_into
+from lib_autolora.base_branch import make_strategy, split_batch
+from lib_autolora.guidance import cfg
+from lib_autolora.guider import AutoLoraGuider, BranchConds
+from lib_autolora.kohya import factors_from_kohya, merge_into
 from . import data, ksampling
 from .metrics import Evaluators, Scores, format_table
 from .train import ASSETS, BASE_FILE, EVALUATORS_FILES, LORA, LORA_FILES, SHIPPED_STYLES, load_base
@@ -191,7 +191,7 @@ def grid_rows(settings: Settings, seeds_per_class: int = 3, scale: float = 1.0, 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lib_autolora.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
     parser.add_argument("--grid", type=Path, default=Path("out/demo_grid.png"), help="where to write the PNG grid")
     parser.add_argument("--samples", type=int, default=32, help="samples per digit class for the table")
     parser.add_argument("--scales", type=float, nargs="+", default=list(TABLE_SCALES), help="LoRA scales")

@@ -1,7 +1,7 @@
 """Train the demo's shipped weights, deterministically, on a CPU (a few minutes on two cores).
 
-    python -m lib_autolora.demo.train            # writes lib_autolora/demo/assets/*.safetensors
-    python -m lib_autolora.demo.train --out DIR  # somewhere else
+    python -m demo.train            # writes demo/assets/*.safetensors
+    python -m demo.train --out DIR  # somewhere else
 
 Three stages, each from its own fixed seed:
 1. evaluators: the digit classifier (feature extractor) and the style classifier (metrics.py);

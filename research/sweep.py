@@ -1,6 +1,6 @@
 """Does the paper's diversity claim hold anywhere near the demo's defaults? A declared grid.
 
-    python -m lib_autolora.demo.sweep
+    python -m research.sweep
 
 The demo's table compares LoRA + CFG with AutoLoRA + CFG at one sampler and w1 = w2 = CFG. This
 asks the same question (AutoLoRA at gamma 1.5 more diverse than LoRA + CFG at the same LoRA scale,
@@ -20,11 +20,11 @@ from typing import Sequence
 
 import torch
 
-from . import ksampling
-from .__main__ import (EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model, prompts,
+from demo import ksampling
+from demo.__main__ import (EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model, prompts,
                        sample_autolora, sample_lora_cfg)
-from .metrics import Evaluators, Scores
-from .train import SHIPPED_STYLES
+from demo.metrics import Evaluators, Scores
+from demo.train import SHIPPED_STYLES
 
 STYLE_MARGIN = 0.25  # style presence (0-5) AutoLoRA may lose and still "keep the style"
 TIE = 1e-6  # diversity differences below float rounding of the two sampling paths are ties
@@ -89,7 +89,7 @@ def stream_rows(header: str, rows, fmt) -> list:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lib_autolora.demo.sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m research.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--gamma", type=float, default=1.5)
     parser.add_argument("--samples", type=int, default=24, help="samples per digit class and cell")
     parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))

@@ -1,6 +1,6 @@
 """Is it the LoRA? The paper's diversity claim on LoRAs in other styles and on more training digits.
 
-    python -m lib_autolora.demo.variants     # trains what it needs into out/variants, then measures
+    python -m research.variants     # trains what it needs into out/variants, then measures
 
 The earlier checks (sweep, front, metric_check, pareto) were first run on the demo's first LoRA:
 "italic negative", 20 training digits, a style far from anything the base model saw. This trains
@@ -25,12 +25,12 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from . import data
-from .__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATHS, Settings, load_lora_model, prompts,
+from demo import data
+from demo.__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATHS, Settings, load_lora_model, prompts,
                        sample_autolora, sample_lora_cfg)
-from .metrics import Evaluators, Scores, copied_share, pixel_diversity
-from .sweep import STYLE_MARGIN, claim_holds, stream_rows
-from .train import (EVAL, LORA, SHIPPED_STYLES, edm_loss, load_base, save_evaluators, save_lora, train_evaluators,
+from demo.metrics import Evaluators, Scores, copied_share, pixel_diversity
+from research.sweep import STYLE_MARGIN, claim_holds, stream_rows
+from demo.train import (EVAL, LORA, SHIPPED_STYLES, edm_loss, load_base, save_evaluators, save_lora, train_evaluators,
                     train_lora)
 
 CACHE = Path("out/variants")
@@ -204,7 +204,7 @@ def format_row(row: Row) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lib_autolora.demo.variants", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m research.variants", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=CACHE, help="where trained LoRAs and evaluators go")
     parser.add_argument("--samples", type=int, default=24, help="samples per digit class and cell")
     parser.add_argument("--styles", nargs="+", choices=sorted(data.STYLES), help="only these styles' variants")
