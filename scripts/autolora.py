@@ -78,14 +78,18 @@ class AutoLoraScript(scripts.Script):
     def ui(self, is_img2img):
         tab = "img2img" if is_img2img else "txt2img"
         enabled_param = params.BY_NAME["enabled"]
+        label = enabled_param.label if ADAPTER.available else f"{enabled_param.label} (not available on this WebUI)"
         controls = {}
         accordion_id = elem_id(tab, "enabled")
         if InputAccordion is not None:
-            container = InputAccordion(False, label=enabled_param.label, elem_id=accordion_id)
+            container = InputAccordion(False, label=label, elem_id=accordion_id)
             controls["enabled"] = container
         else:
-            container = gr.Accordion(enabled_param.label, open=False)
+            container = gr.Accordion(label, open=False)
         with container:
+            if not ADAPTER.available:
+                gr.HTML(f"<p>AutoLoRA is not available on this WebUI: {html.escape(ADAPTER.reason)}. "
+                        f"Images are generated without it.</p>", elem_id=elem_id(tab, "unavailable"))
             if InputAccordion is None:
                 controls["enabled"] = gr.Checkbox(False, label="Enable", elem_id=accordion_id)
             basic = [p for p in params.PARAMS if p.name != "enabled" and not p.advanced]
@@ -177,7 +181,8 @@ def on_ui_settings():
 
 def on_app_started(_demo, app):
     http.install(app, stats=stats.BOARD.snapshot, params_table=params.table_json,
-                 residue=ADAPTER.residue, reset_peak=memory.reset_peak)
+                 residue=ADAPTER.residue, reset_peak=memory.reset_peak,
+                 unavailable=None if ADAPTER.available else ADAPTER.reason)
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

@@ -344,6 +344,8 @@ def installed(opts=None, sd_model=None):
         setattr(script_callbacks, f"on_{kind}", getattr(callbacks, f"on_{kind}"))
     devices = types.ModuleType("modules.devices")
     devices.autocast = contextmanager(lambda: (yield))
+    cfg_denoiser = types.ModuleType("modules.sd_samplers_cfg_denoiser")
+    cfg_denoiser.CFGDenoiser = StandInCFGDenoiser
     sd_samplers = types.ModuleType("modules.sd_samplers")
     sd_samplers.find_sampler_config = lambda name: None
     modules = types.ModuleType("modules")
@@ -351,7 +353,8 @@ def installed(opts=None, sd_model=None):
     fakes = {"modules": modules, "modules.shared": shared, "modules.prompt_parser": prompt_parser,
              "modules.scripts": scripts, "modules.ui_components": ui_components,
              "modules.script_callbacks": script_callbacks, "modules.devices": devices,
-             "modules.sd_samplers": sd_samplers, "gradio": standin_gradio()}
+             "modules.sd_samplers": sd_samplers, "modules.sd_samplers_cfg_denoiser": cfg_denoiser,
+             "gradio": standin_gradio()}
     for name, module in fakes.items():
         if name != "modules":
             setattr(modules, name.split(".")[-1], module)

@@ -396,3 +396,33 @@ def test_residue_counts_what_a_run_registers_and_returns_to_the_baseline():
     assert after["resident_bytes"] is None or after["resident_bytes"] > 0
     # The model's own weights are live tensors, so the reading is never below them.
     assert after["tensor_bytes"] >= sum(t.untyped_storage().nbytes() for t in merged.state_dict().values())
+
+
+class StandInReForgeDenoiser:
+    """reForge's sd_samplers_cfg_denoiser.CFGDenoiser.forward, in the order that matters: the
+    callback runs, then its own backend samples (ldm_patched `sampling_function` on the Forge UNet
+    patcher); `self.inner_model` is never called, combine_denoised only re-combines the result."""
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond, **kwargs):
+        cfg_denoiser_callback(None)  # noqa: F821 - read as source, never run
+        denoised = sampling_function(None, x, sigma, uncond, cond, cond_scale, {}, None)  # noqa: F821
+        return self.combine_denoised(denoised, None, uncond, cond_scale)
+
+
+class StandInForgeClassicDenoiser:
+    """Forge Classic's forward: the callback, then `forge_sampler.forge_sample(self, ...)`."""
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        cfg_denoiser_callback(None)  # noqa: F821
+        return forge_sampler.forge_sample(self, denoiser_params=None, cond_scale=cond_scale)  # noqa: F821
+
+
+def test_the_a1111_binding_is_chosen_by_what_the_cfg_denoiser_does():
+    """A1111's own step (callback, model calls through inner_model, combine_denoised) can carry
+    AutoLoRA; WebUIs that kept the class but sample through another backend cannot, and say why."""
+    assert a1111.missing_capability(SimpleNamespace(CFGDenoiser=sti.StandInCFGDenoiser)) is None
+    reforge = a1111.missing_capability(SimpleNamespace(CFGDenoiser=StandInReForgeDenoiser))
+    assert "sampling_function" in reforge and "not support" in reforge
+    classic = a1111.missing_capability(SimpleNamespace(CFGDenoiser=StandInForgeClassicDenoiser))
+    assert "forge_sample" in classic
+    assert "no CFGDenoiser" in a1111.missing_capability(SimpleNamespace())

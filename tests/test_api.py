@@ -159,5 +159,19 @@ def test_installing_twice_adds_nothing_twice(monkeypatch):
     first = http.install(app, stats=lambda: {}, params_table=params.table_json)
     assert http.install(app, stats=lambda: {}, params_table=params.table_json) == []
     route = next(r for r in app.routes if getattr(r, "path", None) == "/sdapi/v1/txt2img")
-    checks = [d for d in route.dependant.dependencies if d.call is http.check_generation_request]
+    checks = [d for d in route.dependant.dependencies if getattr(d.call, http.OUR_MARK, False)]
     assert first and len(checks) == 1
+
+
+def test_on_a_webui_without_what_autolora_needs_an_enabled_request_is_refused_with_the_reason(monkeypatch):
+    app = FastAPI()
+    host = StandInHostApi(app)
+    monkeypatch.setenv(http.DIAGNOSTICS_ENV, "")
+    http.install(app, stats=lambda: {}, params_table=params.table_json,
+                 unavailable="its CFG denoiser samples through its own backend (sampling_function)")
+    c = TestClient(app)
+    r = c.post("/sdapi/v1/txt2img", json=with_args([{"enabled": True}]))
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "AutoLoRA is not available on this WebUI: its CFG denoiser samples through its own backend (sampling_function)")
+    assert c.post("/sdapi/v1/txt2img", json=with_args([{"enabled": False}])).status_code == 200
+    assert c.post("/sdapi/v1/txt2img", json=REQ).status_code == 200 and len(host.received) == 2

@@ -649,3 +649,28 @@ def test_base_conditioning_is_reused_only_for_forges_same_conditioning_and_setti
     other_lora.host_state.guided_files = {"B.safetensors"}
     assert conditioning.cached(None, other_lora, forge_cond, None, ["p"], 4, None) is not a
     assert len(encoded) == 6 and len(conditioning.cache.entries) == BaseCondCache.SIZE  # bounded
+
+
+def test_the_forge_binding_needs_forge_mains_sampling_step():
+    """Forge main's `sampling_function_inner` (the stand-in above copies its call order) carries
+    AutoLoRA; a step without the pre-CFG list or the batch function (ComfyUI's later
+    `calc_cond_batch`, as the newest Forge Neo ported it) is named as the reason instead."""
+    from lib_autolora.hosts import forge
+
+    def forge_main(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None):
+        uncond_ = None if math.isclose(cond_scale, 1.0) else uncond
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            model, cond, uncond_, x, timestep, model_options = fn(model, cond, uncond_, x, timestep, model_options)
+        cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond_, x, timestep, model_options)  # noqa: F821
+        if "sampler_cfg_function" in model_options:
+            return x - model_options["sampler_cfg_function"]({})
+        return uncond_pred + (cond_pred - uncond_pred) * cond_scale
+
+    assert forge.missing_capability(SimpleNamespace(sampling_function_inner=forge_main)) is None
+
+    def comfy_style(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None):
+        out = calc_cond_batch(model, [cond, uncond], x, timestep, model_options)  # noqa: F821
+        return cfg_function(model, out[0], out[1], cond_scale, x, timestep, model_options)  # noqa: F821
+
+    reason = forge.missing_capability(SimpleNamespace(sampling_function_inner=comfy_style))
+    assert "sampler_pre_cfg_function" in reason and "calc_cond_uncond_batch" in reason

@@ -23,6 +23,7 @@ class HostAdapter(Protocol):
     """What the AlwaysOn script calls, in this order, for each generation `p`."""
 
     name: str
+    available: bool  # False: the WebUI lacks what AutoLoRA needs; `reason` says what
 
     def start_batch(self, p, settings) -> Optional[str]:
         """After the host activated the batch's LoRAs: read factors, prepare the base conditioning,
@@ -41,16 +42,12 @@ class HostAdapter(Protocol):
         """What the adapter has registered in the host now (the soak test's leak check)."""
 
 
-def host_name() -> str:
-    if importlib.util.find_spec("modules_forge") is not None and importlib.util.find_spec("backend") is not None:
-        return "forge"
-    return "a1111"
-
-
 class UnavailableAdapter:
-    """Used when the host's API is missing or changed: AutoLoRA reports itself off, the WebUI runs."""
+    """Used when the WebUI lacks what AutoLoRA binds to: the accordion says so, the API refuses an
+    enabled request with the reason, no image claims AutoLoRA, and the WebUI runs as without it."""
 
     name = "unavailable"
+    available = False
 
     def __init__(self, reason: str):
         self.reason = reason
@@ -71,14 +68,30 @@ class UnavailableAdapter:
         return {}
 
 
+def _has(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
 def select_adapter() -> HostAdapter:
-    name = host_name()
+    """The adapter whose capabilities this WebUI has, by what its code does, not by its name:
+    Forge's backend when it has one (Forge main and the trees that kept its sampling step), else
+    A1111's CFG denoiser. Anything else gets the UnavailableAdapter with the reason."""
+    reasons = []
     try:
-        if name == "forge":
-            from .forge import ForgeAdapter
-            return ForgeAdapter()
-        from .a1111 import A1111Adapter
-        return A1111Adapter()
+        if _has("modules_forge") and _has("backend"):
+            from . import forge
+            reason = forge.missing_capability()
+            if reason is None:
+                return forge.ForgeAdapter()
+            reasons.append(reason)
+        else:
+            from . import a1111
+            reason = a1111.missing_capability()
+            if reason is None:
+                return a1111.A1111Adapter()
+            reasons.append(reason)
     except Exception as exc:  # an unknown host version must not break the WebUI
-        log.exception("AutoLoRA: could not load the %s adapter", name)
-        return UnavailableAdapter(f"{name} adapter failed to load ({type(exc).__name__}: {exc})")
+        log.exception("AutoLoRA: could not load its adapter")
+        reasons.append(f"the adapter failed to load ({type(exc).__name__}: {exc})")
+    log.warning("AutoLoRA is not available on this WebUI: %s", "; ".join(reasons))
+    return UnavailableAdapter("; ".join(reasons))

@@ -19,8 +19,9 @@ def _script_entry(alwayson: dict):
     return None, None
 
 
-def check_and_normalize(body) -> Optional[str]:
-    """The error message for a bad AutoLoRA entry of a request body, or None.
+def check_and_normalize(body, unavailable: Optional[str] = None) -> Optional[str]:
+    """The error message for a bad AutoLoRA entry of a request body, or None. `unavailable`: why
+    AutoLoRA cannot run on this WebUI (an enabled request is refused with it).
 
     The one rewrite, done in place: `"args": {...}` (a single dict of named args) becomes
     `"args": [{...}]`, the form the hosts pass to the script.
@@ -51,6 +52,8 @@ def check_and_normalize(body) -> Optional[str]:
         settings = params.settings_from_args(args)
     except AutoLoraArgumentError as exc:
         return str(exc)
+    if settings.enabled and unavailable:
+        return f"AutoLoRA is not available on this WebUI: {unavailable}"
     if settings.enabled and settings.guided_loras and not body.get("styles"):
         # Styles may add LoRAs to the prompt; with styles the check happens when the batch starts.
         in_prompt = lora_names_in_prompt(body.get("prompt"), body.get("hr_prompt"))

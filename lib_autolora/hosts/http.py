@@ -47,39 +47,49 @@ def host_api_dependencies(app) -> Optional[list]:
     return None if route is None else list(getattr(route, "dependencies", None) or [])
 
 
-async def check_generation_request(request: Request) -> None:
-    """A dependency of the host's generation routes: 422 for bad AutoLoRA args. The one rewrite
-    (`"args": {...}` -> `[{...}]`) changes the parsed body in place, which FastAPI validates into
-    the host's request model after its dependencies ran."""
-    try:
-        body = await request.json()
-    except ValueError:  # not JSON: the host answers that itself
-        return
-    error = api_args.check_and_normalize(body)
-    if error is not None:
-        raise HTTPException(status_code=422, detail=error)
+OUR_MARK = "_autolora_check"
+
+
+def generation_request_check(unavailable: Optional[str] = None) -> Callable:
+    """A dependency of the host's generation routes: 422 for bad AutoLoRA args (or for an enabled
+    request when AutoLoRA is `unavailable` on this WebUI). The one rewrite (`"args": {...}` ->
+    `[{...}]`) changes the parsed body in place, which FastAPI validates into the host's request
+    model after its dependencies ran."""
+
+    async def check_generation_request(request: Request) -> None:
+        try:
+            body = await request.json()
+        except ValueError:  # not JSON: the host answers that itself
+            return
+        error = api_args.check_and_normalize(body, unavailable)
+        if error is not None:
+            raise HTTPException(status_code=422, detail=error)
+
+    setattr(check_generation_request, OUR_MARK, True)
+    return check_generation_request
 
 
 def _add_dependency(route, dependency: Callable) -> bool:
     """Append `dependency` to a route built already (the host's), after the host's own ones."""
     dependant = route.dependant
-    if any(getattr(d, "call", None) is dependency for d in dependant.dependencies):
+    if any(getattr(getattr(d, "call", None), OUR_MARK, False) for d in dependant.dependencies):
         return False
     dependant.dependencies.append(get_parameterless_sub_dependant(depends=Depends(dependency), path=route.path_format))
     return True
 
 
 def install(app, *, stats: Callable, params_table: Callable, residue: Optional[Callable] = None,
-            reset_peak: Optional[Callable] = None) -> list:
+            reset_peak: Optional[Callable] = None, unavailable: Optional[str] = None) -> list:
     """Add the routes and the argument check to the host's FastAPI app (from on_app_started).
     Returns the paths added (none when the host serves no API)."""
     dependencies = host_api_dependencies(app)
     if dependencies is None:
         return []
+    check = generation_request_check(unavailable)
     for path in GENERATION_PATHS:
         route = _route(app, path)
         if route is not None:
-            _add_dependency(route, check_generation_request)
+            _add_dependency(route, check)
     routes = [(f"{ROUTE_PREFIX}/params", params_table, "GET"), (f"{ROUTE_PREFIX}/stats", stats, "GET")]
     if diagnostics_enabled():
         routes.append((f"{ROUTE_PREFIX}/residue", residue or (lambda: {}), "GET"))

@@ -33,6 +33,32 @@ def _host():
     return shared, devices, prompt_parser, sd_samplers
 
 
+def missing_capability(cfg_denoiser_module=None) -> Optional[str]:
+    """Why this WebUI's CFG denoiser cannot carry AutoLoRA, or None when it can.
+
+    The binding needs A1111's own step: `CFGDenoiser.forward` runs the cfg_denoiser callbacks,
+    calls the model through `self.inner_model` and combines the rows with `self.combine_denoised`.
+    WebUIs that kept the class but sample through another backend (reForge's `sampling_function`,
+    Forge Classic's `forge_sample`) never call the wrapped model: AutoLoRA would do nothing there."""
+    import inspect
+    if cfg_denoiser_module is None:
+        from modules import sd_samplers_cfg_denoiser as cfg_denoiser_module
+    forward = getattr(getattr(cfg_denoiser_module, "CFGDenoiser", None), "forward", None)
+    if forward is None:
+        return "its sampler has no CFGDenoiser.forward"
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return "the source of its CFG denoiser cannot be read"
+    for other in ("forge_sample(", "sampling_function("):
+        if other in source:
+            return (f"its CFG denoiser samples through its own backend ({other.rstrip('(')}), which AutoLoRA "
+                    f"does not support yet")
+    if not all(call in source for call in ("cfg_denoiser_callback(", "self.inner_model(", "self.combine_denoised(")):
+        return "its CFG denoiser does not call the model and combine_denoised the way A1111 v1.10 does"
+    return None
+
+
 def checkpoint_key(model):
     info = getattr(model, "sd_checkpoint_info", None)
     return (getattr(info, "filename", None), getattr(info, "title", None), id(model)) if info is not None else id(model)
@@ -80,6 +106,8 @@ class A1111State:
 
 class A1111Adapter:
     name = NAME
+    available = True
+    reason = None
 
     def __init__(self, register_callbacks: bool = True):
         if register_callbacks:

@@ -76,6 +76,25 @@ class ForgeAPI:
             classic_engine.last_extra_generation_params = saved
 
 
+def missing_capability(sampling_function_module=None) -> Optional[str]:
+    """Why this WebUI's Forge backend cannot carry AutoLoRA, or None when it can: the binding needs
+    Forge main's sampling step (`sampling_function_inner` running the `sampler_pre_cfg_function`
+    list, `calc_cond_uncond_batch` and `sampler_cfg_function`) and its LoRA patch merge."""
+    import inspect
+    try:
+        if sampling_function_module is None:
+            from backend.sampling import sampling_function as sampling_function_module
+            from backend.patcher.lora import merge_lora_to_weight  # noqa: F401 - the patch format we read
+        source = inspect.getsource(sampling_function_module.sampling_function_inner)
+    except (ImportError, AttributeError, OSError, TypeError) as exc:
+        return f"its Forge backend lacks what AutoLoRA binds to ({type(exc).__name__}: {exc})"
+    missing = [name for name in ("sampler_pre_cfg_function", "calc_cond_uncond_batch(", "sampler_cfg_function")
+               if name not in source]
+    if missing:
+        return f"its Forge sampling step has no {', '.join(m.rstrip('(') for m in missing)}"
+    return None
+
+
 @dataclass
 class ForgeState:
     """The Forge-specific part of one generation (`Generation.host_state`)."""
@@ -96,6 +115,8 @@ class ForgeState:
 
 class ForgeAdapter:
     name = NAME
+    available = True
+    reason = None
 
     def __init__(self, api: Optional[ForgeAPI] = None):
         self.api = api or ForgeAPI()
