@@ -16,7 +16,6 @@ import torch
 from .factors import DenseTerm, LoraFactors, LowRankTerm
 
 KOHYA_PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te")
-LOW_RANK_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 
 
 class LoraMismatchError(ValueError):

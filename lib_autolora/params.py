@@ -83,7 +83,6 @@ PARAMS = (
           "AutoLoRA base TE", xyz=True, advanced=True),
 )
 BY_NAME = {p.name: p for p in PARAMS}
-BY_INFOTEXT = {p.infotext: p for p in PARAMS}
 ARG_ORDER = tuple(p.name for p in PARAMS)
 XYZ_PARAMS = tuple(p for p in PARAMS if p.xyz)
 
@@ -198,11 +197,6 @@ def ui_value(p: Param, value):
     return value
 
 
-def ui_values(settings) -> list:
-    """Settings -> the UI components' values, in ARG_ORDER."""
-    return [ui_value(p, getattr(settings, p.name)) for p in PARAMS]
-
-
 def as_dict(settings) -> dict:
     """Settings as JSON values, by name."""
     return {p.name: list(v) if isinstance(v := getattr(settings, p.name), tuple) else v for p in PARAMS}
@@ -236,10 +230,6 @@ def paste_value(param: Param, infotext: dict):
         return ui_value(param, coerce(param, raw))
     except AutoLoraArgumentError:
         return param.default
-
-
-def settings_from_infotext(infotext: dict):
-    return settings_from_args([paste_value(p, infotext) for p in PARAMS])
 
 
 # -- X/Y/Z and docs -----------------------------------------------------------------------------------

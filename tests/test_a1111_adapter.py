@@ -1,6 +1,6 @@
 """The A1111 adapter, hermetic: the Lora-extension factor reader, the base text encoding and the
 per-step CFG-denoiser binding, driven by stand-ins that copy A1111's call order
-(tests/a1111_standins.py). The real WebUI is exercised by tests/e2e.
+(tests/standins/a1111.py). The real WebUI is exercised by tests/e2e.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import a1111_standins as sti
+from standins import a1111 as sti
 from helpers import lora_state_dict, make_model, merged_copy
 from lib_autolora import memory_probe
 from lib_autolora.base_branch import DeltaHooks, make_strategy

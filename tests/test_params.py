@@ -6,9 +6,9 @@ import pathlib
 import pytest
 
 from lib_autolora import params
+from helpers import settings_from_infotext, ui_values
 from lib_autolora.params import (ARG_ORDER, PARAMS, XYZ_PARAMS, AutoLoraArgumentError, AutoLoraSettings,
-                                 BY_NAME, coerce, infotext_fields, settings_from_args, settings_from_infotext,
-                                 ui_values)
+                                 BY_NAME, coerce, infotext_fields, settings_from_args)
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "controls.md"
 

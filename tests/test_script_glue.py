@@ -1,7 +1,7 @@
 """The WebUI glue shared by the hosts, hermetic: the LoRAs a prompt names, settings with X/Y/Z
 overrides, and the AlwaysOn script (UI, infotext and paste derived from the parameter table, its
 call order, the infotext written only for guided batches), with the stand-ins of
-tests/a1111_standins.py. The API check and routes: test_api.py; the adapters: test_a1111_adapter.py
+tests/standins/a1111.py. The API check and routes: test_api.py; the adapters: test_a1111_adapter.py
 and test_forge_adapter.py; the real WebUIs: tests/e2e.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import a1111_standins as sti
+from standins import a1111 as sti
+from helpers import settings_from_infotext
 from lib_autolora import params
 from lib_autolora.generation import Generation
 from lib_autolora.hosts import prompts, xyz
@@ -211,7 +212,7 @@ def test_infotext_claims_autolora_only_for_batches_with_a_guided_step():
         p = _p()
         (info,) = _generate(script, p, True, 1.25)
         assert info["AutoLoRA"] == "True" and info["AutoLoRA gamma"] == "1.25" and not p.comments
-        assert params.settings_from_infotext(info) == AutoLoraSettings(enabled=True, gamma=1.25)
+        assert settings_from_infotext(info) == AutoLoraSettings(enabled=True, gamma=1.25)
         # set up, but no step guided (every step fell back, an interval with no step): no claim, a notice
         module.ADAPTER = StandInAdapter(guided=0)
         q = _p()

@@ -1,31 +1,18 @@
-"""The `auto` strategy rule, checked against the GPU tables in the README (issue 8).
+"""The `auto` strategy rule: which base-branch strategy a generation gets.
 
-Whole-image time over plain LoRA generation in Forge (fp16, 20 Euler steps, rank-32 LoRA on every
-attention / feed-forward / projection layer), on two GPUs, 2026-11-26:
+- Functional LoRAs (applied in the forward pass, not merged) can neither swap nor stack weights:
+  `batched`.
+- A memory-lean request (Forge's low-VRAM states, or the user's choice): `sequential`.
+- One SD1.5-sized latent (up to 64 x 64 latent pixels per branch) is launch-bound on a GPU: `dual`,
+  which runs each LoRA'd Linear of both branches without hooks, when free memory holds two copies
+  of the LoRA'd layers.
+- From four SDXL-sized latents (4 x 128 x 128) a step is compute-bound: two forwards over swapped
+  weights (`swap`), when one copy fits.
+- Otherwise `batched`: both branches in one forward, no extra weights (one SDXL image: `dual` was
+  at best level with it in the measurements, for far more memory). Free memory unknown: no extra
+  weights.
 
-| case                 | GPU  | batched | dual  | swap  | sequential | toggle | floor (no hooks) |
-|----------------------|------|---------|-------|-------|------------|--------|------------------|
-| SD1.5 512², 1 image  | H200 | 2.03x   | 1.82x | 1.85x | 2.43x      | 4.54x  |                  |
-| SD1.5 512², 1 image  | H100 | 1.60x   | 1.40x | 1.74x | 2.03x      | 3.57x  | 1.03x per step   |
-| SDXL 1024², 1 image  | H200 | 2.41x   | 2.74x | 2.63x | 3.03x      | 10.55x |                  |
-| SDXL 1024², 1 image  | H100 | 2.06x   | 2.01x | 2.17x | 2.71x      | -      | 1.37x per step   |
-| SDXL 1024², 4 images | H200 | -       | 2.11x | 1.94x | 2.06x      | -      |                  |
-| SDXL 1024², 4 images | H100 | 2.03x   | -     | 1.89x | 1.94x      | -      | 1.96x per step   |
-
-Later H100 runs of the current code (README, runs 5 and 6): SD1.5 1 image `batched` 1.48x / 1.66x,
-`dual` 1.56x / 1.27x (per step 58 vs 69 ms, 38 vs 46 ms); SDXL 1 image `batched` 2.31x / 2.19x,
-`dual` 1.89x / 1.94x for +63 % peak memory; SDXL 4 images `swap` 1.76x / 1.79x.
-
-One image of SD1.5 (64 x 64 latent pixels) is launch-bound: `dual`, which runs each LoRA'd Linear
-of both branches without hooks, was fastest per step in every run on both GPUs, for a base copy of
-the LoRA'd Linears (+22 % peak memory, under 1 GiB), so auto takes it when room for two copies is
-free (a margin: it needs one, plus one of the Linears without a bias). One SDXL image: `dual` was
-level with `batched` in run 3 and behind on the H200, ahead by 0.25-0.4x in runs 5 and 6 (within
-the 0.3x the same strategy moves between runs), for +63 % memory against +2 %: `batched`.
-Once a step is compute-bound (four SDXL 1024² latents, 4 x 128 x 128 latent pixels per branch) two
-forwards over swapped weights win on both GPUs, if a copy of the LoRA'd layers fits in free memory.
-A memory-lean request gets `sequential` (+1 to +2 % peak). Functional LoRAs (not merged into the
-weights) can neither swap nor stack: `batched`. Free memory unknown: no extra weights.
+The measurements behind the thresholds (Forge on H100 and H200 GPUs) are in docs/gpu.md.
 """
 from __future__ import annotations
 
