@@ -353,7 +353,7 @@ def test_pixel_diversity_is_zero_for_copies_and_grows_with_distance():
 
 
 def test_metric_check_reports_each_metric_of_each_method():
-    from demo import metric_check
+    from research import metric_check
     rows = [(1.0, {"LoRA+CFG": (0.02, 0.05, 1.3), "AutoLoRA+CFG": (0.01, 0.06, 0.9)})]
     text = metric_check.format_rows(rows, 1.5, Settings(), 32)
     assert "1.00 |    0.0200    0.0100  |    0.0500    0.0600  |     1.300     0.900  | no, yes, no" in text

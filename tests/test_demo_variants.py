@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from demo import data, variants
+from demo import data
+from research import variants
 from demo.__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, Settings, load_lora_model,
                                         prompts, sample_autolora, sample_lora_cfg)
 from demo.metrics import EVALUATORS_FILE, Evaluators, copied_share, pixel_diversity
