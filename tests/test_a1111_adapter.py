@@ -426,3 +426,30 @@ def test_the_a1111_binding_is_chosen_by_what_the_cfg_denoiser_does():
     classic = a1111.missing_capability(SimpleNamespace(CFGDenoiser=StandInForgeClassicDenoiser))
     assert "forge_sample" in classic
     assert "no CFGDenoiser" in a1111.missing_capability(SimpleNamespace())
+
+
+def test_sd3_fused_qkv_lora_parts_are_one_exact_term_on_the_fused_layer():
+    """SD3's MMDiT runs q, k and v as one fused Linear (QkvLinear); A1111's Lora extension maps a
+    LoRA's split to_q/to_k/to_v onto it and, only when all three are there, adds the vstack of their
+    updowns to the fused weight (networks.network_apply_weights). In lora_functional it skips them."""
+    torch.manual_seed(0)
+    d, r = 8, 2
+    fused = torch.nn.Linear(d, 3 * d)
+    net = StandInNetwork("sd3")
+    parts = {}
+    for part in ("q", "k", "v"):
+        key = f"diffusion_model_joint_blocks_0_x_block_attn_qkv_{part}_proj"
+        parts[part] = net.modules[key] = StandInNetworkModuleLora(net, key, fused, torch.randn(d, r), torch.randn(r, d), 2.0)
+    x = torch.randn(5, d)
+    base = fused(x)
+    w = fused.weight.detach() + torch.vstack([parts[p].calc_updown(chunk)[0]
+                                              for p, chunk in zip("qkv", fused.weight.detach().chunk(3, 0))])
+    host = torch.nn.functional.linear(x, w, fused.bias)
+    factors = a1111_factors.read_factors([net], [net], weights_merged=True)
+    assert not factors.skipped and list(factors.unet.deltas) == [fused]
+    torch.testing.assert_close(base + factors.unet.deltas[fused].forward(x), host, atol=1e-5, rtol=1e-4)
+    functional = a1111_factors.read_factors([net], [net], weights_merged=False)
+    assert not functional.unet.deltas and "lora_functional" in functional.skipped[0][2]
+    del net.modules["diffusion_model_joint_blocks_0_x_block_attn_qkv_v_proj"]
+    partial = a1111_factors.read_factors([net], [net], weights_merged=True)
+    assert not partial.unet.deltas and "only some of q/k/v" in partial.skipped[0][2]

@@ -20,7 +20,8 @@ from standins.forge import (
     standin_merge_lora_to_weight, StandInCondition, standin_compile_conditions,
     standin_compile_weighted_conditions, standin_compute_cond_mark, standin_compute_cond_indices,
     standin_calc_cond_uncond_batch, standin_sampling_function_inner, StandInLinear, StandInKModel,
-    lora_patch, forge_lora_patches, merge_offline, standin_api)
+    lora_patch, forge_lora_patches, merge_offline, standin_api, standin_merge_lora_to_weight_with_adapters,
+    as_adapter_patches)
 
 def standin_generation(settings, p=None):
     gen = Generation(settings, "forge")
@@ -425,3 +426,81 @@ def test_the_forge_binding_needs_forge_mains_sampling_step():
 
     reason = forge.missing_capability(SimpleNamespace(sampling_function_inner=comfy_style))
     assert "sampler_pre_cfg_function" in reason and "calc_cond_uncond_batch" in reason
+
+
+def _delta_outputs(ff, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, delta in ff.factors.deltas.items():
+        w = module.weight
+        x = torch.randn(3, *w.shape[1:2], *((6, 6) if w.ndim == 4 else ()), generator=g)
+        out[ff.factors.names[module]] = delta.forward(x)
+    return out
+
+
+def test_neo_later_patch_shapes_give_the_same_factors():
+    """Neo's LoRA patches as weight_adapter objects in tuples (keyed by file), and later in the
+    ModelPatcher's `patches` without the file: the factors are the ones of Forge main's tuples."""
+    from lib_autolora.hosts.forge.factors import UNKNOWN_FILE, guided_sources, patch_sets
+    bench = Bench()
+    merge = standin_merge_lora_to_weight_with_adapters
+    want = _delta_outputs(read_factors(bench.model, bench.lora_patches, {"A.safetensors"},
+                                       merge=standin_merge_lora_to_weight, backup=bench.model.lora_loader.backup))
+    keyed = as_adapter_patches(bench.lora_patches)
+    patcher = SimpleNamespace(lora_patches=keyed, patches={})
+    assert patch_sets(patcher) is keyed
+    got = _delta_outputs(read_factors(bench.model, keyed, {"A.safetensors"}, merge=merge,
+                                      backup=bench.model.lora_loader.backup))
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
+    # no file recorded: every patch is one set; it can be guided only when every LoRA is
+    unnamed = SimpleNamespace(lora_patches={}, patches=as_adapter_patches(bench.lora_patches, unnamed=True))
+    sets = patch_sets(unnamed)
+    assert list(sets) == [(UNKNOWN_FILE, 1.0, 1.0, False)]
+    loaded = {"A.safetensors", "B.safetensors"}
+    assert guided_sources(sets, {"A.safetensors"}, loaded) is None
+    sources = guided_sources(sets, loaded, loaded)
+    both = _delta_outputs(read_factors(bench.model, sets, sources, merge=merge, backup=bench.model.lora_loader.backup))
+    everything = _delta_outputs(read_factors(bench.model, bench.lora_patches, loaded, merge=standin_merge_lora_to_weight,
+                                             backup=bench.model.lora_loader.backup))
+    assert both.keys() == everything.keys()
+    for name in everything:
+        torch.testing.assert_close(both[name], everything[name], atol=1e-5, rtol=1e-5)
+
+
+def test_our_text_encodings_leave_no_infotext_on_forge_main_nor_on_later_neo(monkeypatch):
+    """The text engines leave Emphasis/TI notes for get_conds_with_caching in a module global of
+    classic_engine (Forge main) or in `dynamic_args.last_extra_generation_params` (later Neo, a class
+    attribute that processing.py clears in place); AutoLoRA's encodings put back what was there."""
+    import sys
+    import types
+    from contextlib import nullcontext
+
+    from lib_autolora.hosts.forge import ForgeAPI
+
+    def install(engine_has_global):
+        engine = types.ModuleType("backend.text_processing.classic_engine")
+        args = types.ModuleType("backend.args")
+        args.dynamic_args = type("dynamic_args", (), {"last_extra_generation_params": {"TI": "before"}})
+        if engine_has_global:
+            engine.last_extra_generation_params = {"TI": "before"}
+        devices = types.ModuleType("modules.devices")
+        devices.autocast = nullcontext
+        for name, module in {"backend": types.ModuleType("backend"), "backend.text_processing": types.ModuleType("x"),
+                             "backend.text_processing.classic_engine": engine, "backend.args": args,
+                             "modules": types.ModuleType("modules"), "modules.devices": devices}.items():
+            monkeypatch.setitem(sys.modules, name, module)
+        sys.modules["backend"].text_processing = sys.modules["backend.text_processing"]
+        sys.modules["backend.text_processing"].classic_engine = engine
+        sys.modules["modules"].devices = devices
+        return engine.last_extra_generation_params if engine_has_global else args.dynamic_args.last_extra_generation_params
+
+    api = object.__new__(ForgeAPI)
+    api.options = lambda: SimpleNamespace(CLIP_stop_at_last_layers=1)
+    p = SimpleNamespace(sd_model=SimpleNamespace(set_clip_skip=lambda n: None))
+    for engine_has_global in (True, False):
+        buffer = install(engine_has_global)
+        with api.encoding(p):
+            buffer["Emphasis"] = "No norm"  # what an encoding of ours would leave
+        assert buffer == {"TI": "before"}, engine_has_global

@@ -13,8 +13,8 @@ from hosts import Server, configured_hosts, ensure_models, other_webui_processes
 from webui import WebUI  # noqa: E402
 
 HOSTS = configured_hosts()
-NO_HOST = ("e2e: set AUTOLORA_A1111 (or AUTOLORA_FORGE) to a WebUI folder with launch.py "
-           "to run the end-to-end suite")
+NO_HOST = ("e2e: set AUTOLORA_A1111, AUTOLORA_FORGE, AUTOLORA_FORGE_NEO, AUTOLORA_REFORGE or AUTOLORA_FORGE_CLASSIC "
+           "to a WebUI folder with launch.py to run the end-to-end suite")
 
 
 def pytest_generate_tests(metafunc):
@@ -83,6 +83,8 @@ def pool(tmp_path_factory):
 def webui(pool, host, mode, request):
     if host is None:
         pytest.skip(NO_HOST)
+    if not host.spec.supported:
+        pytest.skip(f"AutoLoRA does not support {host.name}: test_unsupported_host.py checks that it says so")
     arch = getattr(request.module, "ARCH", "sd15")
     if mode not in host.spec.lora_modes:
         pytest.skip(f"{host.name} has no LoRA mode {mode!r}")

@@ -46,6 +46,9 @@ class ArchSpec:
     lora_b: Optional[str] = None  # a second LoRA, made with another seed when missing
     options: dict = field(default_factory=dict)  # options this arch needs while the suite runs
     args: tuple = ()  # launch flags this arch needs on this host (Forge SDXL: bf16/fp16 storage for RAM)
+    # What the UI sends for this arch when the user changes nothing (read in each host's UI code):
+    # the e2e suite's first case of every identity, with an empty negative prompt.
+    ui_defaults: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,9 @@ class HostSpec:
     archs: dict  # arch -> ArchSpec
     make_checkpoint: Callable  # (host, arch, out path) -> argv, run with the host's Python
     hires_fields: dict = field(default_factory=dict)  # fields a txt2img request with hires fix or infotext needs
-    # What the UI sends when the user changes nothing (read in each host's UI code; CFG 7 on both):
-    # the e2e suite's first case of every identity.
-    ui_defaults: dict = field(default_factory=dict)
+    family: str = ""  # "forge": Forge's built-in guidance extensions and conditioning cache are there
+    gradio: str = "4.40"  # the UI's gradio version (tests/e2e/test_browser.py)
+    supported: bool = True  # False: the suite proves AutoLoRA refuses honestly (test_unsupported_host.py)
 
 
 def _forge_checkpoint_cmd(host, arch, out):
@@ -74,6 +77,12 @@ def _a1111_checkpoint_cmd(host, arch, out):
             "--arch", arch, "--out", str(out)]
 
 
+def _ui(sampler: str, scheduler: str, cfg: float) -> dict:
+    return {"negative_prompt": "", "sampler_name": sampler, "scheduler": scheduler, "cfg_scale": cfg}
+
+
+A1111_UI = _ui("DPM++ 2M", "Automatic", 7)
+
 HOSTS = {
     "a1111": HostSpec(
         name="a1111", env_var="AUTOLORA_A1111",
@@ -82,12 +91,12 @@ HOSTS = {
         cpu_args=("--skip-torch-cuda-test", "--use-cpu", "all", "--no-half"),
         lora_modes={"merged": {"lora_functional": False}, "functional": {"lora_functional": True}},
         sdxl_mode="functional",
-        archs={"sd15": ArchSpec("sd15", "random-sd15.safetensors", "random_lora", "autolora_e2e_lora_b"),
+        # modules/processing_scripts/sampler.py: the first visible sampler, schedule type Automatic; CFG 7
+        archs={"sd15": ArchSpec("sd15", "random-sd15.safetensors", "random_lora", "autolora_e2e_lora_b",
+                                ui_defaults=A1111_UI),
                "sdxl": ArchSpec("sdxl", "random-sdxl.safetensors", "random_lora_xl",
-                                options={"show_progress_type": "Approx cheap"})},
-        make_checkpoint=_a1111_checkpoint_cmd,
-        # modules/processing_scripts/sampler.py: the first visible sampler; schedule type Automatic
-        ui_defaults={"negative_prompt": "", "sampler_name": "DPM++ 2M", "scheduler": "Automatic"}),
+                                options={"show_progress_type": "Approx cheap"}, ui_defaults=A1111_UI)},
+        make_checkpoint=_a1111_checkpoint_cmd, gradio="3.41"),
     # Forge (main): the UI is built (the UI test reads /config); "online" is Forge's on-the-fly LoRA
     # ("... (fp16 LoRA)" storage; Forge applies LoRAs online only to low-bit weights, so fp8 here).
     # Forge re-reads its model-loading options only when a memory option changes too, hence the
@@ -102,13 +111,51 @@ HOSTS = {
         lora_modes={"merged": {"forge_unet_storage_dtype": "Automatic", "forge_inference_memory": 1024},
                     "online": {"forge_unet_storage_dtype": "float8-e4m3fn (fp16 LoRA)", "forge_inference_memory": 1025}},
         sdxl_mode="merged",
-        archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b"),
+        # modules_forge/main_entry.py, the "sd" and "xl" presets (sd_t2i_sampler, xl_t2i_cfg, ...)
+        archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
+                                ui_defaults=_ui("Euler a", "Automatic", 7)),
                "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
-                                args=("--unet-in-bf16", "--clip-in-fp16"))},
+                                args=("--unet-in-bf16", "--clip-in-fp16"), ui_defaults=_ui("Euler a", "Automatic", 5))},
         make_checkpoint=_forge_checkpoint_cmd,
-        hires_fields={"hr_additional_modules": ["Use same choices"], "styles": []},
-        # modules_forge/main_entry.py, the "sd" and "xl" presets: sd_t2i_sampler / xl_t2i_sampler
-        ui_defaults={"negative_prompt": "", "sampler_name": "Euler a", "scheduler": "Automatic"}),
+        hires_fields={"hr_additional_modules": ["Use same choices"], "styles": []}, family="forge"),
+    # Forge Neo (the Linux copy of Haoming02's `neo` branch as of October 2025 that ../shared/webui and
+    # tests/e2e/install/forge-neo.sh install): Forge main's backend and options; on a CPU it needs
+    # PyTorch attention. Its presets (modules_forge/presets.py) differ from Forge main's.
+    "forge-neo": HostSpec(
+        name="forge-neo", env_var="AUTOLORA_FORGE_NEO",
+        base_args=("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
+                   "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}"),
+        cpu_args=("--skip-torch-cuda-test", "--always-cpu", "--attention-pytorch"),
+        lora_modes={"merged": {"forge_unet_storage_dtype": "Automatic", "forge_inference_memory": 1024},
+                    "online": {"forge_unet_storage_dtype": "float8-e4m3fn (fp16 LoRA)", "forge_inference_memory": 1025}},
+        sdxl_mode="merged",
+        archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
+                                ui_defaults=_ui("Euler a", "Automatic", 6)),
+               "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
+                                args=("--unet-in-bf16", "--clip-in-fp16"), ui_defaults=_ui("DPM++ 2M SDE", "Karras", 4))},
+        make_checkpoint=_forge_checkpoint_cmd,
+        hires_fields={"hr_additional_modules": ["Use same choices"], "styles": []}, family="forge"),
+    # Hosts AutoLoRA does not support (yet): the suite proves the refusal is honest there
+    # (test_unsupported_host.py). reForge main (ldm_patched backend) and Forge Classic (branch `classic`)
+    # sample through their own backends from A1111's CFG denoiser.
+    "reforge": HostSpec(
+        name="reforge", env_var="AUTOLORA_REFORGE",
+        base_args=("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
+                   "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}"),
+        cpu_args=("--skip-torch-cuda-test", "--always-cpu"),
+        lora_modes={"merged": {}}, sdxl_mode="merged",
+        archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15",
+                                ui_defaults=_ui("Euler a", "Automatic", 7))},
+        make_checkpoint=_a1111_checkpoint_cmd, supported=False),
+    "forge-classic": HostSpec(
+        name="forge-classic", env_var="AUTOLORA_FORGE_CLASSIC",
+        base_args=("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
+                   "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}"),
+        cpu_args=("--skip-torch-cuda-test", "--always-cpu"),
+        lora_modes={"merged": {}}, sdxl_mode="merged",
+        archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15",
+                                ui_defaults=_ui("Euler a", "Automatic", 7))},
+        make_checkpoint=_forge_checkpoint_cmd, supported=False),
 }
 
 

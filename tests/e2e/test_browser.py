@@ -78,7 +78,6 @@ class HostUI:
     gallery_images: str = "#txt2img_gallery img:not(.livePreview img)"  # result images, not the live preview
 
 
-HOST_UI = {"a1111": HostUI(gradio="3.41"), "forge": HostUI(gradio="4.40")}
 
 # -- JavaScript run in the page ------------------------------------------------------------------------
 
@@ -163,7 +162,7 @@ def load(driver, url):
 class Page:
     def __init__(self, driver, webui, table):
         self.d, self.webui, self.table = driver, webui, table
-        self.host = HOST_UI[webui.host_name]
+        self.host = HostUI(gradio=webui.host.spec.gradio)
         self.lora = webui.models["lora"].stem
 
     # elements

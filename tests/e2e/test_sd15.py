@@ -33,7 +33,7 @@ def lora_tag(webui, name=None, strength=1):
 
 def base_req(webui, variant=DEFAULTS, **kw):
     req = {"prompt": "a photo of a cat", "steps": STEPS, "width": 64, "height": 64, "cfg_scale": 7, "seed": 12345}
-    req.update(webui.host.spec.ui_defaults if variant == DEFAULTS else
+    req.update(webui.host.spec.archs[ARCH].ui_defaults if variant == DEFAULTS else
                {"negative_prompt": "blurry", "sampler_name": "Euler a"})
     req.update(kw)
     return req
@@ -380,7 +380,7 @@ def test_forge_reuses_the_base_conditioning_while_forge_reuses_its_own(webui):
     AutoLoRA then reuses its base conditioning instead of encoding both prompts again, and the image
     is the one a fresh encoding gives. Another LoRA scale (part of what the base branch's text
     conditioning depends on) or another prompt encodes again."""
-    if webui.host_name != "forge":
+    if webui.host.spec.family != "forge":
         pytest.skip("A1111 encodes the base conditioning per generation")
     prompt = f"a cat on a sofa {lora_tag(webui)}"  # a prompt no other test uses: a fresh Forge cache
     g0 = {"enabled": True, "gamma": 0.0}
@@ -409,7 +409,7 @@ def test_forge_guidance_extensions_enabled_together(webui):
     With dynamic thresholding (which changes the image here) and PAG: both identities hold and
     γ=1.5 differs. All three at once: no crash, AutoLoRA active. On these random weights FreeU turns
     the image black with or without AutoLoRA, so its images are not compared (docs/forge.md)."""
-    if webui.host_name != "forge":
+    if webui.host.spec.family != "forge":
         pytest.skip("Forge's built-in guidance extensions")
 
     def req(base, names, autolora=None):

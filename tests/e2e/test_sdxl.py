@@ -20,9 +20,9 @@ def api(webui):
 
 def gen(api, webui, variant, lora: bool, args=None):
     prompt = "a photo of a cat" + (f" <lora:{webui.models['lora'].stem}:1>" if lora else "")
-    request = dict(webui.host.spec.ui_defaults) if variant == "WebUI defaults" else \
-        {"negative_prompt": "blurry", "sampler_name": "Euler a"}
-    result = api.txt2img(prompt=prompt, steps=STEPS, width=64, height=64, cfg_scale=7, seed=4242,
+    request = dict(webui.host.spec.archs[ARCH].ui_defaults) if variant == "WebUI defaults" else \
+        {"negative_prompt": "blurry", "sampler_name": "Euler a", "cfg_scale": 7}
+    result = api.txt2img(prompt=prompt, steps=STEPS, width=64, height=64, seed=4242,
                          alwayson_scripts={"AutoLoRA": {"args": [args]}} if args else {}, **request)
     return np.asarray(result.image).astype(np.int16), result, webui.stats()
 

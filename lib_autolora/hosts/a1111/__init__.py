@@ -69,8 +69,6 @@ def unsupported_model(model) -> Optional[str]:
         return "AutoLoRA: instruct-pix2pix (edit) checkpoints are not supported; generated without AutoLoRA"
     if getattr(getattr(model, "model", None), "conditioning_key", None) == "crossattn-adm":
         return "AutoLoRA: unCLIP (crossattn-adm) checkpoints are not supported; generated without AutoLoRA"
-    if getattr(model, "is_sd3", False):
-        return "AutoLoRA: SD3 checkpoints are not supported on A1111 yet; generated without AutoLoRA"
     return None
 
 
@@ -239,8 +237,9 @@ class A1111Adapter:
         state = gen.host_state
         prompts, negatives, width, height, steps, hires_steps = pass_prompts(p, hires, sd_samplers.find_sampler_config)
         settings = gen.settings
-        if state.factors is None or (not settings.base_text_encoder and settings.lora_scale == 1.0):
-            return CondPair()
+        if state.factors is None or (not settings.base_text_encoder and settings.lora_scale == 1.0) or \
+                not (state.factors.te.nonzero() or state.factors.mha):
+            return CondPair()  # the host's own conditioning serves both branches (no guided LoRA on the text encoders)
         key = (tuple(prompts), tuple(negatives), width, height, steps, hires_steps, state.factors.signature,
                shared.opts.use_old_scheduling)
         if key not in state.cond_cache:

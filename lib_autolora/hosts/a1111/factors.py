@@ -125,18 +125,63 @@ def term_for(net_module, weights_merged: bool, source: str = ""):
     return LowRankTerm(down=down, up=up, scale=scale, mid=mid, source=source)
 
 
+QKV_PARTS = ("q", "k", "v")
+
+
+def _fused_qkv_part(net_module) -> Optional[str]:
+    """q, k or v when the host applies this module to a third of a fused qkv Linear (SD3's MMDiT
+    `QkvLinear`: its Lora extension maps `..._qkv_{q,k,v}_proj` keys to the fused layer)."""
+    sd_module = net_module.sd_module
+    if not isinstance(sd_module, torch.nn.Linear) or not hasattr(net_module, "up_model"):
+        return None
+    for part in QKV_PARTS:
+        if net_module.sd_key.endswith(f"_{part}_proj") and \
+                sd_module.weight.shape[0] == 3 * net_module.up_model.weight.shape[0]:
+            return part
+    return None
+
+
+def _qkv_terms(parts: dict, sd_module, weights_merged: bool, source: str) -> list:
+    """The three parts of a fused qkv LoRA as terms on the fused weight, each in its third of the
+    rows: what the host's merge adds (`vstack` of the three `calc_updown`s)."""
+    if not weights_merged:
+        raise SkipModule("a LoRA on split q/k/v of a fused layer, which lora_functional does not apply")
+    rows = sd_module.weight.shape[0] // 3
+    terms = []
+    for i, part in enumerate(QKV_PARTS):
+        nm = parts[part]
+        up, down = nm.up_model.weight, nm.down_model.weight
+        if getattr(nm, "mid_model", None) is not None or getattr(nm, "bias", None) is not None or \
+                getattr(nm, "dora_scale", None) is not None or getattr(nm.network, "dyn_dim", None) is not None:
+            third = sd_module.weight[i * rows:(i + 1) * rows]
+            dense = torch.zeros_like(sd_module.weight, dtype=torch.float32)
+            dense[i * rows:(i + 1) * rows] = nm.calc_updown(third)[0].reshape(third.shape).float()
+            terms.append(DenseTerm(dense.detach(), source=source))
+            continue
+        full = up.new_zeros((3 * rows, up.shape[1]))
+        full[i * rows:(i + 1) * rows] = up
+        terms.append(LowRankTerm(down=down, up=full, scale=float(nm.calc_scale()) * float(nm.multiplier()),
+                                 source=source))
+    return terms
+
+
 def read_factors(loaded, guided, weights_merged: bool, layer_mapping=None) -> A1111Factors:
     """Factors of the guided networks among `loaded` (the host's `networks.loaded_networks`)."""
     guided_ids = {id(n) for n in guided}
     te, unet, mha, skipped = LoraFactors(), LoraFactors(), {}, []
     touched_by_unguided, touched = set(), set()
     for net in loaded:
+        qkv = {}  # fused qkv Linear -> {part: module} of this network
         for key, nm in net.modules.items():
             sd_module = nm.sd_module
             if id(net) not in guided_ids:
                 touched_by_unguided.add(sd_module)
                 continue
             source = getattr(getattr(net, "network_on_disk", None), "filename", net.name)
+            part = _fused_qkv_part(nm)
+            if part is not None:
+                qkv.setdefault(sd_module, {})[part] = nm
+                continue
             try:
                 parent = _mha_parent(nm, layer_mapping)
                 if parent is not None:
@@ -147,6 +192,19 @@ def read_factors(loaded, guided, weights_merged: bool, layer_mapping=None) -> A1
                 skipped.append((net.name, key, str(exc)))
                 continue
             (te if _is_text_encoder(nm) else unet).add(sd_module, nm.sd_key, term)
+            touched.add(sd_module)
+        for sd_module, parts in qkv.items():
+            first = next(iter(parts.values()))
+            name = first.sd_key.rsplit("_", 2)[0]
+            try:
+                if set(parts) != set(QKV_PARTS):
+                    raise SkipModule("a LoRA on only some of q/k/v of a fused layer, which the host does not apply either")
+                terms = _qkv_terms(parts, sd_module, weights_merged, source)
+            except SkipModule as exc:
+                skipped.append((net.name, name, str(exc)))
+                continue
+            for term in terms:
+                (te if _is_text_encoder(first) else unet).add(sd_module, name, term)
             touched.add(sd_module)
     for module, parts in list(mha.items()):
         if {p.part for p in parts} != {"q", "k", "v", "out"}:

@@ -19,7 +19,7 @@ from ...generation import Generation
 from .. import memory, networks
 from ..prompts import select_guided
 from .conditioning import BaseCondCache, BaseConditioning
-from .factors import read_factors
+from .factors import UNTOLD_NOTICE, guided_sources, patch_sets, read_factors
 from .sampling import OUR_MARK, Sampling
 
 NAME = "forge"
@@ -62,18 +62,31 @@ class ForgeAPI:
     def free_memory(self, device) -> int:
         return int(self.memory_management.get_free_memory(device))
 
+    @staticmethod
+    def _infotext_buffer() -> dict:
+        """Where the text engines leave infotext for `get_conds_with_caching` (Emphasis, TI): a
+        global of classic_engine on Forge main, `dynamic_args` on later Forge Neo."""
+        import backend.text_processing.classic_engine as classic_engine
+        if hasattr(classic_engine, "last_extra_generation_params"):
+            return classic_engine.last_extra_generation_params
+        from backend.args import dynamic_args
+        return dynamic_args.last_extra_generation_params
+
     @contextmanager
     def encoding(self, p):
-        """What `get_conds_with_caching` sets up around a prompt function, undone afterwards."""
+        """What `get_conds_with_caching` sets up around a prompt function, undone afterwards: our
+        encodings must leave no infotext of their own."""
         from modules import devices
-        import backend.text_processing.classic_engine as classic_engine
-        saved = dict(classic_engine.last_extra_generation_params)
+        buffer = self._infotext_buffer()
+        saved = dict(buffer)
         try:
             with devices.autocast():
                 p.sd_model.set_clip_skip(int(self.options().CLIP_stop_at_last_layers))
                 yield
         finally:
-            classic_engine.last_extra_generation_params = saved
+            buffer = self._infotext_buffer()
+            buffer.clear()
+            buffer.update(saved)
 
 
 def missing_capability(sampling_function_module=None) -> Optional[str]:
@@ -101,6 +114,7 @@ class ForgeState:
 
     p: object
     guided_files: set = field(default_factory=set)
+    loaded_files: set = field(default_factory=set)  # every LoRA file of the batch
     conds: dict = field(default_factory=dict)  # id(Forge's cond object) -> (that object, base, lora-scaled)
     sampling: Optional[Sampling] = None
     te_corrections: list = field(default_factory=lambda: [0])
@@ -140,6 +154,7 @@ class ForgeAdapter:
             return self._off(gen, "AutoLoRA: no LoRA in the prompt, nothing to guide; generated without AutoLoRA")
         state = gen.host_state
         state.guided_files = set(select_guided(loaded, settings.guided_loras))  # raises for unknown names
+        state.loaded_files = {entry[0] for entry in loaded}
         gen.stats.guided_loras = [entry[1] for entry in loaded if entry[0] in state.guided_files]
         if self.gen is not gen:
             self.gen = gen
@@ -170,6 +185,7 @@ class ForgeAdapter:
             loaded = self.api.loaded_loras() or []
             try:
                 state.guided_files = set(select_guided(loaded, gen.settings.guided_loras)) if loaded else set()
+                state.loaded_files = {entry[0] for entry in loaded}
             except Exception as exc:
                 gen.note(f"{exc}; the hires pass runs without AutoLoRA", p.comment)
                 return None
@@ -185,7 +201,12 @@ class ForgeAdapter:
             gen.note("AutoLoRA: at CFG 1 the WebUI evaluates no negative prompt, so w1 and w2 do not apply",
                      p.comment)
         unet = p.sd_model.forge_objects.unet
-        ff = read_factors(unet.model, unet.lora_patches, state.guided_files, merge=self.api.merge_lora_to_weight,
+        sets = patch_sets(unet)
+        sources = guided_sources(sets, state.guided_files, state.loaded_files)
+        if sources is None:
+            gen.note(UNTOLD_NOTICE, p.comment)
+            return None
+        ff = read_factors(unet.model, sets, sources, merge=self.api.merge_lora_to_weight,
                           backup=getattr(getattr(unet.model, "lora_loader", None), "backup", {}))
         gen.stats.modules["unet"] = len(ff.factors.nonzero())
         message = ff.message("UNet")

@@ -2,7 +2,7 @@
 
 Each prompt batch Forge encodes (`p.get_conds_with_caching`, first pass and hires pass alike) is
 encoded once more by the same prompt function while hooks on the text-encoder layers subtract the
-guided LoRAs' terms, read from `forge_objects.clip.patcher.lora_patches`.
+guided LoRAs' terms, read from the patches of `forge_objects.clip.patcher` (factors.patch_sets).
 `forge_objects_original.clip` would drop the unguided LoRAs too, and switching patchers re-merges
 the weights (loads them twice); the hooks do neither and work the same for online LoRAs.
 """
@@ -16,7 +16,7 @@ from ...base_branch import DeltaHooks
 from ...factors import BASE_COEF, lora_branch_coef
 from ...generation import Generation
 from ..text_encoding import encode_finite, not_finite_notice
-from .factors import read_factors
+from .factors import UNTOLD_NOTICE, guided_sources, patch_sets, read_factors
 
 log = logging.getLogger("autolora")
 
@@ -119,7 +119,11 @@ class BaseConditioning:
         """((base conditioning, LoRA-scale conditioning), LoRA'd text-encoder modules, notices)."""
         api, settings = self.api, gen.settings
         patcher = p.sd_model.forge_objects.clip.patcher
-        ff = read_factors(patcher.model, patcher.lora_patches, gen.host_state.guided_files,
+        sets = patch_sets(patcher)
+        sources = guided_sources(sets, gen.host_state.guided_files, gen.host_state.loaded_files)
+        if sources is None:
+            return (None, None), 0, (UNTOLD_NOTICE,)
+        ff = read_factors(patcher.model, sets, sources,
                           merge=api.merge_lora_to_weight,
                           backup=getattr(getattr(patcher.model, "lora_loader", None), "backup", {}))
         te_modules, message = len(ff.factors.nonzero()), ff.message("text-encoder")

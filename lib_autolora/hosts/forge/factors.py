@@ -84,7 +84,15 @@ class ForgeFactors:
         return "; ".join(parts) or None
 
 
+def _is_adapter(v) -> bool:
+    """A ComfyUI `weight_adapter` object (Forge Neo since December 2025): `name`, `weights` and
+    `calculate_weight(...)` instead of a ("lora", (...)) tuple."""
+    return hasattr(v, "weights") and hasattr(v, "calculate_weight")
+
+
 def _patch_type(v) -> str:
+    if _is_adapter(v):
+        return str(getattr(v, "name", type(v).__name__)).lower()
     if isinstance(v, list):
         return "nested"
     if len(v) == 1:
@@ -92,29 +100,41 @@ def _patch_type(v) -> str:
     return v[0] if isinstance(v[0], str) else "unknown"
 
 
+def _weights(v) -> tuple:
+    """A patch's factors: up, down, alpha, mid, dora_scale (and, for adapters, a reshape)."""
+    return tuple(v.weights) if _is_adapter(v) else tuple(v[1])
+
+
+def _fields(entry) -> tuple:
+    """(strength_patch, v, strength_model, offset, function) of a patch entry: Forge main's 5-lists,
+    Neo's 5-tuples, or its later 6-tuples ending in the online flag."""
+    return tuple(entry[:5])
+
+
 def _is_additive(entry) -> bool:
     """merge_lora_to_weight adds this patch's delta independently of the weight."""
-    _strength, v, strength_model, _offset, function = entry
+    _strength, v, strength_model, _offset, function = _fields(entry)
     if strength_model != 1.0 or function is not None:
         return False
     kind = _patch_type(v)
     if kind not in ADDITIVE_TYPES:
         return False
-    if kind == "lora" and v[1][4] is not None:  # DoRA
+    w = _weights(v) if kind in ("lora", "lokr", "loha") else ()
+    if kind == "lora" and (w[4] is not None or (len(w) > 5 and w[5] is not None)):  # DoRA, reshape
         return False
-    if kind == "lokr" and len(v[1]) > 8 and v[1][8] is not None:
+    if kind == "lokr" and len(w) > 8 and w[8] is not None:
         return False
-    if kind == "loha" and len(v[1]) > 7 and v[1][7] is not None:
+    if kind == "loha" and len(w) > 7 and w[7] is not None:
         return False
     return True
 
 
 def _low_rank_term(entry, weight_shape, module_kind: str, source: str) -> Optional[LowRankTerm]:
     """A plain LoRA/LoCon patch as a low-rank term, or None when it has no such form."""
-    strength, v, _strength_model, offset, _function = entry
+    strength, v, _strength_model, offset, _function = _fields(entry)
     if _patch_type(v) != "lora":
         return None
-    up, down, alpha, mid, _dora = v[1]
+    up, down, alpha, mid, _dora = _weights(v)[:5]
     rank = down.shape[0]
     scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
     if module_kind == "linear":
@@ -146,9 +166,38 @@ def _module_delta(module: torch.nn.Module, weight: torch.Tensor) -> Optional[Mod
     return None
 
 
+UNKNOWN_FILE = None  # the "filename" of patches whose LoRA file the host did not record
+
+
+def patch_sets(patcher) -> dict:
+    """A patcher's LoRA patches per LoRA, {(filename, strength_patch, strength_model, online): {key:
+    [entries]}}: Forge main's and Neo's `lora_patches` (until early 2026). Neo's later port of
+    ComfyUI's ModelPatcher keeps them in `patches` {key: [entries]} without the file they came
+    from: one set under the filename UNKNOWN_FILE."""
+    sets = getattr(patcher, "lora_patches", None) or {}
+    if sets:
+        return sets
+    patches = getattr(patcher, "patches", None) or {}
+    return {(UNKNOWN_FILE, 1.0, 1.0, False): patches} if patches else {}
+
+
+def guided_sources(sets: dict, guided_files: set, loaded_files: set) -> Optional[set]:
+    """The patch-set filenames to guide: `guided_files`, or, where the host did not record the
+    files, every patch when every LoRA of the prompt is guided; None when the guided LoRAs' patches
+    cannot be told apart from the others'."""
+    if UNKNOWN_FILE not in {identity[0] for identity in sets}:
+        return set(guided_files)
+    return set(guided_files) | {UNKNOWN_FILE} if set(guided_files) >= set(loaded_files) else None
+
+
+UNTOLD_NOTICE = ("AutoLoRA: this Forge does not record which LoRA a patch comes from, so AutoLoRA can guide only "
+                 "every LoRA in the prompt (leave 'Guided LoRAs' empty); generated without AutoLoRA")
+
+
 def read_factors(model: torch.nn.Module, lora_patches: dict, guided_files: Iterable[str], *,
                  merge: Callable, backup: Optional[dict] = None) -> ForgeFactors:
-    """The guided LoRAs' deltas on `model` (a patcher's `.model`), from the patcher's `lora_patches`.
+    """The guided LoRAs' deltas on `model` (a patcher's `.model`), from `patch_sets(patcher)`.
+    Patches of an UNKNOWN_FILE are guided when UNKNOWN_FILE is among `guided_files`.
 
     `merge(patches, weight, key, computation_dtype=…)` is Forge's `merge_lora_to_weight`; `backup`
     is `model.lora_loader.backup` (the weights before offline merging).
@@ -161,7 +210,8 @@ def read_factors(model: torch.nn.Module, lora_patches: dict, guided_files: Itera
         filename, _strength_patch, _strength_model, online_mode = identity
         guided = filename in guided_files
         for key, entries in patches.items():
-            by_key.setdefault(key, []).extend((guided, e, bool(online_mode)) for e in entries)
+            by_key.setdefault(key, []).extend(
+                (guided, e, bool(e[5]) if len(e) > 5 else bool(online_mode)) for e in entries)
             if guided and entries:
                 files.add(filename)
     result = ForgeFactors(LoraFactors(), {}, False, [], [], files)
