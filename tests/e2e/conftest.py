@@ -26,6 +26,8 @@ def pytest_generate_tests(metafunc):
         arch = getattr(metafunc.module, "ARCH", "sd15")
         if arch == "sdxl":
             modes = sorted({h.spec.sdxl_mode for h in HOSTS}) or ["none"]
+        elif arch != "sd15":  # newer model families run in the merged LoRA mode only
+            modes = ["merged"]
         metafunc.parametrize("mode", modes, scope="module")
 
 
@@ -86,6 +88,8 @@ def webui(pool, host, mode, request):
     if not host.spec.supported:
         pytest.skip(f"AutoLoRA does not support {host.name}: test_unsupported_host.py checks that it says so")
     arch = getattr(request.module, "ARCH", "sd15")
+    if arch not in host.spec.archs:
+        pytest.skip(f"the suite has no {arch} model for {host.name}")
     if mode not in host.spec.lora_modes:
         pytest.skip(f"{host.name} has no LoRA mode {mode!r}")
     if arch == "sdxl":

@@ -49,6 +49,7 @@ class ArchSpec:
     # What the UI sends for this arch when the user changes nothing (read in each host's UI code):
     # the e2e suite's first case of every identity, with an empty negative prompt.
     ui_defaults: dict = field(default_factory=dict)
+    lora_maker: str = "make_random_lora.py"  # the maker in AUTOLORA_MODEL_MAKERS for a missing LoRA
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ def _forge_checkpoint_cmd(host, arch, out):
 
 
 def _a1111_checkpoint_cmd(host, arch, out):
+    if arch == "sd3":  # a depth-2 MMDiT with the real CLIP-L/G and VAE; A1111 needs the T5 tokenizer too
+        return [str(host.python), str(MAKERS / "make_random_sd3.py"), "--webui-dir", str(host.root), "--out", str(out)]
     return [str(host.python), str(MAKERS / "make_random_checkpoint.py"), "--webui-dir", str(host.root),
             "--arch", arch, "--out", str(out)]
 
@@ -95,7 +98,12 @@ HOSTS = {
         archs={"sd15": ArchSpec("sd15", "random-sd15.safetensors", "random_lora", "autolora_e2e_lora_b",
                                 ui_defaults=A1111_UI),
                "sdxl": ArchSpec("sdxl", "random-sdxl.safetensors", "random_lora_xl",
-                                options={"show_progress_type": "Approx cheap"}, ui_defaults=A1111_UI)},
+                                options={"show_progress_type": "Approx cheap"}, ui_defaults=A1111_UI),
+               # SD3: merged LoRAs only (lora_functional skips split q/k/v on its fused layers);
+               # the T5 tokenizer is seeded into the offline HF cache by ../shared/webui/seed_t5_tokenizer.sh
+               "sd3": ArchSpec("sd3", "random-sd3.safetensors", "random_sd3_lora", "autolora_e2e_sd3_lora_b",
+                               options={"show_progress_type": "Approx cheap", "lora_functional": False},
+                               ui_defaults=A1111_UI, lora_maker="make_random_sd3_lora.py")},
         make_checkpoint=_a1111_checkpoint_cmd, gradio="3.41"),
     # Forge (main): the UI is built (the UI test reads /config); "online" is Forge's on-the-fly LoRA
     # ("... (fp16 LoRA)" storage; Forge applies LoRAs online only to low-bit weights, so fp8 here).
@@ -224,7 +232,7 @@ def ensure_models(host: Host, arch: str) -> dict:
         path = _find(lora_dir, name + ".safetensors")
         if path is None:
             path = lora_dir / "autolora-e2e" / (name + ".safetensors")
-            _make(host, [str(host.python), str(MAKERS / "make_random_lora.py"), "--ckpt", str(ckpt),
+            _make(host, [str(host.python), str(MAKERS / spec.lora_maker), "--ckpt", str(ckpt),
                          "--out", str(path), "--seed", str(seed)], path)
         out[key] = path
     return out
