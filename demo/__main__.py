@@ -27,6 +27,7 @@ import torch
 from lib_autolora.base_branch import make_strategy, split_batch
 from lib_autolora.guidance import cfg
 from lib_autolora.guider import AutoLoraGuider, BranchConds
+from lib_autolora.params import AutoLoraSettings
 from lib_autolora.kohya import factors_from_kohya, merge_into
 from . import data, ksampling
 from .metrics import Evaluators, Scores, format_table
@@ -109,16 +110,16 @@ def sample_lora_cfg(model, labels, seeds, settings: Settings) -> torch.Tensor:
 
 
 def sample_autolora(model, factors, labels, seeds, gamma: float, settings: Settings,
-                    w1: Optional[float] = None, w2: Optional[float] = None) -> torch.Tensor:
+                    w1: Optional[float] = None, w2: Optional[float] = None, **controls) -> torch.Tensor:
     """AutoLoRA + CFG, w1 and w2 defaulting to settings.cfg (the WebUI's "same as CFG"); gamma 0
-    gives the base model + CFG, via the strategy."""
+    gives the base model + CFG, via the strategy. `controls`: more of the extension's settings
+    (schedule, schedule_power, schedule_floor, cap, base_strength)."""
     nulls = torch.full_like(labels, model.null_class)
-    w1 = settings.cfg if w1 is None else w1
-    w2 = settings.cfg if w2 is None else w2
-    with torch.no_grad(), make_strategy(settings.strategy, factors, 1.0, weights_merged=True) as strategy:
-        guider = AutoLoraGuider(forward_of(model), strategy, lora=BranchConds(labels, nulls),
-                                base=BranchConds(labels, nulls), gamma=gamma, w1=w1, w2=w2,
-                                cfg_scale=settings.cfg, sigmas=settings.sigmas())
+    autolora = AutoLoraSettings(enabled=True, gamma=gamma, w1=w1, w2=w2, strategy=settings.strategy, **controls)
+    with torch.no_grad(), make_strategy(settings.strategy, factors, 1.0, weights_merged=True,
+                                        base_strength=autolora.base_strength) as strategy:
+        guider = AutoLoraGuider(forward_of(model), strategy, autolora, lora=BranchConds(labels, nulls),
+                                base=BranchConds(labels, nulls), cfg_scale=settings.cfg, sigmas=settings.sigmas())
         return run_sampler(guider, seeds, settings)
 
 

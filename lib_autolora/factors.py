@@ -23,12 +23,17 @@ COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The coefficient of the guided LoRAs' terms that the base-branch hooks add to a module's output,
 # which already holds them once (the host applied the LoRA): the base branch removes them
-# (BASE_COEF), the LoRA branch at LoRA scale s adds s - 1 more.
+# (BASE_COEF; with a base strength b it keeps b of them: b - 1), the LoRA branch at LoRA scale s
+# adds s - 1 more.
 BASE_COEF = -1.0
 
 
 def lora_branch_coef(lora_scale: float) -> float:
     return float(lora_scale) - 1.0
+
+
+def base_branch_coef(base_strength: float = 0.0) -> float:
+    return float(base_strength) - 1.0
 
 
 @dataclass

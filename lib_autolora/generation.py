@@ -14,7 +14,7 @@ import torch
 from . import params
 from .base_branch import Strategy, StrategyUnavailable, choose_strategy, make_strategy
 from .factors import LoraFactors
-from .guidance import GuidanceInterval, blend
+from .guidance import GuidanceInterval, blend, capped_push, schedule_weight, scheduled_gamma
 from .stats import BOARD, Stats
 
 log = logging.getLogger("autolora")
@@ -27,6 +27,7 @@ class Generation:
         self.strategy: Optional[Strategy] = None
         self.off: Optional[str] = None  # why guidance stopped mid-generation (refiner switch, ...)
         self.host_state: Any = None  # the adapter's own per-generation objects
+        self.hires = False  # the hires-fix pass is sampling (its own γ when hr_gamma is set)
         self._base_calls_closed = 0  # base calls of strategies already closed (earlier passes)
         self._guided_at_batch = 0
 
@@ -62,12 +63,14 @@ class Generation:
         kwargs = {"weights_merged": weights_merged}
         if base_weights is not None and name in ("swap", "toggle", "dual"):
             kwargs["base_weights"] = base_weights
+        kwargs["base_strength"] = self.settings.base_strength
         try:
             strategy = make_strategy(name, factors, self.settings.lora_scale, **kwargs)
         except StrategyUnavailable as exc:
             self.note(f"{exc}; using 'batched'", comment)
             name, reason = "batched", str(exc)
-            strategy = make_strategy(name, factors, self.settings.lora_scale, weights_merged=weights_merged)
+            strategy = make_strategy(name, factors, self.settings.lora_scale, weights_merged=weights_merged,
+                                     base_strength=self.settings.base_strength)
         started = time.perf_counter()
         self.strategy = strategy.__enter__()
         self.stats.add_setup_time(time.perf_counter() - started)
@@ -108,11 +111,28 @@ class Generation:
     def explicit_cfg_ignored(self, cfg_scale: float) -> bool:
         return float(cfg_scale) == 1.0 and (self.settings.w1 is not None or self.settings.w2 is not None)
 
-    def blend(self, base: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
-        """The AutoLoRA step proper on the two branches' CFG outputs; counts a guided step."""
+    def gamma_at(self, step: int = 0, total_steps: int = 0) -> float:
+        """γ of a step: the hires pass's own when set, moved by the schedule."""
+        s = self.settings
+        gamma = s.hr_gamma if self.hires and s.hr_gamma is not None else s.gamma
+        if s.schedule == "constant":
+            return gamma
+        weight = schedule_weight(s.schedule, self.interval.progress(step, total_steps), s.schedule_power,
+                                 s.schedule_floor)
+        return scheduled_gamma(gamma, weight)
+
+    def blend(self, base: torch.Tensor, lora: torch.Tensor, step: int = 0, total_steps: int = 0,
+              lora_uncond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The AutoLoRA step proper on the two branches' CFG outputs (`lora_uncond`: the LoRA
+        branch's uncond prediction, the cap's reference; None where none was evaluated); counts a
+        guided step."""
         self.stats.guided_steps += 1
         self.count_base_calls()
-        return blend(base, lora, self.settings.gamma)
+        gamma = self.gamma_at(step, total_steps)
+        if self.settings.cap is None:
+            return blend(base, lora, gamma)
+        reference = lora - lora_uncond if lora_uncond is not None else lora
+        return base + capped_push((lora - base) * gamma, reference, self.settings.cap)
 
     # -- batches and the infotext -------------------------------------------------------------------
     def begin_batch(self) -> None:

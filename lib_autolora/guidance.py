@@ -6,9 +6,16 @@ predictions exactly as on eps predictions: the hosts blend whichever they have.
     base_w1 = base_uncond + w1 * (base_cond - base_uncond)    # checkpoint with the LoRAs removed
     lora_w2 = lora_uncond + w2 * (lora_cond - lora_uncond)    # the model as the user loaded it
     out     = base_w1 + gamma * (lora_w2 - base_w1)
+
+The controls around it: a schedule moves gamma's push beyond the plain LoRA over the guided steps,
+gamma_t = 1 + (gamma - 1) * (floor + (1 - floor) * ramp(u)), u = 0 at the first guided step and 1
+at the last; a cap bounds the push gamma_t * (lora_w2 - base_w1) per image to `cap` times the LoRA
+branch's CFG update |lora_w2 - lora_uncond| (the prediction itself where no uncond was evaluated).
+The cap's ratio is the same on eps and x0 (both differences scale with sigma).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,6 +30,37 @@ def cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
 def blend(base: torch.Tensor, lora: torch.Tensor, gamma: float) -> torch.Tensor:
     """The AutoLoRA step proper: base + gamma * (lora - base)."""
     return base + (lora - base) * gamma
+
+
+def schedule_weight(schedule: str, progress: float, power: float = 1.0, floor: float = 0.0) -> float:
+    """The share of gamma's push at `progress` (0 = first guided step, 1 = the last):
+    constant 1; early (1 - u)^p; late u^p; middle (4 u (1 - u))^p; then floor + (1 - floor) * that."""
+    u = min(max(float(progress), 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "early":
+        ramp = (1.0 - u) ** power
+    elif schedule == "late":
+        ramp = u ** power
+    elif schedule == "middle":
+        ramp = (4.0 * u * (1.0 - u)) ** power
+    else:
+        raise ValueError(f"AutoLoRA: unknown schedule {schedule!r}")
+    return floor + (1.0 - floor) * ramp
+
+
+def scheduled_gamma(gamma: float, weight: float) -> float:
+    """gamma with its push beyond the plain LoRA (gamma - 1) scaled by a schedule weight."""
+    return 1.0 + (gamma - 1.0) * weight
+
+
+def capped_push(push: torch.Tensor, reference: torch.Tensor, cap: float) -> torch.Tensor:
+    """`push` scaled down, per image (the first dimension), to at most `cap` times |reference|."""
+    dims = tuple(range(1, push.ndim))
+    limit = cap * torch.linalg.vector_norm(reference.float(), dim=dims, keepdim=True)
+    norm = torch.linalg.vector_norm(push.float(), dim=dims, keepdim=True)
+    factor = torch.clamp(limit / norm.clamp_min(torch.finfo(torch.float32).tiny), max=1.0)
+    return push * factor.to(push.dtype)
 
 
 def autolora(base_cond, base_uncond, lora_cond, lora_uncond, *, gamma: float, w1: float, w2: float):
@@ -55,6 +93,14 @@ class GuidanceInterval:
     @property
     def is_full(self) -> bool:
         return self.start <= 0.0 and self.end >= 1.0
+
+    def progress(self, step: int, total_steps: int) -> float:
+        """Where step `step` of `total_steps` lies among the guided steps: 0 at the first, 1 at the last."""
+        if total_steps <= 0:
+            return 0.0
+        first = math.ceil(self.start * total_steps - 1e-9)
+        last = max(first, math.ceil(self.end * total_steps - 1e-9) - 1)
+        return 0.0 if last == first else (step - first) / (last - first)
 
     def contains_step(self, step: int, total_steps: int) -> bool:
         if self.is_full:

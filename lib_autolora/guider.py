@@ -2,7 +2,8 @@
 
 `model(x, sigma, cond)` is any denoiser that takes a batch (a k-diffusion wrapper around the
 LoRA'd model). The guider lives for one generation, like ComfyUI's guiders: it owns the
-conditionings of both branches and a base-branch strategy that is already entered.
+conditionings of both branches and a `Generation` (the settings, the w1/w2 rule, the schedule and
+the cap) whose base-branch strategy is already entered.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .base_branch import Strategy, cat_batches, split_batch
-from .guidance import GuidanceInterval, autolora, autolora_no_cfg, cfg
+from .generation import Generation
+from .guidance import cfg, step_of_sigma
 
 
 @dataclass
@@ -22,47 +24,48 @@ class BranchConds:
 
 
 class AutoLoraGuider:
-    def __init__(self, model: Callable, strategy: Strategy, *, lora: BranchConds, base: BranchConds,
-                 gamma: float, w1: float, w2: float, cfg_scale: float,
-                 interval: GuidanceInterval = GuidanceInterval(), sigmas: Optional[Sequence[float]] = None):
+    def __init__(self, model: Callable, strategy: Strategy, settings, *, lora: BranchConds, base: BranchConds,
+                 cfg_scale: float, sigmas: Optional[Sequence[float]] = None):
         if (lora.uncond is None) != (base.uncond is None):
             raise ValueError("AutoLoRA: both branches need an uncond, or neither")
-        self.model, self.strategy = model, strategy
-        self.lora, self.base = lora, base
-        self.gamma, self.w1, self.w2, self.cfg_scale = gamma, w1, w2, cfg_scale
-        self.interval = interval
+        self.model, self.lora, self.base, self.cfg_scale = model, lora, base, float(cfg_scale)
+        self.generation = Generation(settings, "k-diffusion")
+        self.generation.strategy = strategy  # entered and closed by the caller
         self.sigmas = [float(s) for s in sigmas] if sigmas is not None else None
-        self.guided_steps = 0
-        self.plain_steps = 0
 
-    def _active(self, sigma: torch.Tensor) -> bool:
-        if self.interval.is_full:
-            return True
+    @property
+    def guided_steps(self) -> int:
+        return self.generation.stats.guided_steps
+
+    @property
+    def plain_steps(self) -> int:
+        return self.generation.stats.plain_steps
+
+    def _step(self, sigma: torch.Tensor) -> tuple:
+        """(step, steps) of the sampler's schedule this evaluation belongs to."""
         if self.sigmas is None:
-            raise ValueError("AutoLoRA: a guidance interval needs the sampler's sigmas")
-        return self.interval.contains_sigma(float(sigma.reshape(-1)[0]), self.sigmas)
+            if not self.generation.interval.is_full or self.generation.settings.schedule != "constant":
+                raise ValueError("AutoLoRA: a guidance interval or schedule needs the sampler's sigmas")
+            return 0, 1
+        return step_of_sigma(float(sigma.reshape(-1)[0]), self.sigmas), len(self.sigmas) - 1
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_):
-        n = x.shape[0]
-        active = self._active(sigma)
+        gen, n = self.generation, x.shape[0]
+        step, steps = self._step(sigma)
         if self.lora.uncond is None:
-            if not active:
-                self.plain_steps += 1
+            if not gen.guides(step, steps):
                 return self.model(x, sigma, self.lora.cond)
-            self.guided_steps += 1
-            lora, base = self.strategy.evaluate(self.model, (x, sigma, self.lora.cond), (x, sigma, self.base.cond))
-            return autolora_no_cfg(base, lora, gamma=self.gamma)
+            lora, base = gen.strategy.evaluate(self.model, (x, sigma, self.lora.cond), (x, sigma, self.base.cond))
+            return gen.blend(base, lora, step, steps)
         x2, s2 = torch.cat([x, x]), torch.cat([sigma, sigma])
-        if not active:
-            self.plain_steps += 1
-            out = self.model(x2, s2, cat_batches(self.lora.cond, self.lora.uncond))
-            cond, uncond = split_batch(out, n)
+        if not gen.guides(step, steps):
+            cond, uncond = split_batch(self.model(x2, s2, cat_batches(self.lora.cond, self.lora.uncond)), n)
             return cfg(cond, uncond, self.cfg_scale)
-        self.guided_steps += 1
-        lora_out, base_out = self.strategy.evaluate(
+        lora_out, base_out = gen.strategy.evaluate(
             self.model,
             (x2, s2, cat_batches(self.lora.cond, self.lora.uncond)),
             (x2, s2, cat_batches(self.base.cond, self.base.uncond)))
         lora_c, lora_u = split_batch(lora_out, n)
         base_c, base_u = split_batch(base_out, n)
-        return autolora(base_c, base_u, lora_c, lora_u, gamma=self.gamma, w1=self.w1, w2=self.w2)
+        w1, w2 = gen.cfg_scales(self.cfg_scale)
+        return gen.blend(cfg(base_c, base_u, w1), cfg(lora_c, lora_u, w2), step, steps, lora_u)

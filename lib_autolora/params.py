@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, make_dataclass, replace
 from typing import Any, Optional
 
 STRATEGY_CHOICES = ("auto", "batched", "dual", "sequential", "swap", "toggle")
-FOLLOW_CFG = -1.0  # UI/API value of w1/w2 meaning "the generation's CFG scale"
+SCHEDULE_CHOICES = ("constant", "early", "late", "middle")
+UNSET = -1.0  # UI/API value of an optional parameter meaning "unset": w1/w2 follow the CFG scale, no cap, ...
 
 
 class AutoLoraArgumentError(ValueError):
@@ -22,7 +23,7 @@ class AutoLoraArgumentError(ValueError):
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # bool | float | cfg (float, or follow the CFG scale) | choice | names
+    kind: str  # bool | float | optional (a float, or unset: -1 / null / `unset` word) | choice | names
     default: Any  # the UI/API default
     label: str
     tooltip: str
@@ -32,11 +33,13 @@ class Param:
     choices: tuple = ()
     xyz: bool = False  # offered as an X/Y/Z plot axis
     advanced: bool = False
+    unset: str = ""  # optional: the infotext word for unset ("cfg", "off", "same") ...
+    unset_means: str = ""  # ... and what unset means, for messages and docs
 
     @property
     def setting_default(self):
-        """The default as a settings value (w1/w2 follow the CFG scale: None; names: a tuple)."""
-        if self.kind == "cfg":
+        """The default as a settings value (optional ones: None = unset; names: a tuple)."""
+        if self.kind == "optional":
             return None
         if self.kind == "names":
             return tuple(n.strip() for n in self.default.split(",") if n.strip())
@@ -51,12 +54,14 @@ PARAMS = (
           "0 = base model only, 1 = the LoRA model as loaded, >1 pushes away from the base model "
           "(paper default 1.5); values below 0 push towards the base model.",
           "AutoLoRA gamma", bounds=(-10.0, 10.0), slider=(-2.0, 5.0, 0.05), xyz=True),
-    Param("w1", "cfg", FOLLOW_CFG, "w1 (base CFG)",
+    Param("w1", "optional", UNSET, "w1 (base CFG)",
           "CFG scale of the base branch. -1 = the generation's CFG scale.",
-          "AutoLoRA w1", bounds=(0.0, 30.0), slider=(-1.0, 30.0, 0.5), xyz=True),
-    Param("w2", "cfg", FOLLOW_CFG, "w2 (LoRA CFG)",
+          "AutoLoRA w1", bounds=(0.0, 30.0), slider=(-1.0, 30.0, 0.5), xyz=True,
+          unset="cfg", unset_means="the generation's CFG scale"),
+    Param("w2", "optional", UNSET, "w2 (LoRA CFG)",
           "CFG scale of the LoRA branch. -1 = the generation's CFG scale.",
-          "AutoLoRA w2", bounds=(0.0, 30.0), slider=(-1.0, 30.0, 0.5), xyz=True),
+          "AutoLoRA w2", bounds=(0.0, 30.0), slider=(-1.0, 30.0, 0.5), xyz=True,
+          unset="cfg", unset_means="the generation's CFG scale"),
     Param("lora_scale", "float", 1.0, "LoRA scale",
           "Multiplier on the guided LoRAs' strengths in the LoRA branch (1 = as written in the prompt).",
           "AutoLoRA LoRA scale", bounds=(0.0, 4.0), slider=(0.0, 2.0, 0.05), xyz=True),
@@ -81,6 +86,30 @@ PARAMS = (
           "Encode the base branch's prompt with the guided LoRAs removed from the text encoder(s). "
           "Off: both branches share the LoRA'd conditioning.",
           "AutoLoRA base TE", xyz=True, advanced=True),
+    Param("schedule", "choice", "constant", "γ schedule",
+          "How γ's push beyond the plain LoRA moves over the guided steps: constant; early = strongest at the "
+          "first guided step, fading out (composition); late = growing towards the last (detail); middle = "
+          "strongest halfway. At the weakest point the push is the floor's share of γ - 1.",
+          "AutoLoRA schedule", choices=SCHEDULE_CHOICES, xyz=True),
+    Param("schedule_power", "float", 1.0, "Schedule power",
+          "Shape of the ramp: 1 = linear (early, late) or a parabola (middle); higher = steeper.",
+          "AutoLoRA schedule power", bounds=(0.1, 8.0), slider=(0.25, 4.0, 0.05), xyz=True, advanced=True),
+    Param("schedule_floor", "float", 0.0, "Schedule floor",
+          "The smallest share of γ - 1 a ramp keeps (0 = down to the plain LoRA step, 1 = constant).",
+          "AutoLoRA schedule floor", bounds=(0.0, 1.0), slider=(0.0, 1.0, 0.05), xyz=True, advanced=True),
+    Param("cap", "optional", UNSET, "Push cap",
+          "Upper bound on AutoLoRA's push γ·(LoRA - base) as a multiple of the LoRA branch's CFG update, per "
+          "image, so a high γ or w2 cannot burn it; 0 = the base model; -1 = off.",
+          "AutoLoRA cap", bounds=(0.0, 10.0), slider=(-1.0, 3.0, 0.05), xyz=True,
+          unset="off", unset_means="off"),
+    Param("base_strength", "float", 0.0, "Base LoRA strength",
+          "Strength of each guided LoRA in the base branch, as a share of its own strength: 0 = the checkpoint "
+          "without it (the paper); between 0 and 1 guides the LoRA with a weaker copy of itself.",
+          "AutoLoRA base strength", bounds=(0.0, 1.0), slider=(0.0, 1.0, 0.05), xyz=True),
+    Param("hr_gamma", "optional", UNSET, "Hires γ",
+          "γ of the hires-fix pass; -1 = the same as the first pass.",
+          "AutoLoRA hires gamma", bounds=(-10.0, 10.0), slider=(-1.0, 5.0, 0.05), xyz=True, advanced=True,
+          unset="same", unset_means="the first pass's γ"),
 )
 BY_NAME = {p.name: p for p in PARAMS}
 ARG_ORDER = tuple(p.name for p in PARAMS)
@@ -115,7 +144,7 @@ def _number(param: Param, value) -> float:
         raise AutoLoraArgumentError(f"AutoLoRA: '{param.name}' must be finite, got {value!r}")
     if param.bounds is not None and not param.bounds[0] <= number <= param.bounds[1]:
         low, high = param.bounds
-        also = " (or -1 for the generation's CFG scale)" if param.kind == "cfg" else ""
+        also = f" (or -1 for {param.unset_means})" if param.kind == "optional" else ""
         raise AutoLoraArgumentError(
             f"AutoLoRA: '{param.name}' must be between {_fmt(low)} and {_fmt(high)}{also}, got {_fmt(number)}")
     return number
@@ -133,14 +162,14 @@ def coerce(param: Param, value):
         raise AutoLoraArgumentError(f"AutoLoRA: '{param.name}' must be true or false, got {value!r}")
     if param.kind == "float":
         return _number(param, value)
-    if param.kind == "cfg":
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("cfg", "")):
+    if param.kind == "optional":
+        if value is None or (isinstance(value, str) and value.strip().lower() in (param.unset, "")):
             return None
-        if not isinstance(value, bool) and isinstance(value, (int, float)) and value == FOLLOW_CFG:
+        if not isinstance(value, bool) and isinstance(value, (int, float)) and value == UNSET:
             return None
         if isinstance(value, str):
             try:
-                if float(value) == FOLLOW_CFG:
+                if float(value) == UNSET:
                     return None
             except ValueError:
                 pass
@@ -190,8 +219,8 @@ def settings_from_args(args):
 
 def ui_value(p: Param, value):
     """A settings value -> the value of its UI component."""
-    if p.kind == "cfg":
-        return FOLLOW_CFG if value is None else value
+    if p.kind == "optional":
+        return UNSET if value is None else value
     if p.kind == "names":
         return ", ".join(value)
     return value
@@ -205,8 +234,8 @@ def as_dict(settings) -> dict:
 # -- infotext ---------------------------------------------------------------------------------------
 
 def _format(p: Param, v) -> str:
-    if p.kind == "cfg":
-        return "cfg" if v is None else _fmt(v)
+    if p.kind == "optional":
+        return p.unset if v is None else _fmt(v)
     if p.kind == "float":
         return _fmt(v)
     if p.kind == "names":
@@ -240,7 +269,7 @@ def xyz_label(p: Param) -> str:
 
 def table_json() -> dict:
     """The parameter table as JSON (GET /autolora/v1/params, the UI's tooltips)."""
-    return {"title": "AutoLoRA", "arg_order": list(ARG_ORDER), "follow_cfg": FOLLOW_CFG,
+    return {"title": "AutoLoRA", "arg_order": list(ARG_ORDER), "unset": UNSET,
             "params": [{"name": p.name, "kind": p.kind, "default": p.default, "label": p.label,
                         "tooltip": p.tooltip, "infotext": p.infotext,
                         "bounds": list(p.bounds) if p.bounds else None,
@@ -256,7 +285,7 @@ def _accepts(p: Param) -> str:
     if p.kind == "names":
         return "comma-separated LoRA names, or a list"
     text = f"{_fmt(p.bounds[0])} … {_fmt(p.bounds[1])}"
-    return text + " or -1 / `\"cfg\"` (the generation's CFG scale)" if p.kind == "cfg" else text
+    return text + f" or -1 / `\"{p.unset}\"` ({p.unset_means})" if p.kind == "optional" else text
 
 
 def controls_markdown() -> str:
@@ -268,7 +297,7 @@ def controls_markdown() -> str:
              "| # | API name | UI label | default | accepted | infotext key | X/Y/Z | what it does |",
              "|---|---|---|---|---|---|---|---|"]
     for i, p in enumerate(PARAMS):
-        default = "-1 (CFG)" if p.kind == "cfg" else (f"`{p.default}`" if p.default != "" else "(empty)")
+        default = f"-1 ({p.unset})" if p.kind == "optional" else (f"`{p.default}`" if p.default != "" else "(empty)")
         lines.append(f"| {i} | `{p.name}` | {p.label} | {default} | {_accepts(p)} | `{p.infotext}` | "
                      f"{'yes' if p.xyz else ''} | {p.tooltip} |")
     return "\n".join(lines) + "\n"

@@ -40,7 +40,7 @@ def elem_id(tab: str, name: str) -> str:
 
 def _component(param, tab):
     kwargs = dict(label=param.label, elem_id=elem_id(tab, param.name))
-    if param.kind in ("float", "cfg"):
+    if param.kind in ("float", "optional"):
         low, high, step = param.slider
         return gr.Slider(minimum=low, maximum=high, step=step, value=float(param.default), **kwargs)
     if param.kind == "bool":

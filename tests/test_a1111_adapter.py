@@ -453,3 +453,43 @@ def test_sd3_fused_qkv_lora_parts_are_one_exact_term_on_the_fused_layer():
     del net.modules["diffusion_model_joint_blocks_0_x_block_attn_qkv_v_proj"]
     partial = a1111_factors.read_factors([net], [net], weights_merged=True)
     assert not partial.unet.deltas and "only some of q/k/v" in partial.skipped[0][2]
+
+
+@pytest.mark.parametrize("layout", ["batched", "ngms", "and_prompt"])
+def test_the_controls_identities_through_the_cfg_denoiser(layout):
+    """As on Forge: base_strength 1 gives the plain LoRA run at any γ, a cap of 0 the base run, any
+    schedule at γ 1 the plain LoRA run; with NGMS steps (no uncond) too."""
+    cfg = dict(LAYOUTS[layout])
+    s_min_uncond = cfg.pop("s_min_uncond", 0.0)
+    and_weight = cfg.pop("and_weight", None)
+    clean = make_model(0)
+    lora_sd = lora_state_dict(clean, seed=1)
+    merged = merged_copy(0, [(lora_sd, 1.0)])
+    factors = factors_from_kohya(lora_sd, merged.kohya_modules())
+    te_modules = set(merged.text_encoder.modules())
+    unet_factors = factors.only([m for m in factors.deltas if m not in te_modules])
+    sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
+    with sti.installed(sti.standin_opts(**cfg), sd_model) as host:
+        host.callbacks.on_cfg_denoiser(binding.on_cfg_denoiser)
+        host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
+        lora_c = _cond(merged.text_encoder, [2, 7], and_weight)
+        lora_uc = [t for t in merged.text_encoder(torch.tensor([10, 10]))]
+        base_c = _cond(clean.text_encoder, [2, 7], and_weight)
+        base_uc = [t for t in clean.text_encoder(torch.tensor([10, 10]))]
+        host_lora, _ = _sample(host, merged.denoiser, lora_c, lora_uc, s_min_uncond=s_min_uncond)
+        host_base, _ = _sample(host, clean.denoiser, base_c, base_uc, s_min_uncond=s_min_uncond)
+
+        def run(settings, pair):
+            gen = standin_generation(settings, host, sd_model, factors=unet_factors)
+            gen.host_state.pairs[id(lora_c)] = (lora_c, pair)
+            out, _ = _sample(host, merged.denoiser, lora_c, lora_uc, gen, s_min_uncond=s_min_uncond)
+            gen.host_state.close_pass(gen)
+            assert not gen.stats.notices, gen.stats.notices
+            return out
+
+        same = run(AutoLoraSettings(enabled=True, gamma=3.0, base_strength=1.0), CondPair())
+        torch.testing.assert_close(same, host_lora, atol=2e-4, rtol=0)
+        capped = run(AutoLoraSettings(enabled=True, gamma=2.5, cap=0.0), CondPair(base=(base_c, base_uc)))
+        torch.testing.assert_close(capped, host_base, atol=2e-4, rtol=0)
+        scheduled = run(AutoLoraSettings(enabled=True, gamma=1.0, schedule="middle"), CondPair(base=(base_c, base_uc)))
+        torch.testing.assert_close(scheduled, host_lora, atol=2e-4, rtol=0)

@@ -84,7 +84,7 @@ def with_args(args):
     ({"args": [True, float("nan")]}, "finite"),
     ({"args": [True, 1.5, -2]}, "'w1' must be between 0 and 30 (or -1 for the generation's CFG scale), got -2"),
     ({"args": [True, 1e30]}, "'gamma' must be between -10 and 10, got 1e+30"),
-    ({"args": [True] * 11}, "at most 10"),
+    ({"args": [True] * (len(params.ARG_ORDER) + 1)}, f"at most {len(params.ARG_ORDER)}"),
     ({"args": [{"enabled": True, "guided_loras": "other"}]}, "'other' not in the prompt"),
     ({"args": "yes"}, "must be a list"),
     ({"args": [True, {"gamma": 2}]}, "first slot"),

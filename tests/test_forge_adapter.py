@@ -504,3 +504,33 @@ def test_our_text_encodings_leave_no_infotext_on_forge_main_nor_on_later_neo(mon
         with api.encoding(p):
             buffer["Emphasis"] = "No norm"  # what an encoding of ours would leave
         assert buffer == {"TI": "before"}, engine_has_global
+
+
+@pytest.mark.parametrize("strategy", ["batched", "dual", "sequential", "swap", "toggle"])
+def test_the_controls_identities_through_forge_sampling(strategy):
+    """base_strength = the LoRA's own strength: the base branch is the LoRA model, any γ gives the
+    plain LoRA image (and its text encoder keeps the LoRA too: base_text_encoder off here, the
+    twin's text is the LoRA's); a cap of 0 gives the base image at any γ; any schedule at γ 1 is
+    the plain LoRA; the late ramp's first step is the plain LoRA step."""
+    bench = Bench()
+    lora = bench.plain(bench.model, "lora", 7.0)
+    base = bench.plain(bench.base_model, "base", 7.0)
+    same = bench.autolora(AutoLoraSettings(enabled=True, gamma=3.0, base_strength=1.0, strategy=strategy,
+                                           base_text_encoder=False), 7.0, base_text=False)[0]
+    torch.testing.assert_close(same, lora, atol=TOL, rtol=0)
+    capped = bench.autolora(AutoLoraSettings(enabled=True, gamma=2.5, cap=0.0, strategy=strategy), 7.0)[0]
+    torch.testing.assert_close(capped, base, atol=TOL, rtol=0)
+    for schedule in ("early", "late", "middle"):
+        g1 = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.0, schedule=schedule, strategy=strategy), 7.0)[0]
+        torch.testing.assert_close(g1, lora, atol=TOL, rtol=0)
+    first_late = bench.autolora(AutoLoraSettings(enabled=True, gamma=2.0, schedule="late", strategy=strategy), 7.0,
+                                step=(0, 4))[0]
+    torch.testing.assert_close(first_late, lora, atol=TOL, rtol=0)
+    last_late = bench.autolora(AutoLoraSettings(enabled=True, gamma=2.0, schedule="late", strategy=strategy), 7.0,
+                               step=(3, 4))[0]
+    full = bench.autolora(AutoLoraSettings(enabled=True, gamma=2.0, strategy=strategy), 7.0, step=(3, 4))[0]
+    torch.testing.assert_close(last_late, full, atol=TOL, rtol=0)
+    half = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.5, base_strength=0.5, strategy=strategy), 7.0,
+                          base_text=False)[0]
+    assert (half - bench.autolora(AutoLoraSettings(enabled=True, gamma=1.5, strategy=strategy), 7.0,
+                                  base_text=False)[0]).abs().max() > 100 * TOL, "a weaker base is another guide"

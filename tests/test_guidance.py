@@ -1,6 +1,8 @@
 """The blend itself: the formula, its two identities, the no-CFG variant, the interval; and the
-generation's rules around it (the w1/w2 rule, the steps it guides, what a batch may claim)."""
+generation's rules around it (the w1/w2 rule, the steps it guides, what a batch may claim), the
+schedule, the cap and the hires pass's γ."""
 
+import pytest
 import torch
 
 from lib_autolora.generation import Generation
@@ -87,3 +89,44 @@ def test_interval_by_sigma_follows_steps_and_midpoints():
     iv = GuidanceInterval(0.0, 0.4)  # steps 0 and 1 of 5
     assert [iv.contains_sigma(s, sigmas) for s in (10.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.5)] == \
         [True, True, True, True, False, False, False]
+
+
+def test_schedules_follow_their_formulas_and_keep_gamma_1_and_the_constant_default():
+    from lib_autolora.guidance import schedule_weight, scheduled_gamma
+    u = [0.0, 0.25, 0.5, 1.0]
+    assert [schedule_weight("constant", x) for x in u] == [1.0] * 4
+    assert [schedule_weight("early", x) for x in u] == [1.0, 0.75, 0.5, 0.0]
+    assert [schedule_weight("late", x, power=2) for x in u] == [0.0, 0.0625, 0.25, 1.0]
+    assert [schedule_weight("middle", x) for x in u] == [0.0, 0.75, 1.0, 0.0]
+    assert schedule_weight("late", 0.0, floor=0.25) == 0.25 and schedule_weight("late", 1.0, floor=0.25) == 1.0
+    assert scheduled_gamma(1.0, 0.3) == 1.0, "γ 1 is the plain LoRA under any schedule"
+    assert scheduled_gamma(2.0, 0.5) == 1.5 and scheduled_gamma(0.0, 1.0) == 0.0
+
+
+def test_progress_runs_over_the_guided_steps_only():
+    iv = GuidanceInterval(0.25, 0.75)  # 8 steps: 2..5 guided
+    assert [iv.progress(i, 8) for i in (2, 3, 4, 5)] == [0.0, 1 / 3, 2 / 3, 1.0]
+    assert GuidanceInterval().progress(0, 4) == 0.0 and GuidanceInterval().progress(3, 4) == 1.0
+    assert GuidanceInterval().progress(0, 1) == 0.0
+
+
+def test_the_cap_bounds_the_push_per_image_relative_to_the_cfg_update():
+    from lib_autolora.guidance import capped_push
+    push = torch.stack([torch.full((1, 2, 2), 3.0), torch.full((1, 2, 2), 0.1)])
+    reference = torch.ones(2, 1, 2, 2)  # |reference| = 2 per image
+    out = capped_push(push, reference, 0.5)  # limit |push| <= 1 per image
+    assert torch.linalg.vector_norm(out[0]).item() == pytest.approx(1.0)
+    torch.testing.assert_close(out[1], push[1]), "a push under the cap is unchanged"
+    assert torch.equal(capped_push(push, reference, 0.0), torch.zeros_like(push)), "cap 0: no push, the base"
+
+
+def test_a_generation_applies_schedule_hires_gamma_and_cap():
+    gen = Generation(AutoLoraSettings(enabled=True, gamma=3.0, schedule="late", hr_gamma=2.0), "test")
+    assert gen.gamma_at(0, 4) == 1.0 and gen.gamma_at(3, 4) == 3.0
+    gen.hires = True
+    assert gen.gamma_at(3, 4) == 2.0 and gen.gamma_at(0, 4) == 1.0
+    base, lora, uncond = torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 1.0), torch.full((1, 1, 2, 2), 0.5)
+    capped = Generation(AutoLoraSettings(enabled=True, gamma=4.0, cap=1.0), "test")
+    out = capped.blend(base, lora, lora_uncond=uncond)  # push 4, capped to |lora - uncond| = 1 per element here
+    torch.testing.assert_close(out, torch.full((1, 1, 2, 2), 0.5))
+    assert torch.equal(Generation(AutoLoraSettings(enabled=True, cap=0.0), "t").blend(base, lora, lora_uncond=uncond), base)

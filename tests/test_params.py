@@ -14,10 +14,15 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "controls.md"
 
 
 def test_positional_order_is_documented_order():
+    # New parameters go at the end: scripts that send positional args keep working.
     assert ARG_ORDER == ("enabled", "gamma", "w1", "w2", "lora_scale", "start", "end", "guided_loras",
-                         "strategy", "base_text_encoder")
+                         "strategy", "base_text_encoder", "schedule", "schedule_power", "schedule_floor", "cap",
+                         "base_strength", "hr_gamma")
     s = settings_from_args([True, 2.0, 3.5, -1, 0.8, 0.1, 0.9, "a, b", "sequential", False])
     assert s == AutoLoraSettings(True, 2.0, 3.5, None, 0.8, 0.1, 0.9, ("a", "b"), "sequential", False)
+    s = settings_from_args([True, 2.0, 3.5, -1, 0.8, 0.1, 0.9, "", "auto", True, "late", 2.0, 0.25, "off", 0.5, 1.2])
+    assert (s.schedule, s.schedule_power, s.schedule_floor, s.cap, s.base_strength, s.hr_gamma) == \
+        ("late", 2.0, 0.25, None, 0.5, 1.2)
 
 
 def test_short_positional_list_takes_defaults():
@@ -47,7 +52,7 @@ def test_named_dict_and_trailing_ui_defaults_ignored():
     ([True, 1.5, -1, -1, 1, 0, 1.5], "'end' must be between 0 and 1"),
     ([{"enabled": True, "strategy": "fastest"}], "'strategy' must be one of auto, batched"),
     ([{"guided_loras": 3}], "'guided_loras' must be a comma-separated string"),
-    ([True] * 11, "at most 10"),
+    ([True] * (len(ARG_ORDER) + 1), f"at most {len(ARG_ORDER)}"),
 ])
 def test_bad_values_have_clear_messages(args, message):
     with pytest.raises(AutoLoraArgumentError, match=message):
@@ -87,16 +92,16 @@ def test_every_bound_is_accepted_at_its_ends_and_refused_beyond():
         if p.bounds is None:
             continue
         low, high = p.bounds
-        assert coerce(p, low) == (None if p.kind == "cfg" and low == params.FOLLOW_CFG else low)
+        assert coerce(p, low) == (None if p.kind == "optional" and low == params.UNSET else low)
         assert coerce(p, high) == high
         for outside in (low - 0.01, high + 0.01):
-            if p.kind == "cfg" and outside == params.FOLLOW_CFG:
+            if p.kind == "optional" and outside == params.UNSET:
                 continue
             with pytest.raises(AutoLoraArgumentError, match=f"'{p.name}' must be between"):
                 coerce(p, outside)
         # the UI slider shows a common range inside the bounds (-1 = follow the CFG scale for w1/w2)
         s_low, s_high, _step = p.slider
-        assert (low <= s_low or (p.kind == "cfg" and s_low == params.FOLLOW_CFG)) and s_high <= high
+        assert (low <= s_low or (p.kind == "optional" and s_low == params.UNSET)) and s_high <= high
         assert s_low <= p.default <= s_high
 
 

@@ -13,6 +13,7 @@ from lib_autolora.base_branch import make_strategy, split_batch
 from demo.ksampling import karras_sigmas, sample
 from lib_autolora.guidance import GuidanceInterval, cfg
 from lib_autolora.guider import AutoLoraGuider, BranchConds
+from lib_autolora.params import AutoLoraSettings
 from lib_autolora.kohya import factors_from_kohya
 
 CFG = 5.0
@@ -55,8 +56,8 @@ def autolora_sample(merged, factors, strategy, sampler, sigmas, x, *, gamma, w1,
         base = BranchConds(branch.evaluate_base(merged.text_encoder, (labels,)),
                            branch.evaluate_base(merged.text_encoder, (null,)) if use_uncond else None)
         model = counter or CountingModel(merged.denoiser)
-        guider = AutoLoraGuider(model, branch, lora=lora, base=base, gamma=gamma, w1=w1, w2=w2,
-                                cfg_scale=CFG, interval=interval, sigmas=sigmas)
+        settings = AutoLoraSettings(enabled=True, gamma=gamma, w1=w1, w2=w2, start=interval.start, end=interval.end)
+        guider = AutoLoraGuider(model, branch, settings, lora=lora, base=base, cfg_scale=CFG, sigmas=sigmas)
         out = sample(sampler, guider, x, sigmas, **({"callback": callback} if callback else {}))
     return out, guider
 

@@ -300,3 +300,20 @@ def test_dual_reads_the_hosts_weight_for_biased_linears_instead_of_copying_it():
         assert any(b is not None for _w, b in branch._stacks.values())
     with make_strategy("dual", factors, lora_scale=0.5) as branch:  # another strength: its own weight
         assert all(b is None or w[0].data_ptr() != m.weight.data_ptr() for m, (w, b) in branch._stacks.items())
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("base_strength", [0.5, 1.0])
+def test_base_strength_keeps_that_share_of_the_guided_lora_in_the_base_branch(name, base_strength):
+    """base_strength b: the base branch is the model with the guided LoRA at b times its strength
+    (b = 1: the LoRA model itself), for every strategy, the LoRA branch unchanged."""
+    clean, merged, factors = _setup(torch.float32)
+    sd = lora_state_dict(make_model(0), seed=1)
+    at_b = merged_copy(0, [(sd, base_strength)])
+    x, sigma, ctx = _inputs(torch.float32)
+    before = fingerprint(merged)
+    with make_strategy(name, factors, base_strength=base_strength) as branch:
+        lora_out, base_out = branch.evaluate(merged.denoiser, (x, sigma, ctx), (x, sigma, ctx))
+    torch.testing.assert_close(base_out, at_b.denoiser(x, sigma, ctx), atol=TOL[torch.float32], rtol=0)
+    torch.testing.assert_close(lora_out, merged.denoiser(x, sigma, ctx), atol=TOL[torch.float32], rtol=0)
+    assert fingerprint(merged) == before

@@ -23,10 +23,10 @@ from contextlib import contextmanager
 
 import torch
 
-from ..factors import BASE_COEF, COMPUTE_DTYPES, lora_branch_coef
+from ..factors import COMPUTE_DTYPES, lora_branch_coef
 from .batching import batch_size, cat_batches, split_batch
 from .hooks import BatchLayoutError, DeltaHooks
-from .strategies import BatchedStrategy
+from .strategies import BatchedStrategy, with_base_strength
 
 
 def dual_eligible(module, delta) -> bool:
@@ -57,7 +57,8 @@ class DualStrategy(BatchedStrategy):
                 if not dual_eligible(module, delta):
                     continue
                 # base_weights first: on A1111 it runs the host's own merge for this generation.
-                base_w, base_b = self.base_weights(module, delta)
+                base_w, base_b = with_base_strength(*self.base_weights(module, delta), module, delta,
+                                                    self.base_strength)
                 lora_w = module.weight.detach()  # the host's tensor, read only
                 if self.lora_scale != 1.0:
                     lora_w = (lora_w.float() + (lora_branch_coef(self.lora_scale)) * delta.delta_weight(lora_w.device)
@@ -96,7 +97,8 @@ class DualStrategy(BatchedStrategy):
             return super().evaluate(forward, lora_args, base_args)
         args = tuple(cat_batches(a, b) for a, b in zip(lora_args, base_args))
         total = n_lora + n_base
-        with self.rest_hooks.rows(total, [(0, n_lora, lora_branch_coef(self.lora_scale)), (n_lora, total, BASE_COEF)]), \
+        plan = [(0, n_lora, lora_branch_coef(self.lora_scale)), (n_lora, total, self.base_coef)]
+        with self.rest_hooks.rows(total, plan), \
                 self._shadowed_forwards(total):
             out = forward(*args)
         self.base_calls += 1
@@ -144,7 +146,7 @@ class DualStrategy(BatchedStrategy):
                 # host does and correct the rows, as `batched` would.
                 half = total // 2
                 out = host_forward(module, x, *args, **kwargs)
-                delta.add_into(out[half:], x[half:], BASE_COEF)
+                delta.add_into(out[half:], x[half:], self.base_coef)
                 if lora_coef:
                     delta.add_into(out[:half], x[:half], lora_coef)
                 return out

@@ -26,13 +26,24 @@ from typing import Callable, Optional
 
 import torch
 
-from ..factors import BASE_COEF, LoraFactors, lora_branch_coef
+from ..factors import LoraFactors, base_branch_coef, lora_branch_coef
 from .batching import batch_size, cat_batches, split_batch
 from .hooks import DeltaHooks
 
 
 class StrategyUnavailable(RuntimeError):
     """The strategy cannot run in this host configuration (e.g. swap with a functional LoRA)."""
+
+
+def with_base_strength(weight, bias, module, delta, base_strength: float):
+    """The base weights (LoRA-free) with `base_strength` of the guided LoRAs added back."""
+    if not base_strength:
+        return weight, bias
+    weight = (weight.float() + base_strength * delta.delta_weight(weight.device)).to(weight.dtype)
+    bias_delta = delta.delta_bias()
+    if bias is not None and bias_delta is not None:
+        bias = (bias.float() + base_strength * bias_delta.to(bias.device)).to(bias.dtype)
+    return weight, bias
 
 
 def base_weights_by_subtraction(module, delta):
@@ -52,9 +63,11 @@ class Strategy:
 
     def __init__(self, factors: LoraFactors, lora_scale: float = 1.0, *,
                  weights_merged: bool = True,
-                 base_weights: Optional[Callable] = None):
+                 base_weights: Optional[Callable] = None, base_strength: float = 0.0):
         self.factors = factors
         self.lora_scale = float(lora_scale)
+        self.base_strength = float(base_strength)  # the guided LoRAs' share kept in the base branch
+        self.base_coef = base_branch_coef(base_strength)
         self.weights_merged = weights_merged
         self.base_weights = base_weights or base_weights_by_subtraction
         self.hooks = DeltaHooks(factors)
@@ -103,7 +116,7 @@ class BatchedStrategy(Strategy):
         n_lora, n_base = batch_size(lora_args), batch_size(base_args)
         args = tuple(cat_batches(a, b) for a, b in zip(lora_args, base_args))
         with self.hooks.rows(n_lora + n_base, [(0, n_lora, lora_branch_coef(self.lora_scale)),
-                                               (n_lora, n_lora + n_base, BASE_COEF)]):
+                                               (n_lora, n_lora + n_base, self.base_coef)]):
             out = forward(*args)
         self.base_calls += 1
         return split_batch(out, n_lora)
@@ -117,7 +130,7 @@ class SequentialStrategy(Strategy):
 
     def evaluate_base(self, forward, base_args):
         n = batch_size(base_args)
-        with self.hooks.rows(n, [(0, n, BASE_COEF)]):
+        with self.hooks.rows(n, [(0, n, self.base_coef)]):
             out = forward(*base_args)
         self.base_calls += 1
         return out
@@ -138,7 +151,7 @@ class SwapStrategy(Strategy):
         self._base = {}
         with torch.no_grad():
             for module, delta in self.factors.nonzero().items():
-                weight, bias = self.base_weights(module, delta)
+                weight, bias = with_base_strength(*self.base_weights(module, delta), module, delta, self.base_strength)
                 self._base[module] = (torch.nn.Parameter(weight, requires_grad=False),
                                       None if bias is None else torch.nn.Parameter(bias, requires_grad=False))
         return self
@@ -181,7 +194,8 @@ class ToggleStrategy(Strategy):
         try:
             with torch.no_grad():
                 for module, delta in self.factors.nonzero().items():
-                    weight, bias = self.base_weights(module, delta)
+                    weight, bias = with_base_strength(*self.base_weights(module, delta), module, delta,
+                                                      self.base_strength)
                     backups.append((module, module.weight.detach().clone(),
                                     None if bias is None else module.bias.detach().clone()))
                     module.weight.copy_(weight)

@@ -55,10 +55,15 @@ WAIT_GENERATION = 600
 SIZE, STEPS, SEED, SAMPLER = 64, 4, 12345, "Euler a"  # as in test_sd15.py
 
 # What the generation sets in the UI: control name -> value, and the infotext each must produce.
-UI_VALUES = {"gamma": 1.2, "w1": 5, "w2": 6, "lora_scale": 0.8, "start": 0.25, "end": 0.75}
+UI_VALUES = {"gamma": 1.2, "w1": 5, "w2": 6, "lora_scale": 0.8, "start": 0.25, "end": 0.75, "cap": 1.5,
+             "base_strength": 0.25}
+ADVANCED_VALUES = {"schedule_power": 2, "schedule_floor": 0.25, "hr_gamma": 2}  # sliders in the Advanced accordion
 EXPECTED_INFOTEXT = ["AutoLoRA gamma: 1.2", "AutoLoRA w1: 5", "AutoLoRA w2: 6", "AutoLoRA LoRA scale: 0.8",
-                     "AutoLoRA start: 0.25", "AutoLoRA end: 0.75", "AutoLoRA strategy: sequential"]
+                     "AutoLoRA start: 0.25", "AutoLoRA end: 0.75", "AutoLoRA strategy: sequential",
+                     "AutoLoRA cap: 1.5", "AutoLoRA base strength: 0.25", "AutoLoRA schedule: middle",
+                     "AutoLoRA schedule power: 2", "AutoLoRA schedule floor: 0.25", "AutoLoRA hires gamma: 2"]
 STRATEGY = "sequential"  # set in the Advanced accordion (not the default "auto"), pasted back too
+SCHEDULE = "middle"
 GAMMA_AXIS = "[AutoLoRA] γ (AutoLoRA scale)"  # lib_autolora.params.xyz_label(gamma)
 GAMMA_VALUES = "1, 1.5"
 
@@ -377,6 +382,9 @@ def test_generate_from_the_ui_writes_the_infotext(page):
     page.scroll_to(advanced).click()
     page.wait(lambda d: page.control("strategy").is_displayed(), "the Advanced accordion did not open")
     page.choose("#autolora_txt2img_strategy", STRATEGY)
+    for name, value in ADVANCED_VALUES.items():
+        page.set_slider(f"autolora_txt2img_{name}", value)
+    page.choose("#autolora_txt2img_schedule", SCHEDULE)
     page.screenshot(page.by_id("autolora_txt2img_enabled"), "accordion")
     page.set_basics(f"a photo of a cat <lora:{page.lora}:1>")
 
@@ -401,9 +409,11 @@ def test_paste_restores_every_control(page):
 
     page.wait(lambda d: _same_number(page.number_input("gamma").get_attribute("value"), UI_VALUES["gamma"]),
               f"γ was not pasted; it shows {page.number_input('gamma').get_attribute('value')}")
-    shown = {name: page.number_input(name).get_attribute("value") for name in UI_VALUES}
-    wrong = {name: v for name, v in shown.items() if not _same_number(v, UI_VALUES[name])}
-    assert not wrong, f"pasted {UI_VALUES}, the sliders show {shown}"
+    every = {**UI_VALUES, **ADVANCED_VALUES}
+    shown = {name: page.number_input(name).get_attribute("value") for name in every}
+    wrong = {name: v for name, v in shown.items() if not _same_number(v, every[name])}
+    assert not wrong, f"pasted {every}, the sliders show {shown}"
+    assert page.css(page.host.dropdown_input, page.control("schedule")).get_attribute("value") == SCHEDULE
     page.wait(lambda d: page.accordion_checkbox().is_selected(), "AutoLoRA was not enabled by the paste")
     assert page.accordion_open("autolora_txt2img_enabled"), "the pasted (enabled) accordion stays closed"
     strategy = page.css(page.host.dropdown_input, page.control("strategy")).get_attribute("value")

@@ -265,13 +265,16 @@ def test_guidance_interval(webui, refs):
 
 
 def _xyz_args(webui, axis_label, values):
+    """`values`: the text of a number axis, or the list of choices of a choice-valued axis (the
+    X/Y/Z script reads those from its dropdown, x_values_dropdown)."""
     info = webui.get("/sdapi/v1/script-info")
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     labels = xyz["args"][0]["choices"]
     assert axis_label in labels, f"{axis_label} not among the X/Y/Z axes"
+    text, dropdown = (", ".join(values), list(values)) if isinstance(values, list) else (values, [])
     # x_type, x_values, x_values_dropdown, y..., z..., draw_legend, include_lone_images,
     # include_sub_grids, no_fixed_seeds, vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode
-    return [labels.index(axis_label), values, [], 0, "", [], 0, "", [], True, True, False, False,
+    return [labels.index(axis_label), text, dropdown, 0, "", [], 0, "", [], True, True, False, False,
             False, False, False, 0, False]
 
 
@@ -287,15 +290,56 @@ def test_xyz_axis_cells_equal_single_calls(webui):
     assert grid.images[0].shape[1] >= 128, "the grid holds both cells"
 
 
+def test_guidance_controls_through_the_api_and_xyz(webui, refs):
+    """The controls' identities on the real WebUI, with its default inputs: base strength 1 gives the
+    plain LoRA image at any γ, a cap of 0 the image without the LoRA (γ 0), a schedule at γ 1 the
+    plain LoRA image; a schedule and a cap change the image at γ 2; the hires pass takes its own γ;
+    X/Y/Z cells of the schedule axis (its choices) and the cap axis equal single calls."""
+    same = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 3.0, "base_strength": 1.0,
+                                                        "base_text_encoder": False}))
+    assert_close(same.image, refs["lora"].image, "base strength 1: the plain LoRA image at γ 3")
+    g0 = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 0.0}))
+    capped = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 2.5, "cap": 0.0}))
+    assert_close(capped.image, g0.image, "cap 0: the base image at γ 2.5")
+    for schedule in ("early", "late", "middle"):
+        out = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 1.0, "schedule": schedule}))
+        assert_close(out.image, refs["lora"].image, f"schedule {schedule} at γ 1: the plain LoRA image")
+    g2 = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 2.0}))
+    late = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 2.0, "schedule": "late"}))
+    assert diff(late.image, g2.image)[0] > 0, "a late schedule moves γ off the early steps"
+    cap = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 2.0, "cap": 0.1}))
+    assert diff(cap.image, g2.image)[0] > 0, "a tight cap changes the γ 2 image"
+    weak = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 2.0, "base_strength": 0.5}))
+    assert diff(weak.image, g2.image)[0] > 0, "a weaker copy of the LoRA as the base guides otherwise"
+    hires = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6)
+    same_gamma = webui.txt2img(with_autolora(lora_req(webui, **hires), {"enabled": True, "gamma": 1.5}))
+    own_gamma = webui.txt2img(with_autolora(lora_req(webui, **hires), {"enabled": True, "gamma": 1.5, "hr_gamma": 1.0}))
+    assert diff(own_gamma.image, same_gamma.image)[0] > 0, "the hires pass's own γ"
+    assert "AutoLoRA hires gamma: 1" in own_gamma.infotext
+    axes = (("[AutoLoRA] γ schedule", ["constant", "late"], [{"schedule": "constant"}, {"schedule": "late"}]),
+            ("[AutoLoRA] Push cap", "-1, 0", [{"cap": None}, {"cap": 0.0}]))
+    for axis, values, args in axes:
+        req = with_autolora(lora_req(webui), {"enabled": True, "gamma": 2.0})
+        req.update(script_name="x/y/z plot", script_args=_xyz_args(webui, axis, values))
+        grid = webui.txt2img(req)
+        for extra, cell in zip(args, grid.images[-2:]):
+            single = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 2.0, **extra}))
+            assert diff(cell, single.image) == (0.0, 0), f"X/Y/Z {axis} cell {extra} vs the single call"
+
+
 def test_infotext_paste_round_trip_of_every_control(webui):
     a = webui.models["lora"].stem
     settings = {"enabled": True, "gamma": 1.2, "w1": 5.0, "w2": 6.0, "lora_scale": 0.8, "start": 0.25,
-                "end": 0.75, "guided_loras": a, "strategy": "sequential", "base_text_encoder": False}
+                "end": 0.75, "guided_loras": a, "strategy": "sequential", "base_text_encoder": False,
+                "schedule": "middle", "schedule_power": 2.0, "schedule_floor": 0.25, "cap": 1.5, "base_strength": 0.25,
+                "hr_gamma": 2.0}
     first = webui.txt2img(with_autolora(lora_req(webui), settings))
     assert first.stats["strategy"] == "sequential"
     for key in ("AutoLoRA gamma: 1.2", "AutoLoRA w1: 5", "AutoLoRA w2: 6", "AutoLoRA LoRA scale: 0.8",
                 "AutoLoRA start: 0.25", "AutoLoRA end: 0.75", f"AutoLoRA guided: {a}", "AutoLoRA strategy: sequential",
-                "AutoLoRA base TE: False"):
+                "AutoLoRA base TE: False", "AutoLoRA schedule: middle", "AutoLoRA schedule power: 2",
+                "AutoLoRA schedule floor: 0.25", "AutoLoRA cap: 1.5", "AutoLoRA base strength: 0.25",
+                "AutoLoRA hires gamma: 2"):
         assert key in first.infotext, key
     # The API's `infotext` field goes through the same paste functions as PNG Info -> Send to txt2img.
     pasted = webui.txt2img({"infotext": first.infotext})
@@ -329,7 +373,7 @@ BAD = [
     ({"enabled": True, "start": 0.9, "end": 0.1}, "must not exceed"),
     ({"enabled": True, "strategy": "fastest"}, "must be one of"),
     ({"enabled": True, "guided_loras": "no_such_lora"}, "not in the prompt"),
-    ([True] * 11, "at most 10"),
+    ([True] * 17, "positional args, expected at most"),
     ({"enabled": True, "lora_scale": [1]}, "must be a number"),
 ]
 

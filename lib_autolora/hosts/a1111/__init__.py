@@ -159,6 +159,7 @@ class A1111Adapter:
         if c is None or uc is None:
             return None
         hires = bool(getattr(p, "is_hr_pass", False))
+        gen.hires = hires
         if hires:
             self._refresh(p, gen)
             if self.generation(p) is not gen:

@@ -167,7 +167,8 @@ def on_cfg_denoiser(params_):
         w1, w2 = gen.cfg_scales(cond_scale, uncond_evaluated=not skipped)
         lora = original(x_out, conds_list, uncond, w2)
         base = original(base_x_out.to(x_out.dtype), conds_list, uncond, w1)
-        return gen.blend(base, lora)
+        lora_uncond = None if skipped else x_out[-uncond.shape[0]:]
+        return gen.blend(base, lora, denoiser.step, denoiser.total_steps or 0, lora_uncond)
 
     denoiser.combine_denoised = combine_denoised
 

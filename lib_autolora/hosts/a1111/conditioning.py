@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ...factors import BASE_COEF, lora_branch_coef
+from ...factors import base_branch_coef, lora_branch_coef
 from ..text_encoding import encode_finite, not_finite_notice
 from .factors import MhaSwap
 
@@ -79,7 +79,7 @@ def encode_pass(host, model, gen, hooks, mha_swap, prompts, negatives, width, he
                 gen.note(not_finite_notice(negative), comment)
         return c, uc
 
-    return CondPair(base=encode(BASE_COEF) if settings.base_text_encoder else None,
+    return CondPair(base=encode(base_branch_coef(settings.base_strength)) if settings.base_text_encoder else None,
                     lora=encode(lora_branch_coef(settings.lora_scale)) if settings.lora_scale != 1.0 else None)
 
 

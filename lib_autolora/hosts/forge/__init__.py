@@ -181,6 +181,7 @@ class ForgeAdapter:
             return None
         state = gen.host_state
         state.close_sampling()  # hires pass: the first pass is over (or this is Forge's repeated call)
+        gen.hires = bool(getattr(p, "is_hr_pass", False))
         if getattr(p, "is_hr_pass", False):  # the hires prompt may name other LoRAs
             loaded = self.api.loaded_loras() or []
             try:

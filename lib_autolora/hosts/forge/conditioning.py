@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 from ...base_branch import DeltaHooks
-from ...factors import BASE_COEF, lora_branch_coef
+from ...factors import base_branch_coef, lora_branch_coef
 from ...generation import Generation
 from ..text_encoding import encode_finite, not_finite_notice
 from .factors import UNTOLD_NOTICE, guided_sources, patch_sets, read_factors
@@ -23,8 +23,8 @@ log = logging.getLogger("autolora")
 
 @contextmanager
 def scaled_text_encoder(factors, coef: float, counter: Optional[list] = None):
-    """coef x the guided LoRAs' terms on every row of the text encoder (BASE_COEF = base, s - 1 =
-    LoRA scale s). The text encoder may be called with any batch, so no row plan. `counter[0]`
+    """coef x the guided LoRAs' terms on every row of the text encoder (b - 1 = base at base strength
+    b, s - 1 = LoRA scale s). The text encoder may be called with any batch, so no row plan. `counter[0]`
     adds the layer corrections applied."""
     hooks = DeltaHooks(factors)
     try:
@@ -57,7 +57,8 @@ class BaseCondCache:
     @staticmethod
     def settings_key(gen: Generation) -> tuple:
         s = gen.settings
-        return (frozenset(gen.host_state.guided_files), float(s.lora_scale), bool(s.base_text_encoder))
+        return (frozenset(gen.host_state.guided_files), float(s.lora_scale), bool(s.base_text_encoder),
+                float(s.base_strength))
 
     def get(self, result, key):
         for entry in self.entries:
@@ -133,7 +134,7 @@ class BaseConditioning:
         opts = api.options()
         negative = bool(getattr(required_prompts, "is_negative_prompt", False))
         out = []
-        for coef, wanted in ((BASE_COEF, settings.base_text_encoder),
+        for coef, wanted in ((base_branch_coef(settings.base_strength), settings.base_text_encoder),
                              (lora_branch_coef(settings.lora_scale), settings.lora_scale != 1.0)):
             if not wanted:
                 out.append(None)

@@ -80,6 +80,8 @@ class Step:
     base_cond: list
     base_uncond: Optional[list]
     fused: bool  # base rows ride in the LoRA pass (batched strategy)
+    index: int = 0  # the sampler's step, of `total`
+    total: int = 0
     phase: str = "lora"  # lora -> base -> closed
     stash: dict = field(default_factory=dict)  # entry tag -> base rows computed in the LoRA pass
 
@@ -170,7 +172,7 @@ class Sampling:
             lora_cond, base_cond = self._tag(lora_cond, base_cond, 0)
             if uncond is not None:
                 lora_uncond, base_uncond = self._tag(lora_uncond, base_uncond, len(cond))
-        return Step(lora_cond, lora_uncond, base_cond, base_uncond, fused)
+        return Step(lora_cond, lora_uncond, base_cond, base_uncond, fused, call, calls)
 
     def _tag(self, lora_entries, base_entries, first):
         """Give each LoRA entry its base twin's text conditioning, and both a shared tag, so the
@@ -302,7 +304,8 @@ class Sampling:
             edit_strength = sum(e.get("strength", 1) for e in step.lora_cond)
             lora = cfg_of(args, x, lora_c, lora_u, w2, edit_strength)
             base = cfg_of(args, x, base_c, base_u, w1, edit_strength)
-            return x - gen.blend(base, lora)
+            uncond = lora_u if step.lora_uncond is not None else None
+            return x - gen.blend(base, lora, step.index, step.total, uncond)
 
         return cfg
 

@@ -40,7 +40,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
 SHARED=${SHARED:-$REPO/../shared/webui}
+[ -d "$SHARED" ] && SHARED=$(cd "$SHARED" && pwd)
 MIRROR=${MIRROR:-$REPO/../.mirror}
+[ -d "$MIRROR" ] && MIRROR=$(cd "$MIRROR" && pwd)
 MAKE_SDXL=${MAKE_SDXL:-1}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 mkdir -p "$1"
@@ -220,7 +222,7 @@ for f in "$WEBUI"/ldm_patched/modules/sd1_tokenizer/*; do
 done
 [ -s "$SNAP/config.json" ] || cp "$WEBUI/ldm_patched/modules/sd1_clip_config.json" "$SNAP/config.json"
 
-$PY -c "import torch, torchvision, transformers, diffusers, gradio, open_clip, pytorch_lightning, pydantic; print('torch', torch.__version__, 'tv', torchvision.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'gradio', gradio.__version__, 'open_clip', open_clip.__version__, 'pydantic', pydantic.VERSION)"
+$PY -c "import torch, torchvision, transformers, diffusers, gradio, open_clip, pytorch_lightning, pydantic, importlib.metadata as m; print('torch', torch.__version__, 'tv', torchvision.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'gradio', gradio.__version__, 'open-clip-torch', m.version('open-clip-torch'), 'pydantic', pydantic.VERSION)"
 
 # ---------------------------------------------------------------- 6. random models
 TMP=""

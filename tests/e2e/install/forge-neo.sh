@@ -24,7 +24,10 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
 SHARED=${SHARED:-$REPO/../shared/webui}
-export MIRROR=${MIRROR:-$REPO/../.mirror}
+[ -d "$SHARED" ] && SHARED=$(cd "$SHARED" && pwd)
+MIRROR=${MIRROR:-$REPO/../.mirror}
+[ -d "$MIRROR" ] && MIRROR=$(cd "$MIRROR" && pwd)
+export MIRROR
 MAKE_SDXL=${MAKE_SDXL:-1}
 mkdir -p "$1"
 DEST=$(cd "$1" && pwd)
