@@ -36,7 +36,7 @@ def weights_of(model):
 # -- a test bench: the LoRA'd model, the LoRA-free model, text conditionings -------------------------
 
 class Bench:
-    def __init__(self, nonlinear=False, pooled=True, batch=2, and_weights=(1.0,)):
+    def __init__(self, nonlinear=False, pooled=True, batch=2, and_weights=(1.0,), guidance=None):
         torch.manual_seed(0)
         self.model = StandInKModel().eval()
         self.clean = copy.deepcopy(self.model)
@@ -55,6 +55,9 @@ class Bench:
             if pooled:
                 c = {"crossattn": crossattn_c, "vector": torch.randn(batch * n, 6, generator=g)}
                 u = {"crossattn": crossattn_u, "vector": torch.randn(batch, 6, generator=g)}
+                if guidance is not None:  # Flux (backend/diffusion_engine/flux.py: cond['guidance'])
+                    c["guidance"] = torch.full((batch * n,), guidance)
+                    u["guidance"] = torch.full((batch,), guidance)
             else:
                 c, u = crossattn_c, crossattn_u
             composition = [[(i * n + j, w) for j, w in enumerate(and_weights)] for i in range(batch)]
@@ -534,3 +537,20 @@ def test_the_controls_identities_through_forge_sampling(strategy):
                           base_text=False)[0]
     assert (half - bench.autolora(AutoLoraSettings(enabled=True, gamma=1.5, strategy=strategy), 7.0,
                                   base_text=False)[0]).abs().max() > 100 * TOL, "a weaker base is another guide"
+
+
+@pytest.mark.parametrize("strategy", ["batched", "sequential", "swap"])
+def test_flux_like_guidance_distilled_model_at_cfg_1(strategy):
+    """Forge's Flux: the distilled CFG scale travels in the conditions (`guidance`), the
+    generation's CFG is 1, so Forge evaluates no uncond: AutoLoRA is the two-evaluation blend of the
+    branches' conditional predictions, and the base twin keeps the guidance. (Chroma, CFG with a T5
+    context only, is the `pooled=False` case of the identities above.)"""
+    bench = Bench(guidance=3.5)
+    lora, base = bench.plain(bench.model, "lora", 1.0), bench.plain(bench.base_model, "base", 1.0)
+    assert (lora - Bench(guidance=1.0).plain(bench.model, "lora", 1.0)).abs().max() > 1e-3, "guidance reaches the model"
+    for gamma, want in ((1.0, lora), (0.0, base)):
+        out, record, _ = bench.autolora(AutoLoraSettings(enabled=True, gamma=gamma, strategy=strategy), 1.0)
+        torch.testing.assert_close(out, want, atol=TOL, rtol=0)
+        assert record.guided_steps == 1 and record.base_calls >= 1
+    out = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.5, w1=5.0, w2=9.0, strategy=strategy), 1.0)[0]
+    torch.testing.assert_close(out, base + (lora - base) * 1.5, atol=1e-4, rtol=0)

@@ -75,9 +75,12 @@ def standin_compile_conditions(cond):
         return None
     if isinstance(cond, torch.Tensor):
         return [dict(cross_attn=cond, model_conds=dict(c_crossattn=StandInConditionCrossAttn(cond)))]
-    return [dict(cross_attn=cond["crossattn"], pooled_output=cond["vector"],
-                 model_conds=dict(c_crossattn=StandInConditionCrossAttn(cond["crossattn"]),
-                                  y=StandInCondition(cond["vector"])))]
+    result = dict(cross_attn=cond["crossattn"], pooled_output=cond["vector"],
+                  model_conds=dict(c_crossattn=StandInConditionCrossAttn(cond["crossattn"]),
+                                   y=StandInCondition(cond["vector"])))
+    if "guidance" in cond:  # Flux: the distilled CFG scale travels as a condition of its own
+        result["model_conds"]["guidance"] = StandInCondition(cond["guidance"])
+    return [result]
 
 
 def standin_compile_weighted_conditions(cond, weights):
@@ -199,10 +202,13 @@ class StandInKModel(torch.nn.Module):
         self.lora_loader = SimpleNamespace(backup={})
         self.calls = 0
 
-    def apply_model(self, x, t, c_crossattn=None, y=None, transformer_options=None, **kwargs):
+    def apply_model(self, x, t, c_crossattn=None, y=None, transformer_options=None, guidance=None, **kwargs):
         assert not set(OUR_KEYS) & set(kwargs), "AutoLoRA's extra model_conds must not reach the model"
         self.calls += 1
-        return self.diffusion_model(x, t, c_crossattn, y)
+        out = self.diffusion_model(x, t, c_crossattn, y)
+        if guidance is not None:  # a guidance-distilled model (Flux) reads the distilled CFG scale
+            out = out * (1 + 0.1 * guidance.reshape(-1, 1, 1, 1))
+        return out
 
     def memory_required(self, shape):
         return 0
