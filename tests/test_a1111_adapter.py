@@ -5,6 +5,7 @@ per-step CFG-denoiser binding, driven by stand-ins that copy A1111's call order
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -216,10 +217,10 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout,strategy", [(name, "batched") for name in sorted(LAYOUTS)] +
-                         [("chunked", "sequential"), ("ngms", "sequential")] +
-                         [(name, "dual") for name in ("batched", "ngms", "pad", "unequal", "and_prompt")])
-def test_cfg_denoiser_identities_in_every_layout(layout, strategy):
+@contextmanager
+def layout_bench(layout):
+    """The stand-in host in one of LAYOUTS, the LoRA'd and clean tiny models, both branches'
+    conditionings, and `sample(denoiser, c, uc, gen=None)` for the layout."""
     cfg = dict(LAYOUTS[layout])
     s_min_uncond = cfg.pop("s_min_uncond", 0.0)
     long_uncond = cfg.pop("long_uncond", False)
@@ -241,19 +242,35 @@ def test_cfg_denoiser_identities_in_every_layout(layout, strategy):
             uc = [t for t in te(torch.tensor([10, 10]))]
             return c, (_long(uc) if long_uncond else uc)
 
-        lora_c, lora_uc = conds(merged.text_encoder)
-        base_c, base_uc = conds(clean.text_encoder)
-        host_lora, calls = _sample(host, merged.denoiser, lora_c, lora_uc, s_min_uncond=s_min_uncond)
-        host_base, _ = _sample(host, clean.denoiser, base_c, base_uc, s_min_uncond=s_min_uncond)
+        def sample(denoiser, c, uc, gen=None):
+            return _sample(host, denoiser, c, uc, gen, s_min_uncond=s_min_uncond)
+
+        yield SimpleNamespace(host=host, sd_model=sd_model, unet_factors=unet_factors, merged=merged, clean=clean,
+                              lora=conds(merged.text_encoder), base=conds(clean.text_encoder), sample=sample)
+
+
+def _guided(bench, settings, pair):
+    """A sampling run through the binding with a Generation of `settings`; (images, its stats)."""
+    gen = standin_generation(settings, bench.host, bench.sd_model, factors=bench.unet_factors)
+    gen.host_state.pairs[id(bench.lora[0])] = (bench.lora[0], pair)
+    got, calls = bench.sample(bench.merged.denoiser, *bench.lora, gen)
+    gen.host_state.close_pass(gen)
+    assert not gen.stats.notices, gen.stats.notices
+    return got, gen.stats
+
+
+@pytest.mark.parametrize("layout,strategy", [(name, "batched") for name in sorted(LAYOUTS)] +
+                         [("chunked", "sequential"), ("ngms", "sequential")] +
+                         [(name, "dual") for name in ("batched", "ngms", "pad", "unequal", "and_prompt")])
+def test_cfg_denoiser_identities_in_every_layout(layout, strategy):
+    with layout_bench(layout) as bench:
+        host_lora, calls = bench.sample(bench.merged.denoiser, *bench.lora)
+        host_base, _ = bench.sample(bench.clean.denoiser, *bench.base)
         assert (host_lora - host_base).abs().max() > 1e-2
         for gamma, want in ((1.0, host_lora), (0.0, host_base)):
-            settings = AutoLoraSettings(enabled=True, gamma=gamma, strategy=strategy)
-            gen = standin_generation(settings, host, sd_model, factors=unet_factors)
-            gen.host_state.pairs[id(lora_c)] = (lora_c, CondPair(base=(base_c, base_uc)))
-            got, got_calls = _sample(host, merged.denoiser, lora_c, lora_uc, gen, s_min_uncond=s_min_uncond)
-            gen.host_state.close_pass(gen)
-            assert not gen.stats.notices, gen.stats.notices
-            assert gen.stats.guided_steps == 4 and gen.stats.base_calls >= 4
+            got, stats = _guided(bench, AutoLoraSettings(enabled=True, gamma=gamma, strategy=strategy),
+                                 CondPair(base=bench.base))
+            assert stats.guided_steps == 4 and stats.base_calls >= 4
             torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
         if layout in ("chunked", "unequal"):
             assert len(calls) > 4, "the layout must split the model calls"
@@ -459,37 +476,13 @@ def test_sd3_fused_qkv_lora_parts_are_one_exact_term_on_the_fused_layer():
 def test_the_controls_identities_through_the_cfg_denoiser(layout):
     """As on Forge: base_strength 1 gives the plain LoRA run at any γ, a cap of 0 the base run, any
     schedule at γ 1 the plain LoRA run; with NGMS steps (no uncond) too."""
-    cfg = dict(LAYOUTS[layout])
-    s_min_uncond = cfg.pop("s_min_uncond", 0.0)
-    and_weight = cfg.pop("and_weight", None)
-    clean = make_model(0)
-    lora_sd = lora_state_dict(clean, seed=1)
-    merged = merged_copy(0, [(lora_sd, 1.0)])
-    factors = factors_from_kohya(lora_sd, merged.kohya_modules())
-    te_modules = set(merged.text_encoder.modules())
-    unet_factors = factors.only([m for m in factors.deltas if m not in te_modules])
-    sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
-    with sti.installed(sti.standin_opts(**cfg), sd_model) as host:
-        host.callbacks.on_cfg_denoiser(binding.on_cfg_denoiser)
-        host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
-        lora_c = _cond(merged.text_encoder, [2, 7], and_weight)
-        lora_uc = [t for t in merged.text_encoder(torch.tensor([10, 10]))]
-        base_c = _cond(clean.text_encoder, [2, 7], and_weight)
-        base_uc = [t for t in clean.text_encoder(torch.tensor([10, 10]))]
-        host_lora, _ = _sample(host, merged.denoiser, lora_c, lora_uc, s_min_uncond=s_min_uncond)
-        host_base, _ = _sample(host, clean.denoiser, base_c, base_uc, s_min_uncond=s_min_uncond)
-
-        def run(settings, pair):
-            gen = standin_generation(settings, host, sd_model, factors=unet_factors)
-            gen.host_state.pairs[id(lora_c)] = (lora_c, pair)
-            out, _ = _sample(host, merged.denoiser, lora_c, lora_uc, gen, s_min_uncond=s_min_uncond)
-            gen.host_state.close_pass(gen)
-            assert not gen.stats.notices, gen.stats.notices
-            return out
-
-        same = run(AutoLoraSettings(enabled=True, gamma=3.0, base_strength=1.0), CondPair())
+    with layout_bench(layout) as bench:
+        host_lora, _ = bench.sample(bench.merged.denoiser, *bench.lora)
+        host_base, _ = bench.sample(bench.clean.denoiser, *bench.base)
+        same, _ = _guided(bench, AutoLoraSettings(enabled=True, gamma=3.0, base_strength=1.0), CondPair())
         torch.testing.assert_close(same, host_lora, atol=2e-4, rtol=0)
-        capped = run(AutoLoraSettings(enabled=True, gamma=2.5, cap=0.0), CondPair(base=(base_c, base_uc)))
+        capped, _ = _guided(bench, AutoLoraSettings(enabled=True, gamma=2.5, cap=0.0), CondPair(base=bench.base))
         torch.testing.assert_close(capped, host_base, atol=2e-4, rtol=0)
-        scheduled = run(AutoLoraSettings(enabled=True, gamma=1.0, schedule="middle"), CondPair(base=(base_c, base_uc)))
+        scheduled, _ = _guided(bench, AutoLoraSettings(enabled=True, gamma=1.0, schedule="middle"),
+                               CondPair(base=bench.base))
         torch.testing.assert_close(scheduled, host_lora, atol=2e-4, rtol=0)

@@ -85,6 +85,17 @@ def _ui(sampler: str, scheduler: str, cfg: float) -> dict:
 
 
 A1111_UI = _ui("DPM++ 2M", "Automatic", 7)
+FORGE_FAMILY_ARGS = ("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
+                     "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}")
+# "online" is Forge's on-the-fly LoRA ("... (fp16 LoRA)" storage; Forge applies LoRAs online only to
+# low-bit weights, so fp8 here). Forge re-reads its model-loading options only when a memory option
+# changes too, hence the 1024/1025 MB pair.
+FORGE_LORA_MODES = {"merged": {"forge_unet_storage_dtype": "Automatic", "forge_inference_memory": 1024},
+                    "online": {"forge_unet_storage_dtype": "float8-e4m3fn (fp16 LoRA)", "forge_inference_memory": 1025}}
+# Forge's txt2img API needs hr_additional_modules set with hires fix (FORGE.md), and with `infotext`
+# also styles: apply_infotext fails on fields typed list[str] that the request does not set (its
+# paste functions return ['Use same choices'] / a gradio 4 update), with or without AutoLoRA.
+FORGE_HIRES_FIELDS = {"hr_additional_modules": ["Use same choices"], "styles": []}
 
 HOSTS = {
     "a1111": HostSpec(
@@ -105,51 +116,39 @@ HOSTS = {
                                options={"show_progress_type": "Approx cheap", "lora_functional": False},
                                ui_defaults=A1111_UI, lora_maker="make_random_sd3_lora.py")},
         make_checkpoint=_a1111_checkpoint_cmd, gradio="3.41"),
-    # Forge (main): the UI is built (the UI test reads /config); "online" is Forge's on-the-fly LoRA
-    # ("... (fp16 LoRA)" storage; Forge applies LoRAs online only to low-bit weights, so fp8 here).
-    # Forge re-reads its model-loading options only when a memory option changes too, hence the
-    # 1024/1025 MB pair. Its txt2img API needs hr_additional_modules set with hires fix (FORGE.md), and
-    # with `infotext` also styles: apply_infotext fails on fields typed list[str] that the request does
-    # not set (its paste functions return ['Use same choices'] / a gradio 4 update), with or without AutoLoRA.
+    # Forge (main): the UI is built (the UI test reads /config).
     "forge": HostSpec(
         name="forge", env_var="AUTOLORA_FORGE",
-        base_args=("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
-                   "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}"),
+        base_args=FORGE_FAMILY_ARGS,
         cpu_args=("--skip-torch-cuda-test", "--always-cpu"),
-        lora_modes={"merged": {"forge_unet_storage_dtype": "Automatic", "forge_inference_memory": 1024},
-                    "online": {"forge_unet_storage_dtype": "float8-e4m3fn (fp16 LoRA)", "forge_inference_memory": 1025}},
+        lora_modes=FORGE_LORA_MODES,
         sdxl_mode="merged",
         # modules_forge/main_entry.py, the "sd" and "xl" presets (sd_t2i_sampler, xl_t2i_cfg, ...)
         archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
                                 ui_defaults=_ui("Euler a", "Automatic", 7)),
                "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
                                 args=("--unet-in-bf16", "--clip-in-fp16"), ui_defaults=_ui("Euler a", "Automatic", 5))},
-        make_checkpoint=_forge_checkpoint_cmd,
-        hires_fields={"hr_additional_modules": ["Use same choices"], "styles": []}, family="forge"),
+        make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge"),
     # Forge Neo (the Linux copy of Haoming02's `neo` branch as of October 2025 that ../shared/webui and
     # tests/e2e/install/forge-neo.sh install): Forge main's backend and options; on a CPU it needs
     # PyTorch attention. Its presets (modules_forge/presets.py) differ from Forge main's.
     "forge-neo": HostSpec(
         name="forge-neo", env_var="AUTOLORA_FORGE_NEO",
-        base_args=("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
-                   "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}"),
+        base_args=FORGE_FAMILY_ARGS,
         cpu_args=("--skip-torch-cuda-test", "--always-cpu", "--attention-pytorch"),
-        lora_modes={"merged": {"forge_unet_storage_dtype": "Automatic", "forge_inference_memory": 1024},
-                    "online": {"forge_unet_storage_dtype": "float8-e4m3fn (fp16 LoRA)", "forge_inference_memory": 1025}},
+        lora_modes=FORGE_LORA_MODES,
         sdxl_mode="merged",
         archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
                                 ui_defaults=_ui("Euler a", "Automatic", 6)),
                "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
                                 args=("--unet-in-bf16", "--clip-in-fp16"), ui_defaults=_ui("DPM++ 2M SDE", "Karras", 4))},
-        make_checkpoint=_forge_checkpoint_cmd,
-        hires_fields={"hr_additional_modules": ["Use same choices"], "styles": []}, family="forge"),
+        make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge"),
     # Hosts AutoLoRA does not support (yet): the suite proves the refusal is honest there
     # (test_unsupported_host.py). reForge main (ldm_patched backend) and Forge Classic (branch `classic`)
     # sample through their own backends from A1111's CFG denoiser.
     "reforge": HostSpec(
         name="reforge", env_var="AUTOLORA_REFORGE",
-        base_args=("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
-                   "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}"),
+        base_args=FORGE_FAMILY_ARGS,
         cpu_args=("--skip-torch-cuda-test", "--always-cpu"),
         lora_modes={"merged": {}}, sdxl_mode="merged",
         archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15",
@@ -157,13 +156,12 @@ HOSTS = {
         make_checkpoint=_a1111_checkpoint_cmd, supported=False),
     "forge-classic": HostSpec(
         name="forge-classic", env_var="AUTOLORA_FORGE_CLASSIC",
-        base_args=("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
-                   "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}"),
+        base_args=FORGE_FAMILY_ARGS,
         cpu_args=("--skip-torch-cuda-test", "--always-cpu"),
         lora_modes={"merged": {}}, sdxl_mode="merged",
         archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15",
                                 ui_defaults=_ui("Euler a", "Automatic", 7))},
-        make_checkpoint=_forge_checkpoint_cmd, supported=False),
+        make_checkpoint=_a1111_checkpoint_cmd, supported=False),
 }
 
 

@@ -24,16 +24,19 @@
 #   from the ldm/sgm trees in repositories/). forge_random_checkpoint.py does NOT fit Classic: it imports
 #   Forge 2's backend/ and huggingface_guess, which this tree does not have. Classic loads ldm-layout single
 #   files through ldm_patched (modules_forge/forge_loader.py: model_detection on "model.diffusion_model.").
+#   (Files forge_random_checkpoint.py made with a Forge/Neo tree load in Classic too: checked once with SD1.5.)
 # Env: MIRROR (default: the .mirror folder next to this repository), SHARED (default ../shared/webui next to
 #   this repository), MAKE_SDXL=0 to skip the SDXL pair (6.5 GB, ~80 s, ~14 GB peak RAM), PYTHON (3.11: the
 #   only CPU torch wheel here is cp311; Classic says "tested with 3.10"), CLASSIC_COMMIT, and upstream's
 #   ASSETS_COMMIT_HASH / STABLE_DIFFUSION_COMMIT_HASH / STABLE_DIFFUSION_XL_COMMIT_HASH.
 # Idempotent: every step checks what is already there; models are written to a temp folder and moved.
-# Launch (API only, CPU; verified with SD1.5 + LoRA), from DEST/webui:
+# Launch (API only, CPU), from DEST/webui (add --ckpt to pick the checkpoint loaded first):
 #   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False ../venv/bin/python launch.py \
 #     --skip-prepare-environment --skip-torch-cuda-test --skip-python-version-check --skip-version-check \
-#     --always-cpu --api --nowebui --server-name 127.0.0.1 --port N [--ckpt models/Stable-diffusion/rand_sd15.safetensors]
+#     --always-cpu --api --nowebui --server-name 127.0.0.1 --port N
 #   (--always-cpu: ldm_patched/modules/args_parser.py; A1111's --use-cpu/--no-half are not needed)
+#   Verified 2026-12-02 with SD1.5 only: API up in 17 s, txt2img 64x64 4 steps ±<lora:rand_lora_sd15:1> differ
+#   (LoRA: 192 UNet + 72 CLIP keys, 0 skipped), repeats byte-identical, ~6.3 GB RSS. SDXL not run in Classic.
 set -euo pipefail
 
 [ $# -ge 1 ] || { echo "usage: $0 DEST" >&2; exit 2; }
