@@ -216,28 +216,36 @@ def _find(folder: Path, name: str) -> Optional[Path]:
 
 
 def ensure_models(host: Host, arch: str) -> dict:
-    """Paths of the arch's checkpoint and LoRAs, made when missing. Returns {'ckpt', 'lora', 'lora_b'}."""
+    """Paths of the arch's checkpoint and LoRAs, made when missing. Returns {'ckpt', 'lora', 'lora_b'}.
+
+    The checkpoint the suite loads is a copy of the maker's whose text encoders' final LayerNorm
+    has a bias, as a real CLIP's has (makers/text_norm_bias.py: without it the hosts' own emphasis
+    normalisation divides 0 by 0 for some prompts and draws black images, AutoLoRA or not)."""
     spec = host.spec.archs[arch]
     sd_dir, lora_dir = host.root / "models" / "Stable-diffusion", host.root / "models" / "Lora"
-    ckpt = _find(sd_dir, spec.checkpoint)
-    if ckpt is None:
-        ckpt = sd_dir / "autolora-e2e" / spec.checkpoint
-        _make(host, host.spec.make_checkpoint(host, arch, ckpt), ckpt)
-    out = {"ckpt": ckpt}
+    source = _find(sd_dir, spec.checkpoint)
+    if source is None:
+        source = sd_dir / "autolora-e2e" / spec.checkpoint
+        _make(host, host.spec.make_checkpoint(host, arch, source), source)
+    ckpt = sd_dir / "autolora-e2e" / f"{Path(spec.checkpoint).stem}-text-norm-bias.safetensors"
+    if not ckpt.exists():
+        _make(host, [str(host.python), str(REPO / "tests" / "e2e" / "makers" / "text_norm_bias.py"), str(source),
+                     str(ckpt)], ckpt)
+    out = {"ckpt": ckpt, "source": source}
     for key, name, seed in (("lora", spec.lora, 1), ("lora_b", spec.lora_b, 2)):
         if name is None:
             continue
         path = _find(lora_dir, name + ".safetensors")
         if path is None:
             path = lora_dir / "autolora-e2e" / (name + ".safetensors")
-            _make(host, [str(host.python), str(MAKERS / spec.lora_maker), "--ckpt", str(ckpt),
+            _make(host, [str(host.python), str(MAKERS / spec.lora_maker), "--ckpt", str(source),
                          "--out", str(path), "--seed", str(seed)], path)
         out[key] = path
     return out
 
 
 def _make(host: Host, argv: list, out: Path):
-    if not Path(argv[1]).exists():
+    if not Path(argv[1]).exists():  # argv[1]: the maker script
         raise FileNotFoundError(f"{out.name} is missing and the maker {argv[1]} is not there "
                                 f"(set AUTOLORA_MODEL_MAKERS)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,10 +307,18 @@ class Server:
                 raise RuntimeError(f"the WebUI exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
             try:
                 get_json(f"{self.url}/sdapi/v1/options", timeout=5, auth=self.auth)
-                return self
+                return self._wait_for_extension_routes(deadline)
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(2)
         raise TimeoutError(f"the WebUI did not answer within {timeout} s; log tail:\n{self.log_tail()}")
+
+    def _wait_for_extension_routes(self, deadline: float):
+        """The host answers before its on_app_started callbacks ran, which add AutoLoRA's routes."""
+        while time.time() < deadline:
+            if get_status(f"{self.url}/autolora/v1/params", self.auth) != 404:
+                return self
+            time.sleep(1)
+        raise TimeoutError(f"AutoLoRA's routes did not appear; log tail:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 40) -> str:
         try:
