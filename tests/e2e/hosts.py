@@ -227,7 +227,8 @@ def ensure_models(host: Host, arch: str) -> dict:
     if source is None:
         source = sd_dir / "autolora-e2e" / spec.checkpoint
         _make(host, host.spec.make_checkpoint(host, arch, source), source)
-    ckpt = sd_dir / "autolora-e2e" / f"{Path(spec.checkpoint).stem}-text-norm-bias.safetensors"
+    # In the top folder: Forge Neo lists no subfolders, and its API selects checkpoints from the list.
+    ckpt = sd_dir / f"autolora_e2e_{Path(spec.checkpoint).stem}.safetensors"
     if not ckpt.exists():
         _make(host, [str(host.python), str(REPO / "tests" / "e2e" / "makers" / "text_norm_bias.py"), str(source),
                      str(ckpt)], ckpt)
@@ -313,9 +314,15 @@ class Server:
         raise TimeoutError(f"the WebUI did not answer within {timeout} s; log tail:\n{self.log_tail()}")
 
     def _wait_for_extension_routes(self, deadline: float):
-        """The host answers before its on_app_started callbacks ran, which add AutoLoRA's routes."""
+        """The host answers before its on_app_started callbacks ran, which add AutoLoRA's routes.
+        Then the checkpoint is selected by name: --ckpt is not enough everywhere (Forge Neo loads
+        its preset's checkpoint); config.json is put back at stop()."""
         while time.time() < deadline:
             if get_status(f"{self.url}/autolora/v1/params", self.auth) != 404:
+                status, body = post_json(f"{self.url}/sdapi/v1/options", {"sd_model_checkpoint": self.ckpt.name},
+                                         auth=self.auth)
+                if status != 200:
+                    raise RuntimeError(f"selecting {self.ckpt.name} failed: HTTP {status} {body}")
                 return self
             time.sleep(1)
         raise TimeoutError(f"AutoLoRA's routes did not appear; log tail:\n{self.log_tail()}")
