@@ -49,9 +49,10 @@ class StandInAxisOption:
 
 
 def standin_xyz_module():
-    return SimpleNamespace(AxisOption=StandInAxisOption, axis_options=[StandInAxisOption("Nothing", str, None)],
-                           boolean_choice=lambda reverse=False: (
-                               lambda: ["False", "True"] if reverse else ["True", "False"]))
+    """A1111's scripts/xyz_grid.py as AutoLoRA uses it. Forge Classic's script (extensions-builtin/xyz)
+    has the same AxisOption and axis_options but keeps boolean_choice in lib_xyz.utils: not here,
+    so the axes must not need it."""
+    return SimpleNamespace(AxisOption=StandInAxisOption, axis_options=[StandInAxisOption("Nothing", str, None)])
 
 
 def test_xyz_axes_from_the_table_and_cells_independent():

@@ -35,8 +35,10 @@ def axis_options(xyz_module) -> list:
                 params.coerce(_param, x)  # raises AutoLoraArgumentError naming the value
 
         if param.kind == "bool":
+            # The choices A1111's boolean_choice(reverse=True) gives, written out: Forge Classic's
+            # X/Y/Z script (extensions-builtin/xyz) keeps that helper in another module.
             options.append(xyz_module.AxisOption(params.xyz_label(param), str, apply, confirm=confirm,
-                                                 choices=xyz_module.boolean_choice(reverse=True)))
+                                                 choices=lambda: ["False", "True"]))
         elif param.kind == "choice":
             options.append(xyz_module.AxisOption(params.xyz_label(param), str, apply, confirm=confirm,
                                                  choices=lambda _param=param: list(_param.choices)))
@@ -62,9 +64,14 @@ def find_module(scripts_data) -> Optional[object]:
 
 
 def register() -> bool:
-    """Add the axes to the host's X/Y/Z script, if it is loaded yet (then True)."""
+    """Add the axes to the host's X/Y/Z script, if it is loaded yet (then True). A script whose
+    axis classes differ from A1111's costs the axes only, never the extension: logged, True."""
     from modules import scripts  # the host's script registry (A1111 and the Forge family alike)
     module = find_module(scripts.scripts_data)
-    if module is not None:
+    if module is None:
+        return False
+    try:
         add_axes(module)
-    return module is not None
+    except Exception as exc:  # noqa: BLE001 - any host's X/Y/Z variant; the rest of AutoLoRA must load
+        print(f"AutoLoRA: no X/Y/Z axes on this WebUI ({type(exc).__name__}: {exc})")
+    return True
