@@ -55,6 +55,30 @@ def standin_xyz_module():
     return SimpleNamespace(AxisOption=StandInAxisOption, axis_options=[StandInAxisOption("Nothing", str, None)])
 
 
+def _xyz_script_data(module):
+    # modules/scripts.py ScriptClassData(script_class, path, basedir, module); the X/Y/Z script's class
+    # lives in the module named "xyz_grid.py" (A1111) or loaded from extensions-builtin/xyz (Forge Classic).
+    script_class = type("Script", (), {"__module__": "xyz_grid.py"})
+    return SimpleNamespace(script_class=script_class, path="xyz_grid.py", basedir="", module=module)
+
+
+def test_register_adds_the_axes_to_the_loaded_xyz_script_and_survives_one_it_cannot_use(capsys):
+    class AxisOptionOfAnotherShape:  # a host whose AxisOption takes other arguments
+        def __init__(self, label, type, apply, **kw):
+            raise TypeError(f"unexpected keyword {sorted(kw)[0]!r}")
+
+    with sti.installed():
+        from modules import scripts
+        assert xyz.register() is False  # not loaded yet: on_before_ui tries again
+        grid = standin_xyz_module()
+        scripts.scripts_data.append(_xyz_script_data(grid))
+        assert xyz.register() is True and len(grid.axis_options) == 1 + len(params.XYZ_PARAMS)
+        other = SimpleNamespace(AxisOption=AxisOptionOfAnotherShape, axis_options=[])
+        scripts.scripts_data[:] = [_xyz_script_data(other)]
+        assert xyz.register() is True and other.axis_options == []
+    assert "AutoLoRA: no X/Y/Z axes on this WebUI (TypeError: unexpected keyword 'choices')" in capsys.readouterr().out
+
+
 def test_xyz_axes_from_the_table_and_cells_independent():
     grid = standin_xyz_module()
     assert xyz.add_axes(grid) == len(params.XYZ_PARAMS)
