@@ -462,18 +462,23 @@ def test_forge_guidance_extensions_enabled_together(webui):
             out["alwayson_scripts"]["AutoLoRA"] = {"args": [autolora]}
         return out
 
-    alone = webui.txt2img(lora_req(webui))
-    with_dt = webui.txt2img(req(lora_req(webui), [DYNTHRES]))
+    # Dynamic thresholding is made for high CFG: at the UI's CFG 7 its clamp barely binds on these
+    # random weights (a mean pixel change under 1 once the text encoders' final norm has a bias),
+    # at CFG 15 it changes the image, so the identities below can show it is applied in both branches.
+    high_cfg = {"cfg_scale": 15}
+    alone = webui.txt2img(lora_req(webui, **high_cfg))
+    with_dt = webui.txt2img(req(lora_req(webui, **high_cfg), [DYNTHRES]))
     assert_differs(with_dt.image, alone.image, "dynamic thresholding must change the image")
     both = [PAG, DYNTHRES]
-    plain = webui.txt2img(req(lora_req(webui), both))
+    plain = webui.txt2img(req(lora_req(webui, **high_cfg), both))
     assert "pagi_scale: 3" in plain.infotext, "PAG must really be on"
-    g1 = webui.txt2img(req(lora_req(webui), both, {"enabled": True, "gamma": 1.0}))
+    g1 = webui.txt2img(req(lora_req(webui, **high_cfg), both, {"enabled": True, "gamma": 1.0}))
     assert g1.stats["active"] and g1.stats["base_calls"] >= STEPS, g1.stats
     assert_close(g1.image, plain.image, "PAG + dynamic thresholding: γ=1 vs plain LoRA")
-    g0 = webui.txt2img(req(lora_req(webui), [DYNTHRES], {"enabled": True, "gamma": 0.0}))
-    assert_close(g0.image, webui.txt2img(req(base_req(webui), [DYNTHRES])).image, "dynamic thresholding: γ=0 vs no LoRA")
-    assert_differs(webui.txt2img(req(lora_req(webui), both, ON)).image, plain.image, "γ=1.5 with PAG + DT")
+    g0 = webui.txt2img(req(lora_req(webui, **high_cfg), [DYNTHRES], {"enabled": True, "gamma": 0.0}))
+    assert_close(g0.image, webui.txt2img(req(base_req(webui, **high_cfg), [DYNTHRES])).image,
+                 "dynamic thresholding: γ=0 vs no LoRA")
+    assert_differs(webui.txt2img(req(lora_req(webui, **high_cfg), both, ON)).image, plain.image, "γ=1.5 with PAG + DT")
     all_three = webui.txt2img(req(lora_req(webui), list(FORGE_GUIDANCE), ON))
     assert all_three.stats["active"] and all_three.stats["base_calls"] >= STEPS, all_three.stats
     assert "freeu_b1" in all_three.infotext and "pagi_scale" in all_three.infotext
