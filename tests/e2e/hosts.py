@@ -319,13 +319,26 @@ class Server:
         its preset's checkpoint); config.json is put back at stop()."""
         while time.time() < deadline:
             if get_status(f"{self.url}/autolora/v1/params", self.auth) != 404:
-                status, body = post_json(f"{self.url}/sdapi/v1/options", {"sd_model_checkpoint": self.ckpt.name},
+                title = self._checkpoint_title()
+                status, body = post_json(f"{self.url}/sdapi/v1/options", {"sd_model_checkpoint": title},
                                          auth=self.auth)
                 if status != 200:
-                    raise RuntimeError(f"selecting {self.ckpt.name} failed: HTTP {status} {body}")
+                    raise RuntimeError(f"selecting {title} failed: HTTP {status} {body}")
                 return self
             time.sleep(1)
         raise TimeoutError(f"AutoLoRA's routes did not appear; log tail:\n{self.log_tail()}")
+
+    def _checkpoint_title(self) -> str:
+        """The title the host lists our checkpoint under (what its checkpoint option accepts on every
+        host; Forge Neo accepts only its known aliases), after a refresh when it is not listed yet
+        (Forge Neo loads a --ckpt file without listing it)."""
+        for attempt in range(2):
+            for model in get_json(f"{self.url}/sdapi/v1/sd-models", timeout=60, auth=self.auth):
+                if Path(model.get("filename", "")).resolve() == self.ckpt.resolve():
+                    return model["title"]
+            if attempt == 0:
+                post_json(f"{self.url}/sdapi/v1/refresh-checkpoints", {}, auth=self.auth)
+        raise RuntimeError(f"the WebUI does not list {self.ckpt}")
 
     def log_tail(self, n: int = 40) -> str:
         try:
