@@ -302,7 +302,13 @@ class Server:
         env = dict(os.environ, **self.env)
         self.proc = subprocess.Popen([str(self.host.python), "launch.py", *args], cwd=str(self.host.root), env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
+        try:
+            return self._wait_until_ready(time.time() + timeout)
+        except BaseException:
+            self.stop()  # a server that never became ready must not outlive the test (nor hold 6 GB)
+            raise
+
+    def _wait_until_ready(self, deadline: float):
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the WebUI exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
@@ -311,7 +317,7 @@ class Server:
                 return self._wait_for_extension_routes(deadline)
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(2)
-        raise TimeoutError(f"the WebUI did not answer within {timeout} s; log tail:\n{self.log_tail()}")
+        raise TimeoutError(f"the WebUI did not answer in time; log tail:\n{self.log_tail()}")
 
     def _wait_for_extension_routes(self, deadline: float):
         """The host answers before its on_app_started callbacks ran, which add AutoLoRA's routes.
