@@ -321,8 +321,8 @@ class Server:
 
     def _wait_for_extension_routes(self, deadline: float):
         """The host answers before its on_app_started callbacks ran, which add AutoLoRA's routes.
-        Then the checkpoint is selected by name: --ckpt is not enough everywhere (Forge Neo loads
-        its preset's checkpoint); config.json is put back at stop()."""
+        Then the checkpoint is selected by its listed title: --ckpt is not enough everywhere (Forge
+        Neo loads its preset's checkpoint); config.json is put back at stop()."""
         while time.time() < deadline:
             if get_status(f"{self.url}/autolora/v1/params", self.auth) != 404:
                 title = self._checkpoint_title()
