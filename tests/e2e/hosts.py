@@ -69,8 +69,9 @@ class HostSpec:
 
 
 def _forge_checkpoint_cmd(host, arch, out):
-    return [str(host.python), str(MAKERS / "forge_random_checkpoint.py"), "--forge", str(host.root), "--arch", arch,
-            "--out", str(out)]
+    # the shared Forge maker, written tensor by tensor (its own writer holds an SDXL file three times)
+    return [str(host.python), str(REPO / "tests" / "e2e" / "makers" / "streamed_checkpoint.py"), "--forge",
+            str(host.root), "--arch", arch, "--out", str(out)]
 
 
 def _a1111_checkpoint_cmd(host, arch, out):

@@ -11,9 +11,10 @@
 #   venv/                       Python 3.11 venv, torch 2.13.0+cpu held by DEST/constraints_torch.txt
 #   webui/models/Stable-diffusion/rand_sd15.safetensors, rand_sdxl.safetensors   random-weight checkpoints
 #   webui/models/Lora/rand_lora_sd15.safetensors, rand_lora_sdxl.safetensors     random kohya LoRAs
-#   (made by ../shared/webui/forge_random_checkpoint.py with Neo's venv; byte-reproducible)
+#   (made by ../shared/webui/forge_random_checkpoint.py with Neo's venv, through tests/e2e/makers/streamed_checkpoint.py,
+#   which writes the file tensor by tensor so that SDXL fits 24 GB; byte-reproducible)
 # Env: MIRROR (default: the .mirror folder next to this repository), SHARED (default ../shared/webui next to
-#   this repository), MAKE_SDXL=0 to skip the SDXL pair (6.5 GB, ~80 s, ~14 GB peak RAM), PYTHON, NEO_REF.
+#   this repository), MAKE_SDXL=0 to skip the SDXL pair (6.5 GB), PYTHON, NEO_REF.
 # Idempotent: the shared installer skips what is done; models are skipped when present (written to a temp
 # folder and moved into place, so an interrupted run never leaves a half-written file under the final name).
 # Launch flags on CPU: --skip-prepare-environment --skip-torch-cuda-test --skip-python-version-check
@@ -51,8 +52,8 @@ make_pair() { # arch ckpt-name lora-name
   [ -s "$lo" ] || args+=(--lora "$TMP/$3")
   if [ ${#args[@]} -eq 0 ]; then log "ok: $2, $3 present"; return 0; fi
   log "making random $arch: ${args[*]//$TMP\//}"
-  (cd "$WEBUI" && PYTHONPATH="$WEBUI/modules_forge/packages" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-     "$DEST/venv/bin/python" "$SHARED/forge_random_checkpoint.py" --forge "$WEBUI" --arch "$arch" "${args[@]}")
+  (cd "$WEBUI" && PYTHONPATH="$WEBUI/modules_forge/packages" AUTOLORA_MODEL_MAKERS="$SHARED" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+     "$DEST/venv/bin/python" "$REPO/tests/e2e/makers/streamed_checkpoint.py" --forge "$WEBUI" --arch "$arch" "${args[@]}")
   [ -s "$ck" ] || mv "$TMP/$2" "$ck"
   [ -s "$lo" ] || mv "$TMP/$3" "$lo"
 }
