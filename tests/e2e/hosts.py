@@ -69,6 +69,9 @@ class HostSpec:
 
 
 def _forge_checkpoint_cmd(host, arch, out):
+    if arch == "sd3":  # a depth-2 MMDiT with the real CLIP-L/G, T5-XXL (float8) and VAE, in Forge's layout
+        return [str(host.python), str(REPO / "tests" / "e2e" / "makers" / "forge_sd3_checkpoint.py"), "--forge",
+                str(host.root), "--out", str(out)]
     # the shared Forge maker, written tensor by tensor (its own writer holds an SDXL file three times)
     return [str(host.python), str(REPO / "tests" / "e2e" / "makers" / "streamed_checkpoint.py"), "--forge",
             str(host.root), "--arch", arch, "--out", str(out)]
@@ -128,7 +131,12 @@ HOSTS = {
         archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
                                 ui_defaults=_ui("Euler a", "Automatic", 7)),
                "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
-                                args=("--unet-in-bf16", "--clip-in-fp16"), ui_defaults=_ui("Euler a", "Automatic", 5))},
+                                args=("--unet-in-bf16", "--clip-in-fp16"), ui_defaults=_ui("Euler a", "Automatic", 5)),
+               # SD3 family through Forge's SD3.5 engine; it has no preset of its own, so the "all" preset:
+               # the UI's own defaults (the first sampler, DPM++ 2M; Automatic; CFG 7)
+               "sd3": ArchSpec("sd3", "rand_sd3.safetensors", "rand_lora_sd3", "autolora_e2e_sd3_lora_b",
+                               options={"show_progress_type": "Approx cheap"}, ui_defaults=_ui("DPM++ 2M", "Automatic", 7),
+                               lora_maker="make_random_sd3_lora.py")},
         make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge"),
     # Forge Neo (the Linux copy of Haoming02's `neo` branch as of October 2025 that ../shared/webui and
     # tests/e2e/install/forge-neo.sh install): Forge main's backend and options; on a CPU it needs

@@ -23,7 +23,8 @@ import torch
 
 SHARED = Path(os.environ.get("AUTOLORA_MODEL_MAKERS", Path(__file__).resolve().parents[4] / "shared" / "webui"))
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 def safetensors_header(tensors: dict, metadata: dict) -> bytes:
