@@ -134,6 +134,16 @@ class Generation:
         reference = lora - lora_uncond if lora_uncond is not None else lora
         return base + capped_push((lora - base) * gamma, reference, self.settings.cap)
 
+    def sampled_prediction(self, base: torch.Tensor, lora: torch.Tensor, step: int = 0,
+                           total_steps: int = 0) -> torch.Tensor:
+        """The prediction of the model AutoLoRA samples for one input of both branches (their
+        uncond predictions, or their cond predictions): with w1 = w2 = w the step's output is
+        sampled(uncond) + w (sampled(cond) - sampled(uncond)). This is what a sampler's own
+        bookkeeping must see: CFG++ renoises with the unconditional prediction, and only this one
+        gives the LoRA's at γ 1 and the base model's at γ 0. No cap: it bounds the guidance push,
+        and these are the unguided predictions. Counts nothing."""
+        return blend(base, lora, self.gamma_at(step, total_steps))
+
     # -- batches and the infotext -------------------------------------------------------------------
     def begin_batch(self) -> None:
         self._guided_at_batch = self.stats.guided_steps

@@ -73,7 +73,10 @@ class Bench:
             model, self.x, self.sigma, uncond, cond, cond_scale, options or {},
             lambda *a: standin_calc_cond_uncond_batch(*a, max_entries=max_entries))
 
-    def autolora(self, settings, cond_scale, options=None, max_entries=99, step=(0, 4), base_text=True):
+    def autolora(self, settings, cond_scale, options=None, max_entries=99, step=(0, 4), base_text=True,
+                 sampler_options=None):
+        """One sampling_function call with AutoLoRA on: `options` are the UNet patcher's model
+        options, `sampler_options` those the sampler passes (Forge Neo: they update the patcher's)."""
         api = standin_api(max_entries)
         ff = read_factors(self.model, self.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
                           backup=self.model.lora_loader.backup)
@@ -82,10 +85,12 @@ class Bench:
         gen = standin_generation(settings, p)
         record = gen.stats
         conds = {"base_c": self.texts["base"][0], "base_uc": self.texts["base"][1]} if base_text else {}
-        sampling = Sampling(api, gen, p, SimpleNamespace(model=self.model), ff, conds)
-        options = dict(options or {})
-        options["sampler_pre_cfg_function"] = options.get("sampler_pre_cfg_function", []) + [sampling.pre_cfg_function()]
-        options = copy.deepcopy(options)  # Forge deep-copies model_options on every patcher clone
+        unet = SimpleNamespace(model=self.model, model_options=dict(options or {}))
+        sampling = Sampling(api, gen, p, unet, ff, conds)
+        unet.model_options["sampler_pre_cfg_function"] = \
+            unet.model_options.get("sampler_pre_cfg_function", []) + [sampling.pre_cfg_function()]
+        options = copy.deepcopy(unet.model_options)  # Forge deep-copies model_options on every patcher clone
+        options.update(sampler_options or {})
         cond, uncond = self.entries("lora")
         try:
             out = standin_sampling_function_inner(
@@ -204,6 +209,62 @@ def test_post_cfg_model_calls_see_the_plain_lora_model():
     cond, _ = bench.entries("lora")
     want, _ = standin_calc_cond_uncond_batch(bench.model, cond, None, bench.x, bench.sigma, {})
     torch.testing.assert_close(seen["pred"], want, atol=1e-6, rtol=0)
+
+
+def standin_euler_cfg_pp_step(run, x, sigma, sigma_next):
+    """One step of Forge Neo's sample_euler_cfg_pp (modules/sd_samplers_cfgpp.py): its post-CFG
+    function keeps the unconditional prediction, and the step renoises with it."""
+    temp = [0]
+
+    def post_cfg_function(args):
+        temp[0] = args["uncond_denoised"]
+        return args["denoised"]
+
+    denoised = run({"sampler_post_cfg_function": [post_cfg_function], "disable_cfg1_optimization": True})
+    d = (x - temp[0]) / sigma.reshape(-1, 1, 1, 1)  # k_diffusion.sampling.to_d
+    return denoised + d * sigma_next
+
+
+@pytest.mark.parametrize("cond_scale", [1.0, 1.5, 6.0])
+def test_cfg_pp_sampler_renoises_with_the_sampled_model(cond_scale):
+    """CFG++ renoises with the unconditional prediction: γ 1 must give the LoRA's step and γ 0 the
+    base model's, so the sampler's own post-CFG function sees the sampled model's predictions."""
+    bench = Bench()
+    sigma_next = 0.7
+
+    def plain(model, branch):
+        return standin_euler_cfg_pp_step(lambda extra: bench.plain(model, branch, cond_scale, extra),
+                                         bench.x, bench.sigma, sigma_next)
+
+    def autolora(gamma):
+        settings = AutoLoraSettings(enabled=True, gamma=gamma)
+        return standin_euler_cfg_pp_step(lambda extra: bench.autolora(settings, cond_scale, sampler_options=extra)[0],
+                                         bench.x, bench.sigma, sigma_next)
+
+    lora, base = plain(bench.model, "lora"), plain(bench.base_model, "base")
+    assert (lora - base).abs().max() > 100 * TOL
+    torch.testing.assert_close(autolora(1.0), lora, atol=TOL, rtol=0)
+    torch.testing.assert_close(autolora(0.0), base, atol=TOL, rtol=0)
+    # γ 1.5: the step of the blended model, uncond and all
+    lora_den, base_den = bench.plain(bench.model, "lora", cond_scale), bench.plain(bench.base_model, "base", cond_scale)
+    lora_u0, base_u0 = bench.plain(bench.model, "lora", 0.0), bench.plain(bench.base_model, "base", 0.0)
+    denoised, uncond = base_den + 1.5 * (lora_den - base_den), base_u0 + 1.5 * (lora_u0 - base_u0)
+    want = denoised + (bench.x - uncond) / bench.sigma.reshape(-1, 1, 1, 1) * sigma_next
+    torch.testing.assert_close(autolora(1.5), want, atol=1e-4, rtol=0)
+
+
+def test_post_cfg_functions_on_the_model_still_see_the_lora_branch():
+    """A post-CFG function on the UNet patcher (self-attention guidance reads uncond_denoised and
+    re-runs the LoRA model) gets the LoRA branch's predictions, as without AutoLoRA."""
+    bench = Bench()
+    seen = {}
+
+    def standin_sag(args):
+        seen["uncond"] = args["uncond_denoised"]
+        return args["denoised"]
+
+    bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0), 7.0, {"sampler_post_cfg_function": [standin_sag]})
+    torch.testing.assert_close(seen["uncond"], bench.plain(bench.model, "lora", 0.0), atol=TOL, rtol=0)
 
 
 def test_weights_restored_when_the_step_raises():

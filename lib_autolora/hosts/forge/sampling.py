@@ -18,8 +18,13 @@ Why these model_options hooks (Forge main has no `sampler_calc_cond_uncond_batch
   forward for both branches. `sequential` runs the base rows as a second forward; `swap`/`dual`
   run them over the exact LoRA-free weights (Forge's own backup, unguided LoRAs merged back).
 
-Post-CFG functions (perturbed attention) run after the blend and see the LoRA branch, as without
-AutoLoRA; block patches (FreeU) apply to both branches.
+Post-CFG functions of the model (perturbed attention, self-attention guidance) run after the
+blend and see the LoRA branch, as without AutoLoRA: they re-run the LoRA model and compare with its
+own predictions. Post-CFG functions a sampler brings for its own use (Forge Neo's CFG++ samplers
+renoise with the unconditional prediction; they arrive in the sampler's model options, not on the
+UNet patcher) see the predictions of the model AutoLoRA samples (`Generation.sampled_prediction`),
+so that γ 1 is the LoRA's sampler and γ 0 the base model's. Block patches (FreeU) apply to both
+branches.
 """
 from __future__ import annotations
 
@@ -84,6 +89,7 @@ class Step:
     total: int = 0
     phase: str = "lora"  # lora -> base -> closed
     stash: dict = field(default_factory=dict)  # entry tag -> base rows computed in the LoRA pass
+    sampled: Optional[tuple] = None  # (cond, uncond) predictions of the sampled model, for the sampler's hooks
 
 
 class Sampling:
@@ -305,9 +311,26 @@ class Sampling:
             lora = cfg_of(args, x, lora_c, lora_u, w2, edit_strength)
             base = cfg_of(args, x, base_c, base_u, w1, edit_strength)
             uncond = lora_u if step.lora_uncond is not None else None
+            if step.lora_uncond is not None and step.base_uncond is not None:
+                step.sampled = (gen.sampled_prediction(base_c, lora_c, step.index, step.total),
+                                gen.sampled_prediction(base_u, lora_u, step.index, step.total))
             return x - gen.blend(base, lora, step.index, step.total, uncond)
 
         return cfg
+
+    def sampler_post_cfg_functions(self, step: Step, functions: list) -> list:
+        """`functions` with each one the sampler brought (not on the UNet patcher) seeing the sampled
+        model's predictions; the model's own (on the patcher) are left as they are."""
+        on_model = getattr(self.unet, "model_options", {}).get("sampler_post_cfg_function", [])
+
+        def sees_sampled_model(fn):
+            def post_cfg(args):
+                if step.sampled is not None:
+                    args = {**args, "cond_denoised": step.sampled[0], "uncond_denoised": step.sampled[1]}
+                return fn(args)
+            return post_cfg
+
+        return [fn if any(fn is own for own in on_model) else sees_sampled_model(fn) for fn in functions]
 
     def pre_cfg_function(self):
         def pre_cfg(model, cond, uncond, x, timestep, model_options):
@@ -317,6 +340,9 @@ class Sampling:
             options = dict(model_options)
             options["sampler_cfg_function"] = self.cfg_function(step, model_options.get("sampler_cfg_function"))
             options["model_function_wrapper"] = self.wrapper(step, model_options.get("model_function_wrapper"))
+            if model_options.get("sampler_post_cfg_function"):
+                options["sampler_post_cfg_function"] = self.sampler_post_cfg_functions(
+                    step, model_options["sampler_post_cfg_function"])
             return model, step.lora_cond, step.lora_uncond, x, timestep, options
 
         setattr(pre_cfg, OUR_MARK, True)
