@@ -50,6 +50,7 @@ class ArchSpec:
     # the e2e suite's first case of every identity, with an empty negative prompt.
     ui_defaults: dict = field(default_factory=dict)
     lora_maker: str = "make_random_lora.py"  # the maker in AUTOLORA_MODEL_MAKERS for a missing LoRA
+    lora_args: tuple = ()  # its arguments besides --ckpt, --out and --seed
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,11 @@ HOSTS = {
                                 args=("--unet-in-bf16", "--clip-in-fp16"), ui_defaults=_ui("Euler a", "Automatic", 5)),
                # SD3 family through Forge's SD3.5 engine; it has no preset of its own, so the "all" preset:
                # the UI's own defaults (the first sampler, DPM++ 2M; Automatic; CFG 7)
+               # Forge main maps SD3 LoRAs by the MMDiT's own module names only (its diffusers SD3 key map
+               # is commented out): kohya sd-scripts names, with their .alpha
                "sd3": ArchSpec("sd3", "rand_sd3.safetensors", "rand_lora_sd3", "autolora_e2e_sd3_lora_b",
                                options={"show_progress_type": "Approx cheap"}, ui_defaults=_ui("DPM++ 2M", "Automatic", 7),
-                               lora_maker="make_random_sd3_lora.py")},
+                               lora_maker="make_random_sd3_lora.py", lora_args=("--format", "kohya", "--alpha", "4"))},
         make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge"),
     # Forge Neo (the Linux copy of Haoming02's `neo` branch as of October 2025 that ../shared/webui and
     # tests/e2e/install/forge-neo.sh install): Forge main's backend and options; on a CPU it needs
@@ -249,7 +252,7 @@ def ensure_models(host: Host, arch: str) -> dict:
         if path is None:
             path = lora_dir / "autolora-e2e" / (name + ".safetensors")
             _make(host, [str(host.python), str(MAKERS / spec.lora_maker), "--ckpt", str(source),
-                         "--out", str(path), "--seed", str(seed)], path)
+                         "--out", str(path), "--seed", str(seed), *spec.lora_args], path)
         out[key] = path
     return out
 

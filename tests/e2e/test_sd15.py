@@ -158,6 +158,30 @@ def test_samplers(webui):
     assert not failures, failures
 
 
+def test_cfg_pp_samplers_renoise_with_the_sampled_model(webui):
+    """CFG++ samplers (Forge Neo) renoise with the unconditional prediction: γ 1 must still be the
+    plain LoRA image and γ 0 the image without the LoRA, at the UI's CFG and at the CFG they are
+    meant for."""
+    names = [s["name"] for s in webui.get("/sdapi/v1/samplers") if s["name"].endswith("CFG++")]
+    if not names:
+        pytest.skip(f"{webui.host_name} offers no CFG++ sampler")
+    failures = []
+    for sampler in [n for n in ("Euler a CFG++", "DPM++ 2M CFG++") if n in names] or names[:2]:
+        for cfg in (webui.host.spec.archs[ARCH].ui_defaults.get("cfg_scale", 7), 1.5):
+            kw = {"sampler_name": sampler, "cfg_scale": cfg}
+            plain, lora = webui.txt2img(base_req(webui, **kw)), webui.txt2img(lora_req(webui, **kw))
+            g1 = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 1.0}))
+            g0 = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 0.0}))
+            try:
+                assert_differs(plain.image, lora.image, f"{sampler} CFG {cfg}: the LoRA must change the image")
+                assert_close(g1.image, lora.image, f"{sampler} CFG {cfg}: γ=1 vs plain LoRA")
+                assert_close(g0.image, plain.image, f"{sampler} CFG {cfg}: γ=0 vs no LoRA")
+                assert g0.stats["guided_steps"] >= STEPS and g0.stats["plain_steps"] == 0, g0.stats
+            except AssertionError as exc:
+                failures.append(str(exc))
+    assert not failures, failures
+
+
 def test_hires_fix_guides_both_passes(webui):
     kw = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6)
     plain = webui.txt2img(lora_req(webui, **kw))

@@ -54,6 +54,11 @@ def mmdit(mmditx, depth: int, pos_embed_max_size: int, seed: int, dtype) -> dict
     table = mmditx.get_2d_sincos_pos_embed(hidden, pos_embed_max_size)  # real files store the fixed table
     with torch.no_grad():
         model.pos_embed.copy_(torch.from_numpy(table).float().reshape(1, -1, hidden))
+        for module in model.modules():  # mmditx.RMSNorm allocates its scale with torch.empty and never sets it
+            if isinstance(module, mmditx.RMSNorm) and module.weight is not None:
+                module.weight.fill_(1.0)
+    bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
+    assert not bad, f"non-finite MMDiT weights: {bad}"
     return {k: v.to(dtype) for k, v in model.state_dict().items()}
 
 
