@@ -51,6 +51,7 @@ class ArchSpec:
     ui_defaults: dict = field(default_factory=dict)
     lora_maker: str = "make_random_lora.py"  # the maker in AUTOLORA_MODEL_MAKERS for a missing LoRA
     lora_args: tuple = ()  # its arguments besides --ckpt, --out and --seed
+    variation: dict = field(default_factory=dict)  # what this host needs in the suite's variation requests
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,10 @@ HOSTS = {
                # is commented out): kohya sd-scripts names, with their .alpha
                "sd3": ArchSpec("sd3", "rand_sd3.safetensors", "rand_lora_sd3", "autolora_e2e_sd3_lora_b",
                                options={"show_progress_type": "Approx cheap"}, ui_defaults=_ui("DPM++ 2M", "Automatic", 7),
-                               lora_maker="make_random_sd3_lora.py", lora_args=("--format", "kohya", "--alpha", "4"))},
+                               lora_maker="make_random_sd3_lora.py", lora_args=("--format", "kohya", "--alpha", "4"),
+                               # Forge's Euler / Euler a / Heun on the Automatic (uniform) schedule draw SD3
+                               # black (NaN), with or without AutoLoRA; Karras, Simple, SGM Uniform are fine
+                               variation={"scheduler": "Simple"})},
         make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge"),
     # Forge Neo (the Linux copy of Haoming02's `neo` branch as of October 2025 that ../shared/webui and
     # tests/e2e/install/forge-neo.sh install): Forge main's backend and options; on a CPU it needs
