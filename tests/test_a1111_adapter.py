@@ -182,8 +182,10 @@ def _long(uncond_list):
     return [torch.cat([u, u.flip(0)]) for u in uncond_list]
 
 
-def _sample(host, model_denoiser, c, uc, gen=None, steps=4, s_min_uncond=0.0):
-    """A k-diffusion Euler loop over the stand-in CFGDenoiser (what sd_samplers_kdiffusion does)."""
+def _sample(host, model_denoiser, c, uc, gen=None, steps=4, s_min_uncond=0.0, cfg_pp=False):
+    """A k-diffusion Euler loop over the stand-in CFGDenoiser (what sd_samplers_kdiffusion does).
+    `cfg_pp`: the step renoises with the denoiser's last_noise_uncond instead, as DDIM CFG++
+    (ddim_cfgpp) does."""
     p = SimpleNamespace(comment=lambda text: None, **{binding.GENERATION_ATTR: gen})
     sampler = SimpleNamespace(sampler_extra_args={"cond": c, "uncond": uc})
     wraps = []
@@ -194,6 +196,7 @@ def _sample(host, model_denoiser, c, uc, gen=None, steps=4, s_min_uncond=0.0):
 
     denoiser = sti.StandInCFGDenoiser(sampler, p, factory, host.shared, host.callbacks)
     denoiser.steps, denoiser.total_steps = steps, steps
+    denoiser.need_last_noise_uncond = cfg_pp
     n = len(c.batch)
     x = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 3.0
     sigmas = torch.linspace(3.0, 0.0, steps + 1)
@@ -201,7 +204,10 @@ def _sample(host, model_denoiser, c, uc, gen=None, steps=4, s_min_uncond=0.0):
         sigma = torch.full((n,), float(sigmas[i]))
         denoised = denoiser(x, sigma, uc, c, 5.0, s_min_uncond, torch.zeros(n, 1, 1, 1))
         assert denoiser._modules["model_wrap"] is wraps[0] and "combine_denoised" not in denoiser.__dict__
-        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        if cfg_pp:
+            x = denoised + (x - denoiser.last_noise_uncond) / sigmas[i] * sigmas[i + 1]
+        else:
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
     return x, wraps[0].calls
 
 
@@ -242,18 +248,18 @@ def layout_bench(layout):
             uc = [t for t in te(torch.tensor([10, 10]))]
             return c, (_long(uc) if long_uncond else uc)
 
-        def sample(denoiser, c, uc, gen=None):
-            return _sample(host, denoiser, c, uc, gen, s_min_uncond=s_min_uncond)
+        def sample(denoiser, c, uc, gen=None, cfg_pp=False):
+            return _sample(host, denoiser, c, uc, gen, s_min_uncond=s_min_uncond, cfg_pp=cfg_pp)
 
         yield SimpleNamespace(host=host, sd_model=sd_model, unet_factors=unet_factors, merged=merged, clean=clean,
                               lora=conds(merged.text_encoder), base=conds(clean.text_encoder), sample=sample)
 
 
-def _guided(bench, settings, pair):
+def _guided(bench, settings, pair, cfg_pp=False):
     """A sampling run through the binding with a Generation of `settings`; (images, its stats)."""
     gen = standin_generation(settings, bench.host, bench.sd_model, factors=bench.unet_factors)
     gen.host_state.pairs[id(bench.lora[0])] = (bench.lora[0], pair)
-    got, calls = bench.sample(bench.merged.denoiser, *bench.lora, gen)
+    got, calls = bench.sample(bench.merged.denoiser, *bench.lora, gen, cfg_pp=cfg_pp)
     gen.host_state.close_pass(gen)
     assert not gen.stats.notices, gen.stats.notices
     return got, gen.stats
@@ -274,6 +280,21 @@ def test_cfg_denoiser_identities_in_every_layout(layout, strategy):
             torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
         if layout in ("chunked", "unequal"):
             assert len(calls) > 4, "the layout must split the model calls"
+
+
+@pytest.mark.parametrize("layout", ["batched", "ngms", "and_prompt"])
+def test_ddim_cfg_pp_renoises_with_the_sampled_model(layout):
+    """DDIM CFG++ renoises with the uncond rows the denoiser keeps (last_noise_uncond): γ 1 must give
+    the LoRA's CFG++ run and γ 0 the base model's."""
+    with layout_bench(layout) as bench:
+        host_lora, _ = bench.sample(bench.merged.denoiser, *bench.lora, cfg_pp=True)
+        host_base, _ = bench.sample(bench.clean.denoiser, *bench.base, cfg_pp=True)
+        assert (host_lora - host_base).abs().max() > 1e-2
+        for gamma, want in ((1.0, host_lora), (0.0, host_base)):
+            got, stats = _guided(bench, AutoLoraSettings(enabled=True, gamma=gamma), CondPair(base=bench.base),
+                                 cfg_pp=True)
+            assert stats.guided_steps == 4
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
 
 
 def test_cfg_denoiser_interval_explicit_w_and_errors():

@@ -120,6 +120,8 @@ class StandInCFGDenoiser(torch.nn.Module):
         self.padded_cond_uncond = False
         self.padded_cond_uncond_v0 = False
         self.cond_scale_miltiplier = 1.0
+        self.need_last_noise_uncond = False  # set by DDIM CFG++ (sd_samplers_timesteps_impl.ddim_cfgpp)
+        self.last_noise_uncond = None
         self._model_factory, self._shared, self._callbacks = model_factory, shared, callbacks
 
     @property
@@ -221,6 +223,8 @@ class StandInCFGDenoiser(torch.nn.Module):
             x_out = torch.cat([x_out, fake_uncond])
 
         self._callbacks.cfg_denoised_callback(StandInCFGDenoisedParams(x_out, self.step, self.total_steps, self.inner_model))
+        if self.need_last_noise_uncond:
+            self.last_noise_uncond = torch.clone(x_out[-uncond.shape[0]:])
         if skip_uncond:
             denoised = self.combine_denoised(x_out, conds_list, uncond, 1.0)
         else:

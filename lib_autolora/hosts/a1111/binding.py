@@ -168,6 +168,13 @@ def on_cfg_denoiser(params_):
         lora = original(x_out, conds_list, uncond, w2)
         base = original(base_x_out.to(x_out.dtype), conds_list, uncond, w1)
         lora_uncond = None if skipped else x_out[-uncond.shape[0]:]
+        if getattr(denoiser, "need_last_noise_uncond", False):
+            # DDIM CFG++ renoises with the uncond rows the host kept from x_out (the LoRA branch's,
+            # faked from the cond rows where it skipped them): it gets the sampled model's instead,
+            # so that γ 1 and 0 give the LoRA's and the base model's CFG++ steps.
+            n = uncond.shape[0]
+            denoiser.last_noise_uncond = gen.sampled_prediction(
+                base_x_out[-n:].to(x_out.dtype), x_out[-n:], denoiser.step, denoiser.total_steps or 0)
         return gen.blend(base, lora, denoiser.step, denoiser.total_steps or 0, lora_uncond)
 
     denoiser.combine_denoised = combine_denoised
