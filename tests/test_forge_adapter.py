@@ -253,6 +253,35 @@ def test_cfg_pp_sampler_renoises_with_the_sampled_model(cond_scale):
     torch.testing.assert_close(autolora(1.5), want, atol=1e-4, rtol=0)
 
 
+def test_post_cfg_function_added_by_a_later_extension_still_sees_the_lora_branch():
+    """Perturbed attention's script may run after AutoLoRA's: it clones the patcher Forge will sample
+    with and adds its post-CFG function there. That function is the model's, not the sampler's."""
+    bench = Bench()
+    seen = {}
+
+    def standin_pag(args):
+        seen["cond"] = args["cond_denoised"]
+        return args["denoised"]
+
+    api = standin_api(99)
+    ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
+                      backup=bench.model.lora_loader.backup)
+    ours = SimpleNamespace(model=bench.model, model_options={})
+    later = SimpleNamespace(model=bench.model, model_options={"sampler_post_cfg_function": [standin_pag]})
+    p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
+                        comment=lambda text: None, sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=later)))
+    gen = standin_generation(AutoLoraSettings(enabled=True, gamma=0.0), p)
+    sampling = Sampling(api, gen, p, ours, ff, {"base_c": bench.texts["base"][0], "base_uc": bench.texts["base"][1]})
+    options = {"sampler_pre_cfg_function": [sampling.pre_cfg_function()], "sampler_post_cfg_function": [standin_pag]}
+    cond, uncond = bench.entries("lora")
+    try:
+        standin_sampling_function_inner(bench.model, bench.x, bench.sigma, uncond, cond, 7.0, options,
+                                        lambda *a: standin_calc_cond_uncond_batch(*a))
+    finally:
+        sampling.close()
+    torch.testing.assert_close(seen["cond"], bench.plain(bench.model, "lora", 1.0), atol=TOL, rtol=0)
+
+
 def test_post_cfg_functions_on_the_model_still_see_the_lora_branch():
     """A post-CFG function on the UNet patcher (self-attention guidance reads uncond_denoised and
     re-runs the LoRA model) gets the LoRA branch's predictions, as without AutoLoRA."""

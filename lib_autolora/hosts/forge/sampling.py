@@ -321,7 +321,10 @@ class Sampling:
     def sampler_post_cfg_functions(self, step: Step, functions: list) -> list:
         """`functions` with each one the sampler brought (not on the UNet patcher) seeing the sampled
         model's predictions; the model's own (on the patcher) are left as they are."""
-        on_model = getattr(self.unet, "model_options", {}).get("sampler_post_cfg_function", [])
+        # The patcher Forge samples with now: extensions that run after AutoLoRA's hook (perturbed
+        # attention) clone the patcher again and add theirs there, not on ours.
+        patcher = getattr(getattr(getattr(self.p, "sd_model", None), "forge_objects", None), "unet", self.unet)
+        on_model = getattr(patcher, "model_options", {}).get("sampler_post_cfg_function", [])
 
         def sees_sampled_model(fn):
             def post_cfg(args):
