@@ -176,7 +176,8 @@ def test_cfg_pp_samplers_renoise_with_the_sampled_model(webui):
                 assert_differs(plain.image, lora.image, f"{sampler} CFG {cfg}: the LoRA must change the image")
                 assert_close(g1.image, lora.image, f"{sampler} CFG {cfg}: γ=1 vs plain LoRA")
                 assert_close(g0.image, plain.image, f"{sampler} CFG {cfg}: γ=0 vs no LoRA")
-                assert g0.stats["guided_steps"] >= STEPS and g0.stats["plain_steps"] == 0, g0.stats
+                # every model call guided (A1111's DDIM CFG++, a timesteps sampler, makes steps - 1)
+                assert g0.stats["guided_steps"] >= STEPS - 1 and g0.stats["plain_steps"] == 0, g0.stats
             except AssertionError as exc:
                 failures.append(str(exc))
     assert not failures, failures
