@@ -74,7 +74,7 @@ class Bench:
             lambda *a: standin_calc_cond_uncond_batch(*a, max_entries=max_entries))
 
     def autolora(self, settings, cond_scale, options=None, max_entries=99, step=(0, 4), base_text=True,
-                 sampler_options=None):
+                 sampler_options=None, after_step=None):
         """One sampling_function call with AutoLoRA on: `options` are the UNet patcher's model
         options, `sampler_options` those the sampler passes (Forge Neo: they update the patcher's)."""
         api = standin_api(max_entries)
@@ -96,6 +96,8 @@ class Bench:
             out = standin_sampling_function_inner(
                 self.model, self.x, self.sigma, uncond, cond, cond_scale, options,
                 lambda *a: standin_calc_cond_uncond_batch(*a, max_entries=max_entries))
+            if after_step is not None:  # what Forge's CFGDenoiser does after sampling_function, callbacks included
+                after_step(sampling)
         finally:
             sampling.close()
         return out, record, sampling
@@ -251,6 +253,29 @@ def test_cfg_pp_sampler_renoises_with_the_sampled_model(cond_scale):
     denoised, uncond = base_den + 1.5 * (lora_den - base_den), base_u0 + 1.5 * (lora_u0 - base_u0)
     want = denoised + (bench.x - uncond) / bench.sigma.reshape(-1, 1, 1, 1) * sigma_next
     torch.testing.assert_close(autolora(1.5), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 1.5])
+def test_ddim_cfg_pp_last_noise_uncond_is_the_sampled_models(gamma):
+    """Forge's CFGDenoiser keeps last_noise_uncond = (x - uncond_pred) / sigma from the LoRA branch's
+    uncond prediction for DDIM CFG++; after a guided step the after-CFG callback moves it to the
+    sampled model's: the base's at γ 0, the LoRA's at γ 1."""
+    bench = Bench()
+    lora_u, base_u = bench.plain(bench.model, "lora", 0.0), bench.plain(bench.base_model, "base", 0.0)
+    sigma = bench.sigma.reshape(-1, 1, 1, 1)
+    denoiser = SimpleNamespace(need_last_noise_uncond=True)
+
+    def standin_forge_cfg_denoiser_tail(sampling):
+        denoiser.last_noise_uncond = (bench.x - lora_u) / sigma  # sd_samplers_cfg_denoiser.forward
+        sampling.correct_last_noise_uncond(denoiser)  # AutoLoRA's on_cfg_after_cfg
+
+    bench.autolora(AutoLoraSettings(enabled=True, gamma=gamma), 7.0, after_step=standin_forge_cfg_denoiser_tail)
+    want = (bench.x - (base_u + gamma * (lora_u - base_u))) / sigma
+    torch.testing.assert_close(denoiser.last_noise_uncond, want, atol=1e-4, rtol=0)
+    # a sampler that does not ask for it, or a step AutoLoRA did not guide, is left alone
+    denoiser = SimpleNamespace(need_last_noise_uncond=False)
+    bench.autolora(AutoLoraSettings(enabled=True, gamma=gamma), 7.0, after_step=standin_forge_cfg_denoiser_tail)
+    torch.testing.assert_close(denoiser.last_noise_uncond, (bench.x - lora_u) / sigma, atol=0, rtol=0)
 
 
 def test_post_cfg_function_added_by_a_later_extension_still_sees_the_lora_branch():

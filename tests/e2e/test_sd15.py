@@ -166,7 +166,7 @@ def test_cfg_pp_samplers_renoise_with_the_sampled_model(webui):
     if not names:
         pytest.skip(f"{webui.host_name} offers no CFG++ sampler")
     failures = []
-    for sampler in [n for n in ("Euler a CFG++", "DPM++ 2M CFG++") if n in names] or names[:2]:
+    for sampler in [n for n in ("Euler a CFG++", "DPM++ 2M CFG++", "DDIM CFG++") if n in names] or names[:2]:
         for cfg in (webui.host.spec.archs[ARCH].ui_defaults.get("cfg_scale", 7), 1.5):
             kw = {"sampler_name": sampler, "cfg_scale": cfg}
             plain, lora = webui.txt2img(base_req(webui, **kw)), webui.txt2img(lora_req(webui, **kw))

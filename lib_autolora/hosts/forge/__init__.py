@@ -132,10 +132,21 @@ class ForgeAdapter:
     available = True
     reason = None
 
-    def __init__(self, api: Optional[ForgeAPI] = None):
+    def __init__(self, api: Optional[ForgeAPI] = None, register_callbacks: bool = True):
         self.api = api or ForgeAPI()
         self.gen: Optional[Generation] = None
         self.base_conditioning = BaseConditioning(self.api, BaseCondCache())
+        if register_callbacks:
+            from modules import script_callbacks
+            script_callbacks.on_cfg_after_cfg(self.after_cfg, name="autolora")
+
+    def after_cfg(self, params) -> None:
+        """script_callbacks.on_cfg_after_cfg, at the end of each CFGDenoiser step: DDIM CFG++'s
+        unconditional prediction becomes the sampled model's (Sampling.correct_last_noise_uncond)."""
+        gen = self.gen
+        sampling = gen.host_state.sampling if gen is not None else None
+        if sampling is not None and sampling.uncond_swap is not None:
+            sampling.correct_last_noise_uncond(getattr(gen.host_state.p.sampler, "model_wrap_cfg", None))
 
     def _current(self, gen: Generation) -> bool:
         return self.gen is gen

@@ -23,8 +23,9 @@ blend and see the LoRA branch, as without AutoLoRA: they re-run the LoRA model a
 own predictions. Post-CFG functions a sampler brings for its own use (Forge Neo's CFG++ samplers
 renoise with the unconditional prediction; they arrive in the sampler's model options, not on the
 UNet patcher) see the predictions of the model AutoLoRA samples (`Generation.sampled_prediction`),
-so that γ 1 is the LoRA's sampler and γ 0 the base model's. Block patches (FreeU) apply to both
-branches.
+so that γ 1 is the LoRA's sampler and γ 0 the base model's; DDIM CFG++ reads the same from the
+CFG denoiser's `last_noise_uncond`, corrected after each guided step. Block patches (FreeU) apply
+to both branches.
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ class Sampling:
         self.closed = False
         self.fits = {}  # input shape -> both branches fit in memory in one forward
         self.marks = {}  # doubled layout -> Forge's cond_mark and indices for it (_doubled_marks)
+        self.uncond_swap = None  # (LoRA uncond, sampled uncond, sigma) of the last guided step
 
     @property
     def strategy(self):
@@ -136,6 +138,22 @@ class Sampling:
         self.ff = self.p = self.unet = self.model = None
         self.conds = {}
         self.marks = {}
+        self.uncond_swap = None
+
+    def correct_last_noise_uncond(self, denoiser) -> None:
+        """DDIM CFG++ (a timesteps sampler) renoises with `denoiser.last_noise_uncond`, which Forge's
+        CFGDenoiser computes as (x - uncond_pred) / sigma from the LoRA branch's uncond prediction
+        after the step: it is moved to the sampled model's (`Generation.sampled_prediction`). Runs
+        from the after-CFG callback, once per step; a step AutoLoRA did not guide is left alone."""
+        swap, self.uncond_swap = self.uncond_swap, None
+        current = getattr(denoiser, "last_noise_uncond", None)
+        if swap is None or not getattr(denoiser, "need_last_noise_uncond", False) or current is None:
+            return
+        lora_u, sampled_u, sigma = swap
+        if lora_u.shape != current.shape:
+            return
+        shift = (lora_u - sampled_u) / sigma.reshape(-1, *([1] * (lora_u.dim() - 1)))
+        denoiser.last_noise_uncond = current + shift.to(current.dtype)
 
     # -- sampler_pre_cfg_function ---------------------------------------------------------------
     def begin_step(self, model, cond, uncond, x) -> Optional[Step]:
@@ -314,6 +332,7 @@ class Sampling:
             if step.lora_uncond is not None and step.base_uncond is not None:
                 step.sampled = (gen.sampled_prediction(base_c, lora_c, step.index, step.total),
                                 gen.sampled_prediction(base_u, lora_u, step.index, step.total))
+                self.uncond_swap = (lora_u, step.sampled[1], args["sigma"])
             return x - gen.blend(base, lora, step.index, step.total, uncond)
 
         return cfg
