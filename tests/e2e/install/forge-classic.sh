@@ -39,17 +39,8 @@
 #   (LoRA: 192 UNet + 72 CLIP keys, 0 skipped), repeats byte-identical, ~6.3 GB RSS. SDXL not run in Classic.
 set -euo pipefail
 
-[ $# -ge 1 ] || { echo "usage: $0 DEST" >&2; exit 2; }
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../../.." && pwd)
-SHARED=${SHARED:-$REPO/../shared/webui}
-[ -d "$SHARED" ] && SHARED=$(cd "$SHARED" && pwd)
-MIRROR=${MIRROR:-$REPO/../.mirror}
-[ -d "$MIRROR" ] && MIRROR=$(cd "$MIRROR" && pwd)
-MAKE_SDXL=${MAKE_SDXL:-1}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-mkdir -p "$1"
-DEST=$(cd "$1" && pwd)
 WEBUI=$DEST/webui
 VENV=$DEST/venv
 log() { echo "[forge-classic.sh $(date +%H:%M:%S)] $*"; }

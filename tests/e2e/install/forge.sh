@@ -15,16 +15,7 @@
 #   this repository).
 set -euo pipefail
 
-[ $# -ge 1 ] || { echo "usage: $0 DEST" >&2; exit 2; }
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../../.." && pwd)
-SHARED=${SHARED:-$REPO/../shared/webui}
-[ -d "$SHARED" ] && SHARED=$(cd "$SHARED" && pwd)
-MIRROR=${MIRROR:-$REPO/../.mirror}
-[ -d "$MIRROR" ] && MIRROR=$(cd "$MIRROR" && pwd)
-export MIRROR
-mkdir -p "$1"
-DEST=$(cd "$1" && pwd)
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 log() { echo "[forge.sh $(date +%H:%M:%S)] $*"; }
 
 [ -f "$SHARED/install-forge.sh" ] || { echo "missing $SHARED/install-forge.sh (set SHARED)" >&2; exit 1; }

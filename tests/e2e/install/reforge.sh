@@ -25,17 +25,7 @@
 #   --skip-version-check --always-cpu --api --nowebui --server-name 127.0.0.1 --port N
 set -euo pipefail
 
-[ $# -ge 1 ] || { echo "usage: $0 DEST" >&2; exit 2; }
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../../.." && pwd)
-SHARED=${SHARED:-$REPO/../shared/webui}
-[ -d "$SHARED" ] && SHARED=$(cd "$SHARED" && pwd)
-MIRROR=${MIRROR:-$REPO/../.mirror}
-[ -d "$MIRROR" ] && MIRROR=$(cd "$MIRROR" && pwd)
-export MIRROR
-MAKE_SDXL=${MAKE_SDXL:-1}
-mkdir -p "$1"
-DEST=$(cd "$1" && pwd)
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 WEBUI=$DEST/webui
 PY=$DEST/venv/bin/python
 log() { echo "[reforge.sh $(date +%H:%M:%S)] $*"; }
