@@ -71,12 +71,11 @@ class HostSpec:
 
 
 def _forge_checkpoint_cmd(host, arch, out):
-    if arch == "sd3":  # a depth-2 MMDiT with the real CLIP-L/G, T5-XXL (float8) and VAE, in Forge's layout
-        return [str(host.python), str(REPO / "tests" / "e2e" / "makers" / "forge_sd3_checkpoint.py"), "--forge",
-                str(host.root), "--out", str(out)]
-    # the shared Forge maker, written tensor by tensor (its own writer holds an SDXL file three times)
-    return [str(host.python), str(REPO / "tests" / "e2e" / "makers" / "streamed_checkpoint.py"), "--forge",
-            str(host.root), "--arch", arch, "--out", str(out)]
+    # sd3: a depth-2 MMDiT with the real CLIP-L/G, T5-XXL (float8) and VAE, in Forge's layout; the
+    # others: the shared Forge maker, written tensor by tensor (its own writer holds an SDXL file three times)
+    maker, arch_args = ("forge_sd3_checkpoint.py", []) if arch == "sd3" else ("streamed_checkpoint.py", ["--arch", arch])
+    return [str(host.python), str(REPO / "tests" / "e2e" / "makers" / maker), "--forge", str(host.root), *arch_args,
+            "--out", str(out)]
 
 
 def _a1111_checkpoint_cmd(host, arch, out):

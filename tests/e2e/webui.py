@@ -48,6 +48,11 @@ def assert_close(a, b, what=""):
         f"{what}: mean |Δ| {mean:.3f}, max {mx} (tolerance {IDENTITY_MEAN}, {IDENTITY_MAX})"
 
 
+def assert_drawn(image, what=""):
+    """A real picture, not the black a NaN becomes: identities between two blank images prove nothing."""
+    assert np.asarray(image).std() > 1, f"{what}: blank image"
+
+
 def assert_differs(a, b, what=""):
     mean, _ = diff(a, b)
     assert mean >= DIFFERS_MEAN, f"{what}: mean |Δ| {mean:.3f} < {DIFFERS_MEAN}"

@@ -143,10 +143,9 @@ class ForgeAdapter:
     def after_cfg(self, params) -> None:
         """script_callbacks.on_cfg_after_cfg, at the end of each CFGDenoiser step: DDIM CFG++'s
         unconditional prediction becomes the sampled model's (Sampling.correct_last_noise_uncond)."""
-        gen = self.gen
-        sampling = gen.host_state.sampling if gen is not None else None
-        if sampling is not None and sampling.uncond_swap is not None:
-            sampling.correct_last_noise_uncond(getattr(gen.host_state.p.sampler, "model_wrap_cfg", None))
+        sampling = self.gen.host_state.sampling if self.gen is not None else None
+        if sampling is not None and sampling.last_guided is not None:
+            sampling.correct_last_noise_uncond(getattr(self.gen.host_state.p.sampler, "model_wrap_cfg", None))
 
     def _current(self, gen: Generation) -> bool:
         return self.gen is gen

@@ -90,7 +90,10 @@ class Step:
     total: int = 0
     phase: str = "lora"  # lora -> base -> closed
     stash: dict = field(default_factory=dict)  # entry tag -> base rows computed in the LoRA pass
-    sampled: Optional[tuple] = None  # (cond, uncond) predictions of the sampled model, for the sampler's hooks
+    # (base cond, LoRA cond, base uncond, LoRA uncond) predictions of a guided step with an uncond
+    # pass, and its sigma: what the sampled model's predictions are derived from, when a sampler asks
+    predictions: Optional[tuple] = None
+    sigma: Optional[torch.Tensor] = None
 
 
 class Sampling:
@@ -106,7 +109,7 @@ class Sampling:
         self.closed = False
         self.fits = {}  # input shape -> both branches fit in memory in one forward
         self.marks = {}  # doubled layout -> Forge's cond_mark and indices for it (_doubled_marks)
-        self.uncond_swap = None  # (LoRA uncond, sampled uncond, sigma) of the last guided step
+        self.last_guided: Optional[Step] = None  # until the CFG denoiser's after-CFG callback
 
     @property
     def strategy(self):
@@ -138,21 +141,28 @@ class Sampling:
         self.ff = self.p = self.unet = self.model = None
         self.conds = {}
         self.marks = {}
-        self.uncond_swap = None
+        self.last_guided = None
+
+    def sampled_prediction(self, step: Step, uncond: bool) -> torch.Tensor:
+        """The sampled model's cond or uncond prediction at a guided step with an uncond pass
+        (`Generation.sampled_prediction`); computed only for the samplers that read it."""
+        base, lora = step.predictions[2:] if uncond else step.predictions[:2]
+        return self.gen.sampled_prediction(base, lora, step.index, step.total)
 
     def correct_last_noise_uncond(self, denoiser) -> None:
         """DDIM CFG++ (a timesteps sampler) renoises with `denoiser.last_noise_uncond`, which Forge's
         CFGDenoiser computes as (x - uncond_pred) / sigma from the LoRA branch's uncond prediction
-        after the step: it is moved to the sampled model's (`Generation.sampled_prediction`). Runs
-        from the after-CFG callback, once per step; a step AutoLoRA did not guide is left alone."""
-        swap, self.uncond_swap = self.uncond_swap, None
+        after the step: it is moved to the sampled model's. Runs from the after-CFG callback, once
+        per step; a step AutoLoRA did not guide is left alone."""
+        step, self.last_guided = self.last_guided, None
         current = getattr(denoiser, "last_noise_uncond", None)
-        if swap is None or not getattr(denoiser, "need_last_noise_uncond", False) or current is None:
+        if step is None or current is None or not getattr(denoiser, "need_last_noise_uncond", False):
             return
-        lora_u, sampled_u, sigma = swap
+        lora_u = step.predictions[3]
         if lora_u.shape != current.shape:
             return
-        shift = (lora_u - sampled_u) / sigma.reshape(-1, *([1] * (lora_u.dim() - 1)))
+        shift = (lora_u - self.sampled_prediction(step, uncond=True)) / step.sigma.reshape(
+            -1, *([1] * (lora_u.dim() - 1)))
         denoiser.last_noise_uncond = current + shift.to(current.dtype)
 
     # -- sampler_pre_cfg_function ---------------------------------------------------------------
@@ -330,9 +340,8 @@ class Sampling:
             base = cfg_of(args, x, base_c, base_u, w1, edit_strength)
             uncond = lora_u if step.lora_uncond is not None else None
             if step.lora_uncond is not None and step.base_uncond is not None:
-                step.sampled = (gen.sampled_prediction(base_c, lora_c, step.index, step.total),
-                                gen.sampled_prediction(base_u, lora_u, step.index, step.total))
-                self.uncond_swap = (lora_u, step.sampled[1], args["sigma"])
+                step.predictions, step.sigma = (base_c, lora_c, base_u, lora_u), args["sigma"]
+                self.last_guided = step
             return x - gen.blend(base, lora, step.index, step.total, uncond)
 
         return cfg
@@ -347,8 +356,9 @@ class Sampling:
 
         def sees_sampled_model(fn):
             def post_cfg(args):
-                if step.sampled is not None:
-                    args = {**args, "cond_denoised": step.sampled[0], "uncond_denoised": step.sampled[1]}
+                if step.predictions is not None:
+                    args = {**args, "cond_denoised": self.sampled_prediction(step, uncond=False),
+                            "uncond_denoised": self.sampled_prediction(step, uncond=True)}
                 return fn(args)
             return post_cfg
 
