@@ -42,6 +42,21 @@ class Generation:
         if comment is not None:
             comment(text)
 
+    def fail(self, exc: BaseException, step: int, comment: Optional[Callable] = None) -> None:
+        """An error inside sampling: AutoLoRA stops (the host's plain step from here on), the
+        strategy is closed (weights and hooks as they were), and the stats and the infotext's
+        comments say what happened. Before the first guided step the image is the plain one."""
+        log.error("AutoLoRA failed during sampling", exc_info=exc)
+        reason = f"{type(exc).__name__}: {exc}"
+        self.off = f"failed: {reason}"
+        self.stats.failure = reason
+        self.close_strategy()
+        rest = ("the rest of the steps ran without it" if self.stats.guided_steps
+                else "generated without AutoLoRA")
+        self.note(f"AutoLoRA failed at step {step + 1} ({reason}); {rest}", comment)
+        if not self.stats.guided_steps:
+            self.stats.active = False
+
     # -- the base-branch strategy of one pass ------------------------------------------------------
     def open_strategy(self, factors: LoraFactors, *, default: str = "auto", weights_merged: bool = True,
                       lean_memory: bool = False, latent_pixels_per_branch: int = 0,
@@ -72,7 +87,11 @@ class Generation:
             strategy = make_strategy(name, factors, self.settings.lora_scale, weights_merged=weights_merged,
                                      base_strength=self.settings.base_strength)
         started = time.perf_counter()
-        self.strategy = strategy.__enter__()
+        try:
+            self.strategy = strategy.__enter__()
+        except BaseException:
+            strategy.__exit__(None, None, None)  # what __enter__ set up before it raised
+            raise
         self.stats.add_setup_time(time.perf_counter() - started)
         self.stats.strategy, self.stats.strategy_reason, self.stats.weights_merged = name, reason, weights_merged
         log.info("AutoLoRA: base-branch strategy %s (%s)", name, reason)

@@ -61,6 +61,7 @@ class Stats:
     te_base_cached: int = 0  # ... reused from an earlier generation (Forge)
     modules: dict = field(default_factory=lambda: {"text_encoder": 0, "unet": 0})  # guided LoRA'd layers
     notices: list = field(default_factory=list)
+    failure: Optional[str] = None  # the error that stopped AutoLoRA during sampling, if one did
     peak_vram_bytes: Optional[int] = None
     strategy_setup_ms: Optional[float] = None
     gc_ms: Optional[float] = None

@@ -336,6 +336,35 @@ def test_cfg_denoiser_interval_explicit_w_and_errors():
         assert torch.equal(out, plain) and stats.notices
 
 
+def test_an_error_of_autolora_inside_a_step_gives_the_plain_image_and_says_so():
+    """The base branch raising (here the strategy itself) is not the WebUI's error: the step is the
+    host's own, guidance stops for the generation, the stats and a notice name the error."""
+    clean = make_model(0)
+    lora_sd = lora_state_dict(clean, seed=1)
+    merged = merged_copy(0, [(lora_sd, 1.0)])
+    factors = factors_from_kohya(lora_sd, merged.kohya_modules())
+    sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
+    with sti.installed(sti.standin_opts(), sd_model) as host:
+        host.callbacks.on_cfg_denoiser(binding.on_cfg_denoiser)
+        host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
+        c = _cond(merged.text_encoder, [1])
+        uc = [t for t in merged.text_encoder(torch.tensor([10]))]
+        plain, _ = _sample(host, merged.denoiser, c, uc)
+        gen = standin_generation(AutoLoraSettings(enabled=True, gamma=1.5), host, sd_model, factors=factors)
+        gen.host_state.pairs[id(c)] = (c, CondPair(base=None))
+
+        def broken(*args):
+            raise RuntimeError("base branch broke")
+
+        gen.strategy.evaluate = broken
+        out, _ = _sample(host, merged.denoiser, c, uc, gen)
+        gen.host_state.close_pass(gen)
+    assert torch.equal(out, plain)
+    assert gen.stats.failure == "RuntimeError: base branch broke" and gen.stats.guided_steps == 0
+    assert any("AutoLoRA failed at step 1" in n for n in gen.stats.notices)
+    assert gen.strategy is None and all(not m._forward_hooks for m in merged.modules())
+
+
 def test_model_exception_mid_step_leaves_the_denoiser_clean():
     clean = make_model(0)
     lora_sd = lora_state_dict(clean, seed=1)

@@ -14,6 +14,7 @@ from lib_autolora.generation import Generation
 from lib_autolora.hosts.forge import ForgeState
 from lib_autolora.hosts.forge.conditioning import scaled_text_encoder
 from lib_autolora.hosts.forge.factors import base_weight, read_factors
+from lib_autolora.hosts.forge.patcher import originals
 from lib_autolora.hosts.forge.sampling import Sampling
 from lib_autolora.params import AutoLoraSettings
 from standins.forge import (
@@ -21,7 +22,12 @@ from standins.forge import (
     standin_compile_weighted_conditions, standin_compute_cond_mark, standin_compute_cond_indices,
     standin_calc_cond_uncond_batch, standin_sampling_function_inner, StandInLinear, StandInKModel,
     lora_patch, forge_lora_patches, merge_offline, standin_api, standin_merge_lora_to_weight_with_adapters,
-    as_adapter_patches)
+    as_adapter_patches, StandInForgeModelPatcher)
+
+def originals_of(model):
+    """The originals Forge main keeps for `model` (its lora_loader backup), as the adapter reads them."""
+    return originals(SimpleNamespace(model=model))
+
 
 def standin_generation(settings, p=None):
     gen = Generation(settings, "forge")
@@ -79,7 +85,7 @@ class Bench:
         options, `sampler_options` those the sampler passes (Forge Neo: they update the patcher's)."""
         api = standin_api(max_entries)
         ff = read_factors(self.model, self.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
-                          backup=self.model.lora_loader.backup)
+                          original=originals_of(self.model))
         p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=step[0], total_steps=step[1])),
                             comment=lambda text: None)
         gen = standin_generation(settings, p)
@@ -290,7 +296,7 @@ def test_post_cfg_function_added_by_a_later_extension_still_sees_the_lora_branch
 
     api = standin_api(99)
     ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
-                      backup=bench.model.lora_loader.backup)
+                      original=originals_of(bench.model))
     ours = SimpleNamespace(model=bench.model, model_options={})
     later = SimpleNamespace(model=bench.model, model_options={"sampler_post_cfg_function": [standin_pag]})
     p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
@@ -342,7 +348,7 @@ def test_weights_restored_when_the_step_raises():
 def test_factors_low_rank_with_fused_qkv_offsets():
     bench = Bench()
     ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight,
-                      backup=bench.model.lora_loader.backup)
+                      original=originals_of(bench.model))
     assert not ff.dense and not ff.skipped and ff.files == {"A.safetensors"}
     dm, base_dm = bench.model.diffusion_model, bench.base_model.diffusion_model
     for name in ("conv", "to_k", "qkv", "vec", "out"):
@@ -357,7 +363,7 @@ def test_factors_low_rank_with_fused_qkv_offsets():
 def test_nonlinear_patches_become_an_exact_dense_delta():
     bench = Bench(nonlinear=True)
     ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight,
-                      backup=bench.model.lora_loader.backup)
+                      original=originals_of(bench.model))
     assert ff.dense == ["diffusion_model.out.weight"] and "exact dense delta" in ff.message("UNet")
     out = bench.model.diffusion_model.out
     torch.testing.assert_close(out.weight - ff.factors.deltas[out].delta_weight(),
@@ -369,10 +375,10 @@ def test_nonlinear_patches_become_an_exact_dense_delta():
 def test_swap_base_weight_is_the_original_with_unguided_loras_merged_back():
     bench = Bench()
     ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight,
-                      backup=bench.model.lora_loader.backup)
+                      original=originals_of(bench.model))
     for name in ("conv", "to_k", "out"):
         info = ff.params[getattr(bench.model.diffusion_model, name)]
-        w = base_weight(info, merge=standin_merge_lora_to_weight, backup=bench.model.lora_loader.backup)
+        w = base_weight(info, merge=standin_merge_lora_to_weight, original=originals_of(bench.model))
         assert torch.equal(w, getattr(bench.base_model.diffusion_model, name).weight)
 
 
@@ -381,7 +387,7 @@ def test_bias_patches_are_reported_not_silently_dropped():
     patches = copy.deepcopy(bench.lora_patches)
     patches[("A.safetensors", 1.0, 1.0, False)]["diffusion_model.out.bias"] = [[1.0, (torch.ones(4),), 1.0, None, None]]
     ff = read_factors(bench.model, patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight,
-                      backup=bench.model.lora_loader.backup)
+                      original=originals_of(bench.model))
     assert ff.skipped and "bias" in ff.message("UNet")
 
 
@@ -395,7 +401,7 @@ def test_text_encoder_hooks_give_the_lora_free_encoder():
     wrapper = SimpleNamespace(lora_loader=SimpleNamespace(backup={}))
     te.lora_loader = wrapper.lora_loader
     merge_offline(te, patches)
-    ff = read_factors(te, patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight, backup=te.lora_loader.backup)
+    ff = read_factors(te, patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight, original=originals_of(te))
     x = torch.randn(3, 5, 8)
     assert (te(x) - clean(x)).abs().max() > 1e-2
     counter = [0]
@@ -449,7 +455,7 @@ def test_doubled_forward_gets_forges_cond_marks_made_once_per_pass():
     bench = Bench()
     api = standin_api()
     ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
-                      backup=bench.model.lora_loader.backup)
+                      original=originals_of(bench.model))
     settings = AutoLoraSettings(enabled=True, strategy="batched")
     p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
                         comment=lambda text: None)
@@ -536,13 +542,13 @@ def test_the_forge_binding_needs_forge_mains_sampling_step():
             return x - model_options["sampler_cfg_function"]({})
         return uncond_pred + (cond_pred - uncond_pred) * cond_scale
 
-    assert forge.missing_capability(SimpleNamespace(sampling_function_inner=forge_main)) is None
+    assert forge.missing_capability(SimpleNamespace(sampling_function_inner=forge_main), StandInForgeModelPatcher) is None
 
     def comfy_style(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None):
         out = calc_cond_batch(model, [cond, uncond], x, timestep, model_options)  # noqa: F821
         return cfg_function(model, out[0], out[1], cond_scale, x, timestep, model_options)  # noqa: F821
 
-    reason = forge.missing_capability(SimpleNamespace(sampling_function_inner=comfy_style))
+    reason = forge.missing_capability(SimpleNamespace(sampling_function_inner=comfy_style), StandInForgeModelPatcher)
     assert "sampler_pre_cfg_function" in reason and "calc_cond_uncond_batch" in reason
 
 
@@ -559,16 +565,16 @@ def _delta_outputs(ff, seed=4):
 def test_neo_later_patch_shapes_give_the_same_factors():
     """Neo's LoRA patches as weight_adapter objects in tuples (keyed by file), and later in the
     ModelPatcher's `patches` without the file: the factors are the ones of Forge main's tuples."""
-    from lib_autolora.hosts.forge.factors import UNKNOWN_FILE, guided_sources, patch_sets
+    from lib_autolora.hosts.forge.patcher import UNKNOWN_FILE, guided_sources, patch_sets
     bench = Bench()
     merge = standin_merge_lora_to_weight_with_adapters
     want = _delta_outputs(read_factors(bench.model, bench.lora_patches, {"A.safetensors"},
-                                       merge=standin_merge_lora_to_weight, backup=bench.model.lora_loader.backup))
+                                       merge=standin_merge_lora_to_weight, original=originals_of(bench.model)))
     keyed = as_adapter_patches(bench.lora_patches)
     patcher = SimpleNamespace(lora_patches=keyed, patches={})
     assert patch_sets(patcher) is keyed
     got = _delta_outputs(read_factors(bench.model, keyed, {"A.safetensors"}, merge=merge,
-                                      backup=bench.model.lora_loader.backup))
+                                      original=originals_of(bench.model)))
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
@@ -579,9 +585,9 @@ def test_neo_later_patch_shapes_give_the_same_factors():
     loaded = {"A.safetensors", "B.safetensors"}
     assert guided_sources(sets, {"A.safetensors"}, loaded) is None
     sources = guided_sources(sets, loaded, loaded)
-    both = _delta_outputs(read_factors(bench.model, sets, sources, merge=merge, backup=bench.model.lora_loader.backup))
+    both = _delta_outputs(read_factors(bench.model, sets, sources, merge=merge, original=originals_of(bench.model)))
     everything = _delta_outputs(read_factors(bench.model, bench.lora_patches, loaded, merge=standin_merge_lora_to_weight,
-                                             backup=bench.model.lora_loader.backup))
+                                             original=originals_of(bench.model)))
     assert both.keys() == everything.keys()
     for name in everything:
         torch.testing.assert_close(both[name], everything[name], atol=1e-5, rtol=1e-5)

@@ -329,3 +329,21 @@ def as_adapter_patches(lora_patches, *, unnamed=False):
         for key, entries in patches.items():
             merged.setdefault(key, []).extend(convert(e) for e in entries)
     return merged
+
+
+class StandInForgeModelPatcher:
+    """backend/patcher/base.py ModelPatcher of Forge main: `lora_patches` keyed by file, the model's
+    `lora_loader` (created on first use) keeping the originals in `backup`; clones copy the dict."""
+
+    def __init__(self, model, load_device, offload_device, size=0, current_device=None, **kwargs):
+        self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+        self.lora_patches = {}
+        self.model_options = {"transformer_options": {}}
+        if not hasattr(model, "lora_loader"):
+            model.lora_loader = SimpleNamespace(backup={}, online_backup=[], loaded_hash=str([]))
+        self.lora_loader = model.lora_loader
+
+    def clone(self):
+        n = StandInForgeModelPatcher(self.model, self.load_device, self.offload_device, self.size)
+        n.lora_patches = self.lora_patches.copy()
+        return n

@@ -40,6 +40,7 @@ class StepProxy(torch.nn.Module):
         self.cursor = 0
         self.base_out = None
         self.error: Optional[str] = None
+        self.failure: Optional[BaseException] = None  # an exception of AutoLoRA's own evaluation
 
     def __getattr__(self, name):
         try:
@@ -64,7 +65,11 @@ class StepProxy(torch.nn.Module):
         def forward(x_, sigma_, cond_):
             return real(x_, sigma_, cond=cond_, **kwargs)
 
-        lora_out, base_out = self.strategy.evaluate(forward, (x, sigma, lora_cond), (x, sigma, base_cond))
+        try:
+            lora_out, base_out = self.strategy.evaluate(forward, (x, sigma, lora_cond), (x, sigma, base_cond))
+        except Exception as exc:  # never the WebUI's error: the host's plain step instead
+            self.error, self.failure = f"{type(exc).__name__}: {exc}", exc
+            return real(x, sigma, cond=cond, **kwargs)
         if self.base_out is None:
             self.base_out = torch.zeros((self.n_rows, *base_out.shape[1:]), device=base_out.device,
                                         dtype=base_out.dtype)
@@ -151,6 +156,9 @@ def on_cfg_denoiser(params_):
         unwrap(denoiser)
         if denoiser in state.wrapped:
             state.wrapped.remove(denoiser)
+        if proxy.failure is not None:
+            gen.fail(proxy.failure, denoiser.step, comment)
+            return original(x_out, conds_list, uncond, cond_scale)
         if proxy.error is not None or proxy.base_out is None:
             gen.note(f"AutoLoRA: {proxy.error or 'no model call'}; a step ran without AutoLoRA", comment)
             return original(x_out, conds_list, uncond, cond_scale)

@@ -19,7 +19,8 @@ from ...generation import Generation
 from .. import memory, networks
 from ..prompts import select_guided
 from .conditioning import BaseCondCache, BaseConditioning
-from .factors import UNTOLD_NOTICE, guided_sources, patch_sets, read_factors
+from .factors import read_factors
+from .patcher import UNTOLD_NOTICE, guided_sources, missing_convention, originals, patch_sets
 from .sampling import OUR_MARK, Sampling
 
 NAME = "forge"
@@ -45,6 +46,10 @@ class ForgeAPI:
         self.reconstruct_cond_batch = prompt_parser.reconstruct_cond_batch
         self.merge_lora_to_weight = merge_lora_to_weight
         self.memory_management = memory_management
+        self.context_handler = _context_handler
+
+    def encode_prompts(self, function, model, prompts, steps, hires_steps):
+        return call_prompt_function(function, self.options(), model, prompts, steps, hires_steps)
 
     def loaded_loras(self) -> Optional[list]:
         """(filename, names…) of each LoRA Forge activated for this batch; None without `sd_forge_lora`."""
@@ -89,15 +94,45 @@ class ForgeAPI:
             buffer.update(saved)
 
 
-def missing_capability(sampling_function_module=None) -> Optional[str]:
+def call_prompt_function(function, opts, model, prompts, steps, hires_steps):
+    """The host's prompt function called as its `get_conds_with_caching` calls it: Forge main passes
+    the `use_old_scheduling` option as a fifth argument, Forge Neo 2.x has neither."""
+    extra = ()
+    if "use_old_scheduling" in _parameters(function):
+        extra = (bool(getattr(opts, "use_old_scheduling", False)),)
+    return function(model, prompts, steps, hires_steps, *extra)
+
+
+def _parameters(function) -> tuple:
+    import inspect
+    try:
+        return tuple(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
+def _context_handler():
+    """Forge Neo 2.x's context windows (video models): when its handler takes a step, the host
+    evaluates the conds through it, and so must the base branch. None where there is none."""
+    try:
+        from backend.args import dynamic_args
+    except ImportError:
+        return None
+    return getattr(dynamic_args, "context_handler", None)
+
+
+def missing_capability(sampling_function_module=None, patcher_cls=None) -> Optional[str]:
     """Why this WebUI's Forge backend cannot carry AutoLoRA, or None when it can: the binding needs
-    Forge main's sampling step (`sampling_function_inner` running the `sampler_pre_cfg_function`
-    list, `calc_cond_uncond_batch` and `sampler_cfg_function`) and its LoRA patch merge."""
+    Forge's sampling step (`sampling_function_inner` running the `sampler_pre_cfg_function` list,
+    `calc_cond_uncond_batch` and `sampler_cfg_function`), its LoRA patch merge, and a ModelPatcher
+    that keeps LoRAs in a layout patcher.py reads (checked on a one-layer patcher)."""
     import inspect
     try:
         if sampling_function_module is None:
             from backend.sampling import sampling_function as sampling_function_module
             from backend.patcher.lora import merge_lora_to_weight  # noqa: F401 - the patch format we read
+        if patcher_cls is None:
+            from backend.patcher.base import ModelPatcher as patcher_cls
         source = inspect.getsource(sampling_function_module.sampling_function_inner)
     except (ImportError, AttributeError, OSError, TypeError) as exc:
         return f"its Forge backend lacks what AutoLoRA binds to ({type(exc).__name__}: {exc})"
@@ -105,7 +140,7 @@ def missing_capability(sampling_function_module=None) -> Optional[str]:
                if name not in source]
     if missing:
         return f"its Forge sampling step has no {', '.join(m.rstrip('(') for m in missing)}"
-    return None
+    return missing_convention(patcher_cls)
 
 
 @dataclass
@@ -115,6 +150,7 @@ class ForgeState:
     p: object
     guided_files: set = field(default_factory=set)
     loaded_files: set = field(default_factory=set)  # every LoRA file of the batch
+    loaded_order: tuple = ()  # ... in the order the host loaded them (patcher.patch_sets)
     conds: dict = field(default_factory=dict)  # id(Forge's cond object) -> (that object, base, lora-scaled)
     sampling: Optional[Sampling] = None
     te_corrections: list = field(default_factory=lambda: [0])
@@ -165,6 +201,7 @@ class ForgeAdapter:
         state = gen.host_state
         state.guided_files = set(select_guided(loaded, settings.guided_loras))  # raises for unknown names
         state.loaded_files = {entry[0] for entry in loaded}
+        state.loaded_order = tuple(entry[0] for entry in loaded)
         gen.stats.guided_loras = [entry[1] for entry in loaded if entry[0] in state.guided_files]
         if self.gen is not gen:
             self.gen = gen
@@ -197,6 +234,7 @@ class ForgeAdapter:
             try:
                 state.guided_files = set(select_guided(loaded, gen.settings.guided_loras)) if loaded else set()
                 state.loaded_files = {entry[0] for entry in loaded}
+                state.loaded_order = tuple(entry[0] for entry in loaded)
             except Exception as exc:
                 gen.note(f"{exc}; the hires pass runs without AutoLoRA", p.comment)
                 return None
@@ -212,13 +250,12 @@ class ForgeAdapter:
             gen.note("AutoLoRA: at CFG 1 the WebUI evaluates no negative prompt, so w1 and w2 do not apply",
                      p.comment)
         unet = p.sd_model.forge_objects.unet
-        sets = patch_sets(unet)
+        sets = patch_sets(unet, state.loaded_order)
         sources = guided_sources(sets, state.guided_files, state.loaded_files)
         if sources is None:
             gen.note(UNTOLD_NOTICE, p.comment)
             return None
-        ff = read_factors(unet.model, sets, sources, merge=self.api.merge_lora_to_weight,
-                          backup=getattr(getattr(unet.model, "lora_loader", None), "backup", {}))
+        ff = read_factors(unet.model, sets, sources, merge=self.api.merge_lora_to_weight, original=originals(unet))
         gen.stats.modules["unet"] = len(ff.factors.nonzero())
         message = ff.message("UNet")
         if message:

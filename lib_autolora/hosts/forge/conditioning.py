@@ -2,7 +2,7 @@
 
 Each prompt batch Forge encodes (`p.get_conds_with_caching`, first pass and hires pass alike) is
 encoded once more by the same prompt function while hooks on the text-encoder layers subtract the
-guided LoRAs' terms, read from the patches of `forge_objects.clip.patcher` (factors.patch_sets).
+guided LoRAs' terms, read from the patches of `forge_objects.clip.patcher` (patcher.patch_sets).
 `forge_objects_original.clip` would drop the unguided LoRAs too, and switching patchers re-merges
 the weights (loads them twice); the hooks do neither and work the same for online LoRAs.
 """
@@ -16,7 +16,8 @@ from ...base_branch import DeltaHooks
 from ...factors import base_branch_coef, lora_branch_coef
 from ...generation import Generation
 from ..text_encoding import encode_finite, not_finite_notice
-from .factors import UNTOLD_NOTICE, guided_sources, patch_sets, read_factors
+from .factors import read_factors
+from .patcher import UNTOLD_NOTICE, guided_sources, originals, patch_sets
 
 log = logging.getLogger("autolora")
 
@@ -120,13 +121,11 @@ class BaseConditioning:
         """((base conditioning, LoRA-scale conditioning), LoRA'd text-encoder modules, notices)."""
         api, settings = self.api, gen.settings
         patcher = p.sd_model.forge_objects.clip.patcher
-        sets = patch_sets(patcher)
+        sets = patch_sets(patcher, gen.host_state.loaded_order)
         sources = guided_sources(sets, gen.host_state.guided_files, gen.host_state.loaded_files)
         if sources is None:
             return (None, None), 0, (UNTOLD_NOTICE,)
-        ff = read_factors(patcher.model, sets, sources,
-                          merge=api.merge_lora_to_weight,
-                          backup=getattr(getattr(patcher.model, "lora_loader", None), "backup", {}))
+        ff = read_factors(patcher.model, sets, sources, merge=api.merge_lora_to_weight, original=originals(patcher))
         te_modules, message = len(ff.factors.nonzero()), ff.message("text-encoder")
         notices = (f"AutoLoRA: {message}",) if message else ()
         if ff.empty:
@@ -142,7 +141,7 @@ class BaseConditioning:
 
             def encode():
                 with api.encoding(p), scaled_text_encoder(ff.factors, coef, gen.host_state.te_corrections):
-                    return function(p.sd_model, required_prompts, steps, hires_steps, opts.use_old_scheduling)
+                    return api.encode_prompts(function, p.sd_model, required_prompts, steps, hires_steps)
 
             encoded = encode_finite(encode, opts, required_prompts)
             gen.stats.te_base_encodes += 1

@@ -1,17 +1,12 @@
-"""LoRA factors read from Forge's own patches (`ModelPatcher.lora_patches`).
+"""LoRA factors read from the Forge family's own patches (grouped per LoRA file by patcher.py).
 
-Forge keeps every LoRA as patch lists on its patchers (the UNet, and the text encoder's
-`clip.patcher`), keyed by the LoRA's identity and the parameter each patch changes:
-
-    patcher.lora_patches = {(filename, strength_patch, strength_model, online_mode):
-                                {"diffusion_model.….weight": [[strength_patch, v, strength_model, offset, function], …]}}
-
-with `v = ("lora", (up, down, alpha, mid, dora_scale))` for LoRA/LoCon (Forge's
-`backend/patcher/lora.py: merge_lora_to_weight` applies them in that order). Offline mode merges
-the patches into the weights and keeps the originals in `model.lora_loader.backup`; online mode
-leaves them on the layer (`forge_online_loras`) and applies them in each forward. Either way the
-module output holds the LoRA term, so the base branch subtracts the guided part with `DeltaHooks`:
-nothing is merged again and no weight is loaded twice.
+Each patch entry is (strength_patch, v, strength_model, offset, function[, online]) on a parameter
+key ("diffusion_model.….weight"), with `v = ("lora", (up, down, alpha, mid, dora_scale))` or a
+ComfyUI weight adapter holding the same factors (the host's `merge_lora_to_weight` applies them in
+that order). Merged ("offline") LoRAs change the weights, the originals kept in a backup; online
+ones are applied in each forward. Either way the module output holds the LoRA term, so the base
+branch subtracts the guided part with `DeltaHooks`: nothing is merged again and no weight is
+loaded twice.
 
 Per patched parameter, the guided LoRAs' contribution is
 - low-rank terms (LoRA / LoCon / Tucker mid; a fused-QKV `offset` slice pads its up or down factor
@@ -166,44 +161,22 @@ def _module_delta(module: torch.nn.Module, weight: torch.Tensor) -> Optional[Mod
     return None
 
 
-UNKNOWN_FILE = None  # the "filename" of patches whose LoRA file the host did not record
-
-
-def patch_sets(patcher) -> dict:
-    """A patcher's LoRA patches per LoRA, {(filename, strength_patch, strength_model, online): {key:
-    [entries]}}: Forge main's and Neo's `lora_patches` (until early 2026). Neo's later port of
-    ComfyUI's ModelPatcher keeps them in `patches` {key: [entries]} without the file they came
-    from: one set under the filename UNKNOWN_FILE."""
-    sets = getattr(patcher, "lora_patches", None) or {}
-    if sets:
-        return sets
-    patches = getattr(patcher, "patches", None) or {}
-    return {(UNKNOWN_FILE, 1.0, 1.0, False): patches} if patches else {}
-
-
-def guided_sources(sets: dict, guided_files: set, loaded_files: set) -> Optional[set]:
-    """The patch-set filenames to guide: `guided_files`, or, where the host did not record the
-    files, every patch when every LoRA of the prompt is guided; None when the guided LoRAs' patches
-    cannot be told apart from the others'."""
-    if UNKNOWN_FILE not in {identity[0] for identity in sets}:
-        return set(guided_files)
-    return set(guided_files) | {UNKNOWN_FILE} if set(guided_files) >= set(loaded_files) else None
-
-
-UNTOLD_NOTICE = ("AutoLoRA: this Forge does not record which LoRA a patch comes from, so AutoLoRA can guide only "
-                 "every LoRA in the prompt (leave 'Guided LoRAs' empty); generated without AutoLoRA")
+def merged_copy(merge: Callable, entries: list, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """The host's `merge_lora_to_weight` on a float32 copy of `weight`: ComfyUI's merge (Forge Neo
+    2.x) adds the patches into the tensor it is given, which must never be a live or backed-up one."""
+    return merge(entries, weight.detach().to(torch.float32, copy=True), key, computation_dtype=torch.float32)
 
 
 def read_factors(model: torch.nn.Module, lora_patches: dict, guided_files: Iterable[str], *,
-                 merge: Callable, backup: Optional[dict] = None) -> ForgeFactors:
-    """The guided LoRAs' deltas on `model` (a patcher's `.model`), from `patch_sets(patcher)`.
+                 merge: Callable, original: Optional[Callable] = None) -> ForgeFactors:
+    """The guided LoRAs' deltas on `model` (a patcher's `.model`), from `patcher.patch_sets`.
     Patches of an UNKNOWN_FILE are guided when UNKNOWN_FILE is among `guided_files`.
 
-    `merge(patches, weight, key, computation_dtype=…)` is Forge's `merge_lora_to_weight`; `backup`
-    is `model.lora_loader.backup` (the weights before offline merging).
+    `merge(patches, weight, key, computation_dtype=…)` is the host's `merge_lora_to_weight`;
+    `original(key, current)` the weight before the LoRAs were merged (`patcher.originals`).
     """
     guided_files = set(guided_files)
-    backup = backup or {}
+    original = original or (lambda _key, current: current)
     by_key: dict = {}  # key -> [(guided, entry, online_mode)] in Forge's merge order
     files = set()
     for identity, patches in lora_patches.items():
@@ -247,14 +220,13 @@ def read_factors(model: torch.nn.Module, lora_patches: dict, guided_files: Itera
                 zero = torch.zeros(param.shape, dtype=torch.float32)
                 low = [t for t in terms if t is not None]
                 rest = [e for e, t in zip(guided, terms) if t is None]
-                dense = merge(rest, zero, key, computation_dtype=torch.float32)
+                dense = merged_copy(merge, rest, zero, key)
                 terms = low + [DenseTerm(dense.float(), source=source)]
                 result.dense.append(key)
         if terms is None:
-            original = backup.get(key, param)
-            w0 = original.detach()
-            full = merge(everything, w0, key, computation_dtype=torch.float32).float()
-            part = merge(unguided, w0, key, computation_dtype=torch.float32).float() if unguided else w0.float()
+            w0 = original(key, param)
+            full = merged_copy(merge, everything, w0, key).float()
+            part = merged_copy(merge, unguided, w0, key).float() if unguided else w0.detach().float()
             terms = [DenseTerm((full - part).to(w0.device), source=source)]
             result.dense.append(key)
         for term in terms:
@@ -266,18 +238,13 @@ def read_factors(model: torch.nn.Module, lora_patches: dict, guided_files: Itera
     return result
 
 
-def base_weight(info: PatchedParam, *, merge: Callable, backup: Optional[dict] = None):
-    """The exact weight of `info`'s parameter without the guided LoRAs (for the `swap` strategy).
-
-    The original from Forge's backup, with the unguided LoRAs merged back by Forge's own function.
-    """
-    backup = backup or {}
+def base_weight(info: PatchedParam, *, merge: Callable, original: Callable):
+    """The exact weight of `info`'s parameter without the guided LoRAs (for `swap` and `dual`):
+    the original (`patcher.originals`), with the unguided LoRAs merged back by the host's own
+    function, on a copy."""
     current = getattr(info.module, info.attr)
-    original = backup.get(info.key)
-    if original is None:
+    w0 = original(info.key, current)
+    if w0 is current:
         raise RuntimeError(f"AutoLoRA: no original weight for {info.key} (the LoRA is not merged)")
-    if info.unguided:
-        w = merge(info.unguided, original.detach(), info.key, computation_dtype=torch.float32)
-    else:
-        w = original.detach()
+    w = merged_copy(merge, info.unguided, w0, info.key) if info.unguided else w0.detach()
     return w.to(device=current.device, dtype=current.dtype)

@@ -38,6 +38,7 @@ import torch
 
 from ...generation import Generation
 from .factors import base_weight
+from .patcher import applied_per_call, originals
 
 TWIN_CROSSATTN = "autolora_base_c_crossattn"
 TWIN_Y = "autolora_base_y"
@@ -122,16 +123,36 @@ class Sampling:
     def _open_strategy(self, x: torch.Tensor):
         api, opts = self.api, self.api.options()
         budget_mb = getattr(opts, "autolora_swap_budget_mb", 0) or 0
-        backup = getattr(getattr(self.model, "lora_loader", None), "backup", {})
+        original = originals(self.unet)
         ff = self.ff
+        # Known only now that the host loaded the model: whether every guided layer holds its merged
+        # weight (online LoRAs and low-VRAM layers get their patches applied in each forward).
+        merged = not ff.online and not any(applied_per_call(module) for module in ff.factors.nonzero())
         self.gen.open_strategy(
-            ff.factors, default=getattr(opts, "autolora_default_strategy", "auto"), weights_merged=not ff.online,
+            ff.factors, default=getattr(opts, "autolora_default_strategy", "auto"), weights_merged=merged,
             lean_memory=api.lean_memory(), latent_pixels_per_branch=int(x.shape[0] * x.shape[-1] * x.shape[-2]),
             free_bytes=api.free_memory(x.device), swap_budget_bytes=int(budget_mb * 2 ** 20) if budget_mb else None,
-            # Exact: Forge's pre-LoRA backup with the unguided LoRAs merged back.
+            # Exact: the host's pre-LoRA original with the unguided LoRAs merged back.
             base_weights=lambda module, _delta: (
-                base_weight(ff.params[module], merge=api.merge_lora_to_weight, backup=backup), None),
+                base_weight(ff.params[module], merge=api.merge_lora_to_weight, original=original), None),
             comment=getattr(self.p, "comment", None))
+
+    def fail(self, exc: BaseException, step: Optional[Step] = None) -> None:
+        index = step.index if step is not None else int(getattr(getattr(getattr(self.p, "sampler", None),
+                                                                         "model_wrap_cfg", None), "step", 0) or 0)
+        self.gen.fail(exc, index, getattr(self.p, "comment", None))
+
+    def calc_base(self, model, cond, uncond, x, timestep, model_options):
+        """The base branch through the host's `calc_cond_uncond_batch`, or through its context
+        windows when the host evaluates this step's conds that way (Forge Neo 2.x)."""
+        handler = self.context_handler()
+        if handler is not None and getattr(handler, "should_use_context", lambda *a: False)(x):
+            return handler.execute(self.api.calc_cond_uncond_batch, model, [cond, uncond], x, timestep, model_options)
+        return self.api.calc_cond_uncond_batch(model, cond, uncond, x, timestep, model_options)
+
+    def context_handler(self):
+        find = getattr(self.api, "context_handler", None)
+        return find() if find is not None else None
 
     def close(self):
         self.gen.close_strategy()
@@ -201,7 +222,10 @@ class Sampling:
         base_cond, base_uncond = twins(cond, text["base"][0]), twins(uncond, text["base"][1])
         if self.strategy is None:
             self._open_strategy(x)
-        fused = self.strategy.fuses_branches
+        handler = self.context_handler()
+        # Context windows run the conds window by window: the base rows cannot ride along.
+        fused = self.strategy.fuses_branches and not (
+            handler is not None and getattr(handler, "should_use_context", lambda *a: False)(x))
         if fused:
             lora_cond, base_cond = self._tag(lora_cond, base_cond, 0)
             if uncond is not None:
@@ -245,6 +269,8 @@ class Sampling:
             def forward(x_, t_, c_):
                 return call(apply_model, x_, t_, c_, cou)
 
+            if strategy is None or self.gen.off:  # AutoLoRA failed earlier in this step
+                return forward(x, t, c)
             if step.phase == "lora":
                 if step.fused and TWIN_CROSSATTN in ours and self._can_fuse(apply_model, x, c):
                     to = c.pop("transformer_options", {})
@@ -256,7 +282,11 @@ class Sampling:
                     def forward2(x_, t_, c_):
                         return call(apply_model, x_, t_, dict(c_, transformer_options=to2), list(cou) * 2)
 
-                    lora_out, base_out = strategy.evaluate(forward2, (x, t, c), (x, t, base_c))
+                    try:
+                        lora_out, base_out = strategy.evaluate(forward2, (x, t, c), (x, t, base_c))
+                    except Exception as exc:  # the host's plain forward instead; cfg sees gen.off
+                        self.fail(exc, step)
+                        return forward(x, t, c)
                     rows = x.shape[0] // max(len(cou), 1)
                     tags = ours[TAG].reshape(-1)
                     for k in range(len(cou)):
@@ -311,7 +341,7 @@ class Sampling:
 
     # -- sampler_cfg_function -------------------------------------------------------------------
     def cfg_function(self, step: Step, previous):
-        api, gen = self.api, self.gen
+        gen = self.gen
 
         def cfg_of(args, x, cond, uncond, scale, edit_strength):
             """The CFG Forge would compute for one branch (sampling_function_inner)."""
@@ -324,14 +354,25 @@ class Sampling:
 
         def cfg(args):
             x = args["input"]
+            lora_c, lora_u = args["cond_denoised"], args["uncond_denoised"]
+            if gen.off:  # failed earlier in this step: the host's own CFG of the LoRA branch
+                return x - cfg_of(args, x, lora_c, lora_u, args["cond_scale"],
+                                  sum(e.get("strength", 1) for e in step.lora_cond))
+            try:
+                return guided(args, x, lora_c, lora_u)
+            except Exception as exc:
+                self.fail(exc, step)
+                return x - cfg_of(args, x, lora_c, lora_u, args["cond_scale"],
+                                  sum(e.get("strength", 1) for e in step.lora_cond))
+
+        def guided(args, x, lora_c, lora_u):
             step.phase = "base"
             try:
-                base_c, base_u = api.calc_cond_uncond_batch(args["model"], step.base_cond, step.base_uncond, x,
-                                                            args["timestep"], args["model_options"])
+                base_c, base_u = self.calc_base(args["model"], step.base_cond, step.base_uncond, x,
+                                                args["timestep"], args["model_options"])
             finally:
                 step.phase = "closed"
                 step.stash.clear()
-            lora_c, lora_u = args["cond_denoised"], args["uncond_denoised"]
             # CFG 1, skip-early-CFG steps, Flux: no uncond pass (its prediction is zero), so each
             # branch is what Forge computes for it: the two-evaluation variant.
             w1, w2 = gen.cfg_scales(args["cond_scale"], uncond_evaluated=step.base_uncond is not None)
@@ -366,7 +407,11 @@ class Sampling:
 
     def pre_cfg_function(self):
         def pre_cfg(model, cond, uncond, x, timestep, model_options):
-            step = self.begin_step(model, cond, uncond, x)
+            try:
+                step = self.begin_step(model, cond, uncond, x)
+            except Exception as exc:  # never the WebUI's error: the host's plain step instead
+                self.fail(exc)
+                step = None
             if step is None:
                 return model, cond, uncond, x, timestep, model_options
             options = dict(model_options)

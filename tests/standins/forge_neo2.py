@@ -1,0 +1,225 @@
+"""Stand-ins for Forge Neo release 2.26 (ComfyUI v0.27.1's ModelPatcher), copied from the 2.26 tree
+(exo101/sd-webui-forge-neo-v3 @ de2193d, folder webui/) where the extension touches it:
+
+- `StandInComfyModelPatcher` = backend/patcher/base.py `ModelPatcher`: `patches` {key: [6-tuples
+  (strength_patch, adapter, strength_model, offset, function, online)]} without the file,
+  `add_patches(patches, strength_patch, strength_model, *, filename, online_mode)`, `clone()` that
+  records `parent` and shares `backup`, `patch_weight_to_device` (original into `backup[key]` as a
+  (weight, inplace_update) namedtuple, the merge on a float32 copy, `set_attr` of a new Parameter),
+  `unpatch_model` (originals back, backup cleared);
+- `standin_merge_lora_to_weight` = backend/patcher/lora.py `merge_lora_to_weight`: **in place** on
+  the tensor it is given (no clone, no cast), adapters by `calculate_weight`, "diff"/"set" tuples,
+  anything else raises;
+- `StandInLoRAAdapter` = comfy/weight_adapter/lora.py `LoRAAdapter` with DoRA's `weight_decompose`
+  (in place: `weight[:] = weight_calc`);
+- `standin_load_lora_for_models` = extensions-builtin/sd_forge_lora/networks.py: one clone of the
+  UNet and the CLIP patcher per LoRA, `add_patches(filename=...)` (the file is not kept);
+- `standin_sampling_function_inner` = backend/sampling/sampling_function.py: pre-CFG list, the
+  context-window branch (`dynamic_args.context_handler.should_use_context(x)` → `execute(calc, model,
+  [cond, uncond], x, timestep, model_options)`), `sampler_cfg_function`, post-CFG list; model options
+  of the sampler merged with `join_dicts` (nested dicts merged, lists concatenated);
+- `standin_get_learned_conditioning(model, prompts, steps, hires_steps=None)`: 4 arguments.
+"""
+from __future__ import annotations
+
+import collections
+import math
+
+import torch
+
+from standins.forge import standin_calc_cond_uncond_batch
+
+
+def standin_merge_lora_to_weight(patches, weight, key, computation_dtype=torch.float32):
+    for p in patches:
+        strength, v, strength_model, offset, function = p[:5]
+        function = function or (lambda a: a)
+        old_weight = None
+        if offset is not None:
+            old_weight, weight = weight, weight.narrow(offset[0], offset[1], offset[2])
+        if strength_model != 1.0:
+            weight *= strength_model
+        if hasattr(v, "calculate_weight"):
+            weight = v.calculate_weight(weight, key, strength, strength_model, offset, function, computation_dtype)
+            if old_weight is not None:
+                weight = old_weight
+            continue
+        patch_type, v = ("diff", v) if len(v) == 1 else (v[0], v[1])
+        if patch_type == "diff":
+            weight += function(strength * v[0].to(weight.device, weight.dtype))
+        elif patch_type == "set":
+            weight.copy_(v[0])
+        else:
+            raise ValueError(f'"{key}" of type "{patch_type}" is not recognized...')
+        if old_weight is not None:
+            weight = old_weight
+    return weight
+
+
+def standin_weight_decompose(dora_scale, weight, lora_diff, alpha, strength, computation_dtype, function):
+    dora_scale = dora_scale.to(weight.device, computation_dtype)
+    lora_diff *= alpha
+    weight_calc = weight + function(lora_diff).type(weight.dtype)
+    weight_norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(
+        weight.shape[0], *[1] * (weight.dim() - 1)) + torch.finfo(weight.dtype).eps
+    weight_calc *= (dora_scale / weight_norm).type(weight.dtype)
+    if strength != 1.0:
+        weight_calc -= weight
+        weight += strength * weight_calc
+    else:
+        weight[:] = weight_calc
+    return weight
+
+
+class StandInLoRAAdapter:
+    name = "lora"
+
+    def __init__(self, loaded_keys, weights):
+        self.loaded_keys, self.weights = loaded_keys, weights
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        up, down, alpha, mid, dora_scale, reshape = self.weights
+        scale = alpha / down.shape[0] if alpha is not None else 1.0
+        diff = torch.mm(up.flatten(1).to(intermediate_dtype), down.flatten(1).to(intermediate_dtype)).reshape(weight.shape)
+        if dora_scale is not None:
+            return standin_weight_decompose(dora_scale, weight, diff, scale, strength, intermediate_dtype, function)
+        weight += function(((strength * scale) * diff).type(weight.dtype))
+        return weight
+
+
+def lora_adapter(shape, rank, seed, alpha=2.0, dora=False):
+    g = torch.Generator().manual_seed(seed)
+    up = torch.randn(shape[0], rank, *((1, 1) if len(shape) == 4 else ()), generator=g) * 0.4
+    down = torch.randn(rank, *shape[1:], generator=g) * 0.4
+    dora_scale = (torch.rand(shape[0], 1, generator=g) + 0.5) if dora else None
+    return StandInLoRAAdapter(set(), (up, down, alpha, None, dora_scale, None))
+
+
+Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])
+
+
+def _set_attr(model, key, value):
+    path, _, attr = key.rpartition(".")
+    setattr(model.get_submodule(path) if path else model, attr, torch.nn.Parameter(value, requires_grad=False))
+
+
+class StandInComfyModelPatcher:
+    def __init__(self, model, load_device, offload_device, size=0, *, current_device=None,
+                 weight_inplace_update=False):
+        self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+        self.patches = {}
+        self.backup = {}
+        self.model_options = {"transformer_options": {}}
+        self.parent = None
+        self.weight_inplace_update = weight_inplace_update
+
+    def clone(self):
+        n = self.__class__(self.model, self.load_device, self.offload_device, self.size,
+                           weight_inplace_update=self.weight_inplace_update)
+        n.patches = {k: v[:] for k, v in self.patches.items()}
+        n.model_options = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+                           for k, v in self.model_options.items()}
+        n.parent = self
+        n.backup = self.backup
+        return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0, *, filename=None, online_mode=None):
+        model_sd = self.model.state_dict()
+        added = []
+        for k, v in patches.items():
+            key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+            if key in model_sd:
+                added.append(k)
+                self.patches.setdefault(key, []).append((strength_patch, v, strength_model, offset, function, online_mode))
+        return added
+
+    def patch_weight_to_device(self, key):
+        weight = self.model.get_parameter(key)
+        if key not in self.patches:
+            return
+        if key not in self.backup:
+            self.backup[key] = Backup(weight.to(device=self.offload_device, copy=self.weight_inplace_update),
+                                      self.weight_inplace_update)
+        temp = weight.to(torch.float32, copy=True)
+        out = standin_merge_lora_to_weight(self.patches[key], temp, key).to(weight.dtype)
+        _set_attr(self.model, key, out)
+
+    def patch_model(self):
+        for key in self.patches:
+            self.patch_weight_to_device(key)
+
+    def unpatch_model(self):
+        for key, saved in self.backup.items():
+            _set_attr(self.model, key, saved.weight)
+        self.backup.clear()
+
+
+def standin_load_lora_for_models(unet, clip, unet_patches, clip_patches, strength, filename, online_mode=False):
+    """networks.load_lora_for_models after load_lora matched the keys: a clone per patcher it changes."""
+    if unet is not None and unet_patches:
+        unet = unet.clone()
+        unet.add_patches(filename=filename, patches=unet_patches, strength_patch=strength, online_mode=online_mode)
+    if clip is not None and clip_patches:
+        clip = clip.clone()
+        clip.add_patches(filename=filename, patches=clip_patches, strength_patch=strength, online_mode=online_mode)
+    return unet, clip
+
+
+def join_dicts(base_dict, update_dict):
+    if not update_dict:
+        return (base_dict or {}).copy()
+    result = (base_dict or {}).copy()
+    for key, value in update_dict.items():
+        if key in result and isinstance(result[key], dict) and isinstance(value, dict):
+            result[key] = join_dicts(result[key], value)
+        elif key in result and isinstance(result[key], list) and isinstance(value, list):
+            result[key] = result[key] + value
+        else:
+            result[key] = value
+    return result
+
+
+def standin_sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options, *,
+                                    context_handler=None, calc=standin_calc_cond_uncond_batch):
+    edit_strength = sum(item.get("strength", 1) for item in cond)
+    uncond_ = None if math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization") else uncond
+    for fn in model_options.get("sampler_pre_cfg_function", []):
+        model, cond, uncond_, x, timestep, model_options = fn(model, cond, uncond_, x, timestep, model_options)
+    if getattr(context_handler, "should_use_context", lambda *args: False)(x):
+        cond_pred, uncond_pred = context_handler.execute(calc, model, [cond, uncond_], x, timestep, model_options)
+    else:
+        cond_pred, uncond_pred = calc(model, cond, uncond_, x, timestep, model_options)
+    if "sampler_cfg_function" in model_options:
+        args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale, "timestep": timestep,
+                "input": x, "sigma": timestep, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
+                "model": model, "model_options": model_options}
+        result = x - model_options["sampler_cfg_function"](args)
+    elif not math.isclose(edit_strength, 1.0):
+        result = uncond_pred + (cond_pred - uncond_pred) * cond_scale * edit_strength
+    else:
+        result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
+    for fn in model_options.get("sampler_post_cfg_function", []):
+        result = fn({"denoised": result, "cond": cond, "uncond": uncond, "cond_scale": cond_scale, "model": model,
+                     "uncond_denoised": uncond_pred, "cond_denoised": cond_pred, "sigma": timestep,
+                     "model_options": model_options, "input": x})
+    return result
+
+
+class StandInContextHandler:
+    """backend/args.py dynamic_args.context_handler (IndexListContextHandler), which slides windows
+    over a video's frames: here one window over everything, recording what it was asked to run."""
+
+    def __init__(self):
+        self.calls = []
+
+    def should_use_context(self, x):
+        return True
+
+    def execute(self, calc, model, conds, x, timestep, model_options):
+        self.calls.append(len(conds[0]))
+        return calc(model, conds[0], conds[1], x, timestep, model_options)
+
+
+def standin_get_learned_conditioning(model, prompts, steps, hires_steps=None):
+    return model.encode(prompts, steps, hires_steps)

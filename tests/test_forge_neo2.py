@@ -1,0 +1,260 @@
+"""The Forge binding on Forge Neo release 2.x (ComfyUI v0.27's ModelPatcher), through stand-ins of
+the 2.26 shapes (tests/standins/forge_neo2.py): LoRAs told apart by the patcher's parent chain,
+originals from `ModelPatcher.backup`, a merge that edits the tensor it is given, the 4-argument
+prompt function, `join_dicts` model options and the context-window branch. Each test fails on the
+binding as it was before Neo 2.x was supported (no `lora_loader` → no original → an error)."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lib_autolora.generation import Generation
+from lib_autolora.hosts.forge import ForgeState, call_prompt_function, missing_capability
+from lib_autolora.hosts.forge.factors import read_factors
+from lib_autolora.hosts.forge.patcher import (
+    UNKNOWN_FILE, guided_sources, missing_convention, originals, patch_sets)
+from lib_autolora.hosts.forge.sampling import Sampling
+from lib_autolora.params import AutoLoraSettings
+from standins.forge import (
+    StandInForgeModelPatcher, StandInKModel, standin_api, standin_compile_conditions,
+    standin_compile_weighted_conditions)
+from standins.forge_neo2 import (
+    StandInComfyModelPatcher, StandInContextHandler, join_dicts, lora_adapter, standin_get_learned_conditioning,
+    standin_load_lora_for_models, standin_merge_lora_to_weight, standin_sampling_function_inner)
+
+CPU = torch.device("cpu")
+TOL = 2e-5
+FILES = ("A.safetensors", "B.safetensors")
+
+
+def weights_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def neo_patches(model, dora=False, seed=1):
+    """A (guided) and B (kept in both branches) as 2.26's load_lora gives them: adapters keyed by the
+    parameter, fused-QKV slices by (key, offset, function)."""
+    dm = model.diffusion_model
+    d = dm.qkv.weight.shape[1]
+    a = {"diffusion_model.to_k.weight": lora_adapter(tuple(dm.to_k.weight.shape), 3, seed),
+         ("diffusion_model.qkv.weight", (0, 0, d), None): lora_adapter((d, d), 2, seed + 1),
+         ("diffusion_model.qkv.weight", (0, 2 * d, d), None): lora_adapter((d, d), 2, seed + 2),
+         "diffusion_model.vec.weight": lora_adapter(tuple(dm.vec.weight.shape), 2, seed + 3),
+         "diffusion_model.out.weight": lora_adapter(tuple(dm.out.weight.shape), 2, seed + 4, dora=dora),
+         "diffusion_model.conv.weight": lora_adapter(tuple(dm.conv.weight.shape), 2, seed + 5)}
+    b = {"diffusion_model.to_k.weight": lora_adapter(tuple(dm.to_k.weight.shape), 2, seed + 10),
+         "diffusion_model.out.weight": lora_adapter(tuple(dm.out.weight.shape), 2, seed + 11)}
+    return a, b
+
+
+class NeoBench:
+    """The UNet patcher chain 2.26 builds for `<lora:A:1> <lora:B:0.7>`, merged ("offline") by
+    loading, and the model without A to compare the base branch with."""
+
+    def __init__(self, dora=False):
+        torch.manual_seed(0)
+        self.model = StandInKModel().eval()
+        del self.model.lora_loader  # 2.26 has none
+        self.clean = copy.deepcopy(self.model)
+        a, b = neo_patches(self.model, dora=dora)
+        self.root = StandInComfyModelPatcher(self.model, CPU, CPU)
+        unet, _ = standin_load_lora_for_models(self.root, None, a, None, 1.0, FILES[0])
+        self.unet, _ = standin_load_lora_for_models(unet, None, b, None, 0.7, FILES[1])
+        self.unet.patch_model()
+        self.base_model = copy.deepcopy(self.clean)
+        only_b = StandInComfyModelPatcher(self.base_model, CPU, CPU)
+        only_b, _ = standin_load_lora_for_models(only_b, None, neo_patches(self.base_model, dora=dora)[1], None, 0.7,
+                                                 FILES[1])
+        only_b.patch_model()
+        g = torch.Generator().manual_seed(3)
+        self.x = torch.randn(2, 4, 4, 4, generator=g)
+        self.sigma = torch.full((2,), 1.2)
+        self.texts = {b: (torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)) for b in ("lora", "base")}
+
+    def entries(self, branch):
+        c, u = self.texts[branch]
+        return standin_compile_weighted_conditions(c, [[(0, 1.0)], [(1, 1.0)]]), standin_compile_conditions(u)
+
+    def factors(self, guided=(FILES[0],)):
+        sets = patch_sets(self.unet, FILES)
+        sources = guided_sources(sets, set(guided), set(FILES))
+        return read_factors(self.model, sets, sources, merge=standin_merge_lora_to_weight, original=originals(self.unet))
+
+    def plain(self, model, branch, cond_scale, options=None):
+        cond, uncond = self.entries(branch)
+        return standin_sampling_function_inner(model, self.x, self.sigma, uncond, cond, cond_scale, options or {})
+
+    def autolora(self, settings, cond_scale, sampler_options=None, context_handler=None):
+        api = standin_api()
+        api.merge_lora_to_weight = standin_merge_lora_to_weight
+        api.context_handler = lambda: context_handler
+        p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
+                            comment=lambda text: None)
+        gen = Generation(settings, "forge")
+        gen.host_state = ForgeState(p, guided_files={FILES[0]})
+        (c_base, u_base) = self.texts["base"]
+        conds = {"base_c": ([[(0, 1.0)], [(1, 1.0)]], c_base), "base_uc": u_base}
+        unet = self.unet.clone()
+        sampling = Sampling(api, gen, p, unet, self.factors(), conds)
+        unet.model_options["sampler_pre_cfg_function"] = [sampling.pre_cfg_function()]
+        options = join_dicts(unet.model_options, sampler_options)
+        cond, uncond = self.entries("lora")
+        try:
+            out = standin_sampling_function_inner(self.model, self.x, self.sigma, uncond, cond, cond_scale, options,
+                                                  context_handler=context_handler)
+        finally:
+            sampling.close()
+        return out, gen.stats
+
+
+def test_the_parent_chain_tells_the_loras_apart():
+    bench = NeoBench()
+    sets = patch_sets(bench.unet, FILES)
+    assert [identity[0] for identity in sets] == list(FILES)
+    assert set(sets[(FILES[1], 0.7, 1.0, False)]) == {"diffusion_model.to_k.weight", "diffusion_model.out.weight"}
+    assert guided_sources(sets, {FILES[0]}, set(FILES)) == {FILES[0]}
+    # A clone made after the LoRAs (another extension's) adds nothing and changes nothing.
+    assert patch_sets(bench.unet.clone(), FILES).keys() == sets.keys()
+    # A LoRA the chain does not show (one patched only the text encoder): the files cannot be told
+    # apart, so every LoRA patch is one set, guided only when every LoRA is.
+    untold = patch_sets(bench.unet, FILES + ("C.safetensors",))
+    assert list(untold) == [(UNKNOWN_FILE, 1.0, 1.0, False)]
+    assert guided_sources(untold, {FILES[0]}, set(FILES) | {"C.safetensors"}) is None
+
+
+def test_factors_of_the_guided_lora_only():
+    bench = NeoBench()
+    ff = bench.factors()
+    assert ff.files == {FILES[0]} and not ff.skipped
+    x = torch.randn(3, bench.model.diffusion_model.to_k.weight.shape[1])
+    module = bench.model.diffusion_model.to_k
+    up, down, alpha = lora_adapter(tuple(module.weight.shape), 3, 1).weights[:3]
+    torch.testing.assert_close(ff.factors.deltas[module].forward(x), x @ (up @ down).T * (alpha / 3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "batched", "dual", "sequential", "swap", "toggle"])
+def test_identities_through_neo2_sampling(strategy):
+    bench = NeoBench()
+    before = weights_of(bench.model)
+    backup_before = {k: v.weight.clone() for k, v in bench.unet.backup.items()}
+    lora, base = bench.plain(bench.model, "lora", 6.0), bench.plain(bench.base_model, "base", 6.0)
+    assert (lora - base).abs().max() > 100 * TOL
+    g1, stats = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.0, strategy=strategy), 6.0)
+    assert stats.failure is None and stats.guided_steps == 1
+    torch.testing.assert_close(g1, lora, atol=TOL, rtol=0)
+    g0, _ = bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0, strategy=strategy), 6.0)
+    torch.testing.assert_close(g0, base, atol=TOL, rtol=0)
+    after = weights_of(bench.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(backup_before[k], v.weight) for k, v in bench.unet.backup.items())
+
+
+@pytest.mark.parametrize("strategy", ["batched", "dual", "swap"])
+def test_an_in_place_merge_never_touches_a_live_or_backed_up_weight(strategy):
+    """DoRA (non-additive) makes the binding merge the patches itself: 2.26's merge writes into the
+    tensor it is given, so it must be handed copies. The loaded weights and the originals in the
+    backup stay bit-identical, and unpatching gives back the checkpoint."""
+    bench = NeoBench(dora=True)
+    clean = weights_of(bench.clean)
+    before = weights_of(bench.model)
+    backup_before = {k: v.weight.clone() for k, v in bench.unet.backup.items()}
+    lora, base = bench.plain(bench.model, "lora", 6.0), bench.plain(bench.base_model, "base", 6.0)
+    ff = bench.factors()
+    assert "diffusion_model.out.weight" in ff.dense
+    g1, stats = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.0, strategy=strategy), 6.0)
+    g0, _ = bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0, strategy=strategy), 6.0)
+    torch.testing.assert_close(g1, lora, atol=TOL, rtol=0)
+    torch.testing.assert_close(g0, base, atol=1e-4, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in weights_of(bench.model).items())
+    assert all(torch.equal(backup_before[k], v.weight) for k, v in bench.unet.backup.items())
+    bench.unet.unpatch_model()
+    assert all(torch.equal(clean[k], v) for k, v in weights_of(bench.model).items())
+
+
+def test_sampler_model_options_joined_as_neo2_joins_them():
+    """2.26 merges the sampler's model options into the patcher's with join_dicts (lists
+    concatenated): a CFG++ sampler's post-CFG function joins the model's own, and AutoLoRA hands
+    the sampler's the sampled model's predictions (γ 0: the base model's uncond)."""
+    bench = NeoBench()
+    seen = {}
+
+    def cfg_pp(args):
+        seen["uncond"] = args["uncond_denoised"]
+        return args["denoised"]
+
+    bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0), 6.0, {"sampler_post_cfg_function": [cfg_pp]})
+    torch.testing.assert_close(seen["uncond"], bench.plain(bench.base_model, "base", 0.0), atol=TOL, rtol=0)
+
+
+def test_the_base_branch_runs_through_the_context_windows():
+    bench = NeoBench()
+    handler = StandInContextHandler()
+    base = bench.plain(bench.base_model, "base", 6.0)
+    g0, stats = bench.autolora(AutoLoraSettings(enabled=True, gamma=0.0, strategy="batched"), 6.0,
+                               context_handler=handler)
+    torch.testing.assert_close(g0, base, atol=TOL, rtol=0)
+    assert len(handler.calls) == 2, "the LoRA branch and the base branch, each through the windows"
+
+
+def test_an_error_inside_sampling_gives_the_plain_step_and_says_so():
+    """2.26 before this fix: no original weight for dual/swap → RuntimeError → HTTP 500. Now an
+    error inside the step gives the host's plain step, the stats name it, weights are untouched."""
+    bench = NeoBench()
+    bench.unet.backup.clear()  # as if the host kept its originals somewhere the binding cannot read
+    before = weights_of(bench.model)
+    lora = bench.plain(bench.model, "lora", 6.0)
+    out, stats = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.5, strategy="swap"), 6.0)
+    torch.testing.assert_close(out, lora, atol=0, rtol=0)
+    assert "no original weight" in stats.failure and not stats.active and stats.guided_steps == 0
+    assert any("AutoLoRA failed at step 1" in n for n in stats.notices)
+    assert all(torch.equal(before[k], v) for k, v in weights_of(bench.model).items())
+    assert not any(m._forward_hooks for m in bench.model.modules())
+
+
+def test_the_prompt_function_is_called_as_the_host_calls_it():
+    """Forge main's prompt functions take `use_old_scheduling` (the option) as a fifth argument;
+    2.26's take four and it has no such option."""
+    calls = []
+    model = SimpleNamespace(encode=lambda *a: calls.append(a) or "c")
+    opts = SimpleNamespace()  # 2.26: no use_old_scheduling option at all
+    assert call_prompt_function(standin_get_learned_conditioning, opts, model, ["p"], 4, None) == "c"
+    assert calls == [(["p"], 4, None)]
+
+    def forge_main(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
+        calls.append(use_old_scheduling)
+
+    call_prompt_function(forge_main, SimpleNamespace(use_old_scheduling=True), model, ["p"], 4, None)
+    assert calls[-1] is True
+
+
+def test_the_capability_check_reads_the_patcher_conventions():
+    assert missing_convention(StandInComfyModelPatcher) is None
+    assert missing_convention(StandInForgeModelPatcher) is None
+
+    class NoParent(StandInComfyModelPatcher):
+        def clone(self):
+            n = super().clone()
+            n.parent = None
+            return n
+
+    class Moved(StandInComfyModelPatcher):  # a release that renames the backup
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.weight_backup = self.__dict__.pop("backup")
+
+    assert "parent" in missing_convention(NoParent)
+    assert "ModelPatcher" in missing_convention(Moved)
+
+    def sampling_step(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None):
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            pass
+        calc_cond_uncond_batch(model, cond, uncond, x, timestep, model_options)  # noqa: F821
+        return model_options["sampler_cfg_function"]
+
+    sampling = SimpleNamespace(sampling_function_inner=sampling_step)
+    assert missing_capability(sampling, StandInComfyModelPatcher) is None
+    assert "ModelPatcher" in missing_capability(sampling, Moved)
+
