@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib_autolora.base_branch import make_strategy  # noqa: E402
 from lib_autolora.factors import LoraFactors, LowRankTerm  # noqa: E402
-from lib_autolora.kohya import merge_into  # noqa: E402
+from demo.kohya import merge_into  # noqa: E402
 
 VARIANTS = ("plain", "floor", "batched", "dual", "sequential", "swap")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -26,9 +26,9 @@ import torch
 
 from lib_autolora.base_branch import make_strategy, split_batch
 from lib_autolora.guidance import cfg
-from lib_autolora.guider import AutoLoraGuider, BranchConds
+from demo.guider import AutoLoraGuider, BranchConds
 from lib_autolora.params import AutoLoraSettings
-from lib_autolora.kohya import factors_from_kohya, merge_into
+from demo.kohya import factors_from_kohya, merge_into
 from . import data, ksampling
 from .metrics import Evaluators, Scores, format_table
 from .train import ASSETS, BASE_FILE, EVALUATORS_FILES, LORA, LORA_FILES, SHIPPED_STYLES, load_base

@@ -137,5 +137,5 @@ class TinyDiffusionModel(nn.Module):
         return self.text_encoder.embed.num_embeddings - 1
 
     def kohya_modules(self) -> dict:
-        from lib_autolora.kohya import kohya_names
+        from demo.kohya import kohya_names
         return {**kohya_names(self.denoiser.unet, "lora_unet"), **kohya_names(self.text_encoder, "lora_te")}

@@ -12,7 +12,7 @@ Three stages, each from its own fixed seed:
    community LoRAs do (they reproduce their training digits); two are shipped, "italic negative"
    and "bold" (thick strokes), each with evaluators for its style; 10% caption dropout (kohya's
    `--caption_dropout_rate`), without which the LoRA'd model's uncond is untrained and CFG breaks
-   its samples. Saved in kohya's format, which `lib_autolora.kohya` reads.
+   its samples. Saved in kohya's format, which `demo.kohya` reads.
 
 About 5 minutes on two idle cores (evaluators ~10 s, base ~3 min, each LoRA ~1 min); much longer on a
 loaded machine. Bit-identical files need the same torch build, CPU kind and thread count.

@@ -9,12 +9,10 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
-import torch
-
 from . import params
 from .base_branch import Strategy, StrategyUnavailable, choose_strategy, make_strategy
 from .factors import LoraFactors
-from .guidance import GuidanceInterval, blend, capped_push, schedule_weight, scheduled_gamma
+from .guidance import GuidanceInterval, schedule_weight, scheduled_gamma
 from .stats import BOARD, Stats
 
 log = logging.getLogger("autolora")
@@ -25,7 +23,7 @@ class Generation:
         self.interval = GuidanceInterval(settings.start, settings.end)
         self.stats: Stats = BOARD.begin(host, params.as_dict(settings))
         self.strategy: Optional[Strategy] = None
-        self.off: Optional[str] = None  # why guidance stopped mid-generation (refiner switch, ...)
+        self.stopped: Optional[str] = None  # why guidance stopped mid-generation (refiner switch, an error)
         self.host_state: Any = None  # the adapter's own per-generation objects
         self.hires = False  # the hires-fix pass is sampling (its own γ when hr_gamma is set)
         self._base_calls_closed = 0  # base calls of strategies already closed (earlier passes)
@@ -48,7 +46,7 @@ class Generation:
         comments say what happened. Before the first guided step the image is the plain one."""
         log.error("AutoLoRA failed during sampling", exc_info=exc)
         reason = f"{type(exc).__name__}: {exc}"
-        self.off = f"failed: {reason}"
+        self.stopped = f"failed: {reason}"
         self.stats.failure = reason
         self.close_strategy()
         rest = ("the rest of the steps ran without it" if self.stats.guided_steps
@@ -107,14 +105,7 @@ class Generation:
     def count_base_calls(self) -> None:
         self.stats.base_calls = self._base_calls_closed + (self.strategy.base_calls if self.strategy else 0)
 
-    # -- per step -----------------------------------------------------------------------------------
-    def guides(self, step: int, total_steps: int) -> bool:
-        """Whether the sampler's step (0-based, of `total_steps`) is guided; counts plain ones."""
-        if self.off or self.interval.contains_step(step, total_steps):
-            return not self.off
-        self.stats.plain_steps += 1
-        return False
-
+    # -- queries of a step (step.py records what ran) ------------------------------------------------
     def cfg_scales(self, cfg_scale: float, *, uncond_evaluated: bool = True) -> tuple:
         """(w1, w2) of a step. Unset ones follow the generation's CFG scale. At CFG 1 there is no
         CFG: Forge evaluates no negative prompt then, and on every host AutoLoRA blends the two
@@ -139,29 +130,6 @@ class Generation:
         weight = schedule_weight(s.schedule, self.interval.progress(step, total_steps), s.schedule_power,
                                  s.schedule_floor)
         return scheduled_gamma(gamma, weight)
-
-    def blend(self, base: torch.Tensor, lora: torch.Tensor, step: int = 0, total_steps: int = 0,
-              lora_uncond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The AutoLoRA step proper on the two branches' CFG outputs (`lora_uncond`: the LoRA
-        branch's uncond prediction, the cap's reference; None where none was evaluated); counts a
-        guided step."""
-        self.stats.guided_steps += 1
-        self.count_base_calls()
-        gamma = self.gamma_at(step, total_steps)
-        if self.settings.cap is None:
-            return blend(base, lora, gamma)
-        reference = lora - lora_uncond if lora_uncond is not None else lora
-        return base + capped_push((lora - base) * gamma, reference, self.settings.cap)
-
-    def sampled_prediction(self, base: torch.Tensor, lora: torch.Tensor, step: int = 0,
-                           total_steps: int = 0) -> torch.Tensor:
-        """The prediction of the model AutoLoRA samples for one input of both branches (their
-        uncond predictions, or their cond predictions): with w1 = w2 = w the step's output is
-        sampled(uncond) + w (sampled(cond) - sampled(uncond)). This is what a sampler's own
-        bookkeeping must see: CFG++ renoises with the unconditional prediction, and only this one
-        gives the LoRA's at γ 1 and the base model's at γ 0. No cap: it bounds the guidance push,
-        and these are the unguided predictions. Counts nothing."""
-        return blend(base, lora, self.gamma_at(step, total_steps))
 
     # -- batches and the infotext -------------------------------------------------------------------
     def begin_batch(self) -> None:

@@ -6,7 +6,7 @@ import hashlib
 import torch
 
 from demo.model import TinyDiffusionModel
-from lib_autolora.kohya import factors_from_kohya, merge_into
+from demo.kohya import factors_from_kohya, merge_into
 
 
 def make_model(seed: int = 0, dtype=torch.float32) -> TinyDiffusionModel:

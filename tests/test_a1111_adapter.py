@@ -21,7 +21,7 @@ from lib_autolora.hosts import a1111
 from lib_autolora.hosts.a1111 import binding, conditioning
 from lib_autolora.hosts.a1111 import factors as a1111_factors
 from lib_autolora.hosts.a1111.conditioning import CondPair
-from lib_autolora.kohya import factors_from_kohya
+from demo.kohya import factors_from_kohya
 from lib_autolora.params import AutoLoraSettings
 
 

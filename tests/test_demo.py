@@ -11,7 +11,7 @@ from demo.__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, S
 from demo.metrics import Evaluators, Scores, diversity
 from research import front, pareto, sweep
 from demo.train import ASSETS, LORA, SHIPPED_STYLES, TrainingLora, load_base, train_base, train_lora
-from lib_autolora.kohya import factors_from_kohya, load_state_dict, merge_into
+from demo.kohya import factors_from_kohya, load_state_dict, merge_into
 
 from helpers import fingerprint
 

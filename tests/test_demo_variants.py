@@ -11,7 +11,7 @@ from demo.__main__ import (BASE_PATH, EVALUATORS_PATHS, LORA_PATH, LORA_PATHS, S
 from demo.metrics import EVALUATORS_FILE, Evaluators, copied_share, pixel_diversity
 from research.sweep import claim_holds
 from demo.train import EVAL, LORA, SHIPPED_STYLES, load_base, train_evaluators
-from lib_autolora.kohya import factors_from_kohya
+from demo.kohya import factors_from_kohya
 
 TINY_EVAL = {**EVAL, "epochs": 1}
 

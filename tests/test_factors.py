@@ -5,7 +5,7 @@ import torch.utils._python_dispatch
 
 from helpers import lora_state_dict, make_model
 from lib_autolora.factors import DenseTerm, LowRankTerm, ModuleDelta
-from lib_autolora.kohya import LoraMismatchError, factors_from_kohya
+from demo.kohya import LoraMismatchError, factors_from_kohya
 
 
 def _check_module_delta(module, delta, x, atol=1e-5):

@@ -5,6 +5,7 @@ schedule, the cap and the hires pass's γ."""
 import pytest
 import torch
 
+from lib_autolora import step
 from lib_autolora.generation import Generation
 from lib_autolora.guidance import GuidanceInterval, autolora, autolora_no_cfg, cfg, step_of_sigma
 from lib_autolora.params import AutoLoraSettings
@@ -59,15 +60,17 @@ def test_w1_w2_follow_the_cfg_scale_unless_set_and_apply_only_with_a_negative_pr
 def test_a_generation_counts_what_it_guides_and_judges_each_batch():
     gen = Generation(AutoLoraSettings(enabled=True, start=0.5, end=1.0, gamma=2.0), "test")
     gen.begin_batch()
-    assert [gen.guides(i, 4) for i in range(4)] == [False, False, True, True] and gen.stats.plain_steps == 2
-    assert not gen.batch_was_guided()
+    positions = [step.begin(gen, i, 4) for i in range(4)]
+    assert [p is not None for p in positions] == [False, False, True, True] and gen.stats.plain_steps == 2
+    assert not gen.batch_was_guided() and positions[2] == step.StepPosition(2, 4, 2.0)
     base, lora = torch.zeros(2), torch.ones(2)
-    torch.testing.assert_close(gen.blend(base, lora), torch.full((2,), 2.0))
+    torch.testing.assert_close(step.guide(gen, positions[2], lora, base, lambda x, _scale: x, 7.0),
+                               torch.full((2,), 2.0))
     assert gen.batch_was_guided() and gen.stats.guided_steps == 1
     gen.begin_batch()
     assert not gen.batch_was_guided(), "a new batch starts unguided"
-    gen.off = "checkpoint changed"
-    assert not gen.guides(3, 4)
+    gen.stopped = "checkpoint changed"
+    assert step.begin(gen, 3, 4) is None
     gen.note("AutoLoRA: once")
     gen.note("AutoLoRA: once")
     assert gen.stats.notices == ["AutoLoRA: once"]
@@ -126,7 +129,10 @@ def test_a_generation_applies_schedule_hires_gamma_and_cap():
     gen.hires = True
     assert gen.gamma_at(3, 4) == 2.0 and gen.gamma_at(0, 4) == 1.0
     base, lora, uncond = torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 1.0), torch.full((1, 1, 2, 2), 0.5)
+    def guided(gen):
+        return step.guide(gen, step.begin(gen, 0, 1), lora, base, lambda x, _scale: x, 7.0, lora_uncond=uncond)
+
     capped = Generation(AutoLoraSettings(enabled=True, gamma=4.0, cap=1.0), "test")
-    out = capped.blend(base, lora, lora_uncond=uncond)  # push 4, capped to |lora - uncond| = 1 per element here
+    out = guided(capped)  # push 4, capped to |lora - uncond| = 1 per element here
     torch.testing.assert_close(out, torch.full((1, 1, 2, 2), 0.5))
-    assert torch.equal(Generation(AutoLoraSettings(enabled=True, cap=0.0), "t").blend(base, lora, lora_uncond=uncond), base)
+    assert torch.equal(guided(Generation(AutoLoraSettings(enabled=True, cap=0.0), "t")), base)

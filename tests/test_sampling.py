@@ -12,9 +12,9 @@ from helpers import fingerprint, lora_state_dict, make_model, merged_copy
 from lib_autolora.base_branch import make_strategy, split_batch
 from demo.ksampling import karras_sigmas, sample
 from lib_autolora.guidance import GuidanceInterval, cfg
-from lib_autolora.guider import AutoLoraGuider, BranchConds
+from demo.guider import AutoLoraGuider, BranchConds
 from lib_autolora.params import AutoLoraSettings
-from lib_autolora.kohya import factors_from_kohya
+from demo.kohya import factors_from_kohya
 
 CFG = 5.0
 CLASSES = [1, 7]

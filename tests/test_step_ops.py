@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import lora_state_dict, make_model, merged_copy
 from lib_autolora.base_branch import make_strategy
-from lib_autolora.kohya import factors_from_kohya
+from demo.kohya import factors_from_kohya
 
 BUDGET_PER_LAYER = {"batched": 6.0, "dual": 4.5, "swap": 0.2, "sequential": 6.0}
 ONE_FORWARD = {"batched", "dual"}

@@ -10,7 +10,7 @@ import torch
 
 from helpers import fingerprint, lora_state_dict, make_model, merged_copy
 from lib_autolora.base_branch import STRATEGIES, StrategyUnavailable, make_strategy, BatchLayoutError
-from lib_autolora.kohya import factors_from_kohya
+from demo.kohya import factors_from_kohya
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
 

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ... import step
 from .conditioning import LayoutError, RowSource, n_rows, with_text
 
 GENERATION_ATTR = "_autolora_generation"  # on `p`: the Generation of the current generation
@@ -109,13 +110,13 @@ def on_cfg_denoiser(params_):
         return
     unwrap(denoiser)  # a step that raised may have left its proxy
     state = gen.host_state
-    if gen.strategy is None or gen.off:
+    if gen.strategy is None or gen.stopped:
         return
     shared, _, prompt_parser = state.host
     comment = p.comment
     if state.model_key(shared.sd_model) != state.checkpoint:
         gen.note("AutoLoRA: the checkpoint changed during sampling (refiner); the rest runs without AutoLoRA", comment)
-        gen.off = "checkpoint changed"
+        gen.stopped = "checkpoint changed"
         return
     extra = getattr(denoiser.sampler, "sampler_extra_args", None) or {}
     entry = state.pairs.get(id(extra.get("cond")))
@@ -123,7 +124,8 @@ def on_cfg_denoiser(params_):
         gen.note("AutoLoRA: the sampler's conditioning is not the one prepared for this pass "
                  "(refiner switch or another extension); those steps run without AutoLoRA", comment)
         return
-    if not gen.guides(denoiser.step, denoiser.total_steps or 0):
+    at = step.begin(gen, denoiser.step, denoiser.total_steps or 0)
+    if at is None:
         return
     pair = entry[1]
     text_cond, text_uncond = params_.text_cond, params_.text_uncond
@@ -172,18 +174,16 @@ def on_cfg_denoiser(params_):
             gen.note(f"AutoLoRA: the host evaluated {proxy.cursor} of {n_cond + n_uncond} rows; "
                      f"a step ran without AutoLoRA", comment)
             return original(x_out, conds_list, uncond, cond_scale)
-        w1, w2 = gen.cfg_scales(cond_scale, uncond_evaluated=not skipped)
-        lora = original(x_out, conds_list, uncond, w2)
-        base = original(base_x_out.to(x_out.dtype), conds_list, uncond, w1)
-        lora_uncond = None if skipped else x_out[-uncond.shape[0]:]
+        base_x_out = base_x_out.to(x_out.dtype)
         if getattr(denoiser, "need_last_noise_uncond", False):
             # DDIM CFG++ renoises with the uncond rows the host kept from x_out (the LoRA branch's,
             # faked from the cond rows where it skipped them): it gets the sampled model's instead,
             # so that γ 1 and 0 give the LoRA's and the base model's CFG++ steps.
             n = uncond.shape[0]
-            denoiser.last_noise_uncond = gen.sampled_prediction(
-                base_x_out[-n:].to(x_out.dtype), x_out[-n:], denoiser.step, denoiser.total_steps or 0)
-        return gen.blend(base, lora, denoiser.step, denoiser.total_steps or 0, lora_uncond)
+            denoiser.last_noise_uncond = step.sampled(at, base_x_out[-n:], x_out[-n:])
+        return step.guide(gen, at, x_out, base_x_out, lambda rows, scale: original(rows, conds_list, uncond, scale),
+                          cond_scale, uncond_evaluated=not skipped,
+                          lora_uncond=None if skipped else x_out[-uncond.shape[0]:])
 
     denoiser.combine_denoised = combine_denoised
 

@@ -224,7 +224,7 @@ class ForgeAdapter:
     # -- before_sampling: Forge's process_before_every_sampling -----------------------------------
     def before_sampling(self, p, **kwargs):
         gen = self.generation(p)
-        if gen is None or not gen.host_state.guided_files or gen.off:
+        if gen is None or not gen.host_state.guided_files or gen.stopped:
             return None
         state = gen.host_state
         state.close_sampling()  # hires pass: the first pass is over (or this is Forge's repeated call)

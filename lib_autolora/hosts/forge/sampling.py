@@ -36,7 +36,9 @@ from typing import Optional
 
 import torch
 
+from ... import step as step_protocol
 from ...generation import Generation
+from ...step import StepPosition
 from .factors import base_weight
 from .patcher import applied_per_call, originals
 
@@ -87,8 +89,7 @@ class Step:
     base_cond: list
     base_uncond: Optional[list]
     fused: bool  # base rows ride in the LoRA pass (batched strategy)
-    index: int = 0  # the sampler's step, of `total`
-    total: int = 0
+    at: StepPosition
     phase: str = "lora"  # lora -> base -> closed
     stash: dict = field(default_factory=dict)  # entry tag -> base rows computed in the LoRA pass
     # (base cond, LoRA cond, base uncond, LoRA uncond) predictions of a guided step with an uncond
@@ -138,7 +139,7 @@ class Sampling:
             comment=getattr(self.p, "comment", None))
 
     def fail(self, exc: BaseException, step: Optional[Step] = None) -> None:
-        index = step.index if step is not None else int(getattr(getattr(getattr(self.p, "sampler", None),
+        index = step.at.index if step is not None else int(getattr(getattr(getattr(self.p, "sampler", None),
                                                                          "model_wrap_cfg", None), "step", 0) or 0)
         self.gen.fail(exc, index, getattr(self.p, "comment", None))
 
@@ -168,7 +169,7 @@ class Sampling:
         """The sampled model's cond or uncond prediction at a guided step with an uncond pass
         (`Generation.sampled_prediction`); computed only for the samplers that read it."""
         base, lora = step.predictions[2:] if uncond else step.predictions[:2]
-        return self.gen.sampled_prediction(base, lora, step.index, step.total)
+        return step_protocol.sampled(step.at, base, lora)
 
     def correct_last_noise_uncond(self, denoiser) -> None:
         """DDIM CFG++ (a timesteps sampler) renoises with `denoiser.last_noise_uncond`, which Forge's
@@ -189,16 +190,17 @@ class Sampling:
     # -- sampler_pre_cfg_function ---------------------------------------------------------------
     def begin_step(self, model, cond, uncond, x) -> Optional[Step]:
         gen, api = self.gen, self.api
-        if gen.off or self.closed:
+        if gen.stopped or self.closed:
             return None
         if model is not self.model:
-            gen.off = "model changed"
+            gen.stopped = "model changed"
             self.note("AutoLoRA: the model changed during sampling (refiner); the rest runs without AutoLoRA")
             return None
         denoiser = getattr(getattr(self.p, "sampler", None), "model_wrap_cfg", None)
         call = int(getattr(denoiser, "step", 0) or 0)
         calls = int(getattr(denoiser, "total_steps", 0) or 0)
-        if not gen.guides(call, calls):
+        at = step_protocol.begin(gen, call, calls)
+        if at is None:
             return None
         text = {}
         for branch in ("base", "lora"):
@@ -230,7 +232,7 @@ class Sampling:
             lora_cond, base_cond = self._tag(lora_cond, base_cond, 0)
             if uncond is not None:
                 lora_uncond, base_uncond = self._tag(lora_uncond, base_uncond, len(cond))
-        return Step(lora_cond, lora_uncond, base_cond, base_uncond, fused, call, calls)
+        return Step(lora_cond, lora_uncond, base_cond, base_uncond, fused, at)
 
     def _tag(self, lora_entries, base_entries, first):
         """Give each LoRA entry its base twin's text conditioning, and both a shared tag, so the
@@ -269,7 +271,7 @@ class Sampling:
             def forward(x_, t_, c_):
                 return call(apply_model, x_, t_, c_, cou)
 
-            if strategy is None or self.gen.off:  # AutoLoRA failed earlier in this step
+            if strategy is None or self.gen.stopped:  # AutoLoRA failed earlier in this step
                 return forward(x, t, c)
             if step.phase == "lora":
                 if step.fused and TWIN_CROSSATTN in ours and self._can_fuse(apply_model, x, c):
@@ -284,7 +286,7 @@ class Sampling:
 
                     try:
                         lora_out, base_out = strategy.evaluate(forward2, (x, t, c), (x, t, base_c))
-                    except Exception as exc:  # the host's plain forward instead; cfg sees gen.off
+                    except Exception as exc:  # the host's plain forward instead; cfg sees gen.stopped
                         self.fail(exc, step)
                         return forward(x, t, c)
                     rows = x.shape[0] // max(len(cou), 1)
@@ -355,7 +357,7 @@ class Sampling:
         def cfg(args):
             x = args["input"]
             lora_c, lora_u = args["cond_denoised"], args["uncond_denoised"]
-            if gen.off:  # failed earlier in this step: the host's own CFG of the LoRA branch
+            if gen.stopped:  # failed earlier in this step: the host's own CFG of the LoRA branch
                 return x - cfg_of(args, x, lora_c, lora_u, args["cond_scale"],
                                   sum(e.get("strength", 1) for e in step.lora_cond))
             try:
@@ -375,15 +377,16 @@ class Sampling:
                 step.stash.clear()
             # CFG 1, skip-early-CFG steps, Flux: no uncond pass (its prediction is zero), so each
             # branch is what Forge computes for it: the two-evaluation variant.
-            w1, w2 = gen.cfg_scales(args["cond_scale"], uncond_evaluated=step.base_uncond is not None)
             edit_strength = sum(e.get("strength", 1) for e in step.lora_cond)
-            lora = cfg_of(args, x, lora_c, lora_u, w2, edit_strength)
-            base = cfg_of(args, x, base_c, base_u, w1, edit_strength)
-            uncond = lora_u if step.lora_uncond is not None else None
             if step.lora_uncond is not None and step.base_uncond is not None:
                 step.predictions, step.sigma = (base_c, lora_c, base_u, lora_u), args["sigma"]
                 self.last_guided = step
-            return x - gen.blend(base, lora, step.index, step.total, uncond)
+            out = step_protocol.guide(
+                gen, step.at, (lora_c, lora_u), (base_c, base_u),
+                lambda pred, scale: cfg_of(args, x, pred[0], pred[1], scale, edit_strength), args["cond_scale"],
+                uncond_evaluated=step.base_uncond is not None,
+                lora_uncond=lora_u if step.lora_uncond is not None else None)
+            return x - out
 
         return cfg
 

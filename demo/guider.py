@@ -12,9 +12,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .base_branch import Strategy, cat_batches, split_batch
-from .generation import Generation
-from .guidance import cfg, step_of_sigma
+from lib_autolora.base_branch import Strategy, cat_batches, split_batch
+from lib_autolora import step
+from lib_autolora.generation import Generation
+from lib_autolora.guidance import cfg, step_of_sigma
 
 
 @dataclass
@@ -51,21 +52,18 @@ class AutoLoraGuider:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_):
         gen, n = self.generation, x.shape[0]
-        step, steps = self._step(sigma)
-        if self.lora.uncond is None:
-            if not gen.guides(step, steps):
+        at = step.begin(gen, *self._step(sigma))
+        if self.lora.uncond is None:  # no CFG: each branch is its cond prediction
+            if at is None:
                 return self.model(x, sigma, self.lora.cond)
             lora, base = gen.strategy.evaluate(self.model, (x, sigma, self.lora.cond), (x, sigma, self.base.cond))
-            return gen.blend(base, lora, step, steps)
+            return step.guide(gen, at, lora, base, lambda pred, _scale: pred, self.cfg_scale, uncond_evaluated=False)
         x2, s2 = torch.cat([x, x]), torch.cat([sigma, sigma])
-        if not gen.guides(step, steps):
-            cond, uncond = split_batch(self.model(x2, s2, cat_batches(self.lora.cond, self.lora.uncond)), n)
-            return cfg(cond, uncond, self.cfg_scale)
+        if at is None:
+            return cfg(*split_batch(self.model(x2, s2, cat_batches(self.lora.cond, self.lora.uncond)), n), self.cfg_scale)
         lora_out, base_out = gen.strategy.evaluate(
             self.model,
             (x2, s2, cat_batches(self.lora.cond, self.lora.uncond)),
             (x2, s2, cat_batches(self.base.cond, self.base.uncond)))
-        lora_c, lora_u = split_batch(lora_out, n)
-        base_c, base_u = split_batch(base_out, n)
-        w1, w2 = gen.cfg_scales(self.cfg_scale)
-        return gen.blend(cfg(base_c, base_u, w1), cfg(lora_c, lora_u, w2), step, steps, lora_u)
+        return step.guide(gen, at, lora_out, base_out, lambda pred, scale: cfg(*split_batch(pred, n), scale),
+                          self.cfg_scale, lora_uncond=split_batch(lora_out, n)[1])

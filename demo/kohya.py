@@ -13,7 +13,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from .factors import DenseTerm, LoraFactors, LowRankTerm
+from lib_autolora.factors import DenseTerm, LoraFactors, LowRankTerm
 
 KOHYA_PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te")
 
