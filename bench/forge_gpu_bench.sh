@@ -154,10 +154,9 @@ PYEOF
 # 5. one bench invocation per case, cheapest first; no case starts after DEADLINE_S
 # name | checkpoint | LoRA | size | batch | variants | warm-up variants | timed rounds
 # Sized for one 10-minute device call (issue 8's targets: SD1.5 1 image, SDXL 1 and 4 images, the 50 %
-# interval at SDXL 4, peak memory of the lean mode at each size; toggle measured in the same run).
-# toggle (15 s a call at SDXL 1024²) is measured at SD1.5 only.
+# interval at SDXL 4, peak memory of the lean mode at each size).
 # floor = plain generation of twice the batch: the per-step floor of both branches in one forward.
-CASE_LINES="${CASE_LINES:-sd15-${S15}-1|rand_sd15.safetensors|rank${RANK}_sd15|$S15|1|floor,batched,dual,sequential,swap,toggle,auto|all|3
+CASE_LINES="${CASE_LINES:-sd15-${S15}-1|rand_sd15.safetensors|rank${RANK}_sd15|$S15|1|floor,batched,dual,sequential,swap,auto|all|3
 sdxl-${SXL}-1|rand_sdxl.safetensors|rank${RANK}_sdxl|$SXL|1|floor,batched,dual,sequential,swap,auto|plain,dual|2
 sdxl-${SXL}-4|rand_sdxl.safetensors|rank${RANK}_sdxl|$SXL|4|floor,batched,swap,sequential,auto-interval50|plain,swap|2}"
 RC=0

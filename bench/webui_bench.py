@@ -1,9 +1,8 @@
 """Whole-image benchmark of AutoLoRA in a running WebUI (A1111 or Forge), through its HTTP API.
 
 For each case (checkpoint, LoRA, size, batch) it runs, interleaved round by round:
-plain LoRA generation (AutoLoRA off), AutoLoRA with each base-branch strategy, the `toggle`
-baseline (restore + re-merge the LoRA'd weights every step), and optionally AutoLoRA with a 50 %
-guidance interval. Each AutoLoRA time is divided by the plain time *of the same round* (paired),
+plain LoRA generation (AutoLoRA off), AutoLoRA with each base-branch strategy, and optionally
+AutoLoRA with a 50 % guidance interval. Each AutoLoRA time is divided by the plain time *of the same round* (paired),
 and medians over rounds are printed with the peak GPU memory of each call: the extension resets
 torch's peak counter before the call (POST /autolora/v1/reset-peak) and the WebUI's own
 GET /sdapi/v1/memory reads it afterwards, the same way for plain and AutoLoRA calls.
@@ -28,7 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-VARIANTS = ("plain", "auto", "batched", "dual", "sequential", "swap", "toggle", "batched-interval50")
+VARIANTS = ("plain", "auto", "batched", "dual", "sequential", "swap", "batched-interval50")
 
 
 @dataclass

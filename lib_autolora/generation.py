@@ -74,7 +74,7 @@ class Generation:
         if requested != "auto" and name != requested:
             self.note(f"AutoLoRA: {reason}", comment)
         kwargs = {"weights_merged": weights_merged}
-        if base_weights is not None and name in ("swap", "toggle", "dual"):
+        if base_weights is not None and name in ("swap", "dual"):
             kwargs["base_weights"] = base_weights
         kwargs["base_strength"] = self.settings.base_strength
         try:

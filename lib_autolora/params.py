@@ -8,10 +8,10 @@ controls table in docs/controls.md (`python -m lib_autolora.params` writes it). 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, make_dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-STRATEGY_CHOICES = ("auto", "batched", "dual", "sequential", "swap", "toggle")
+STRATEGY_CHOICES = ("auto", "batched", "dual", "sequential", "swap")
 SCHEDULE_CHOICES = ("constant", "early", "late", "middle")
 UNSET = -1.0  # UI/API value of an optional parameter meaning "unset": w1/w2 follow the CFG scale, no cap, ...
 
@@ -80,7 +80,7 @@ PARAMS = (
           "memory; batched = one forward for both branches; dual = one forward, each LoRA'd layer holding "
           "both weights (memory for a copy of those layers); sequential = two forwards, least memory; "
           "swap = two forwards over a copy of the LoRA'd layers' base weights (fast for large batches, "
-          "costs memory); toggle = restore and re-merge the weights every step (slow; a reference).",
+          "costs memory).",
           "AutoLoRA strategy", choices=STRATEGY_CHOICES, xyz=True, advanced=True),
     Param("base_text_encoder", "bool", True, "Base text encoder without the LoRA",
           "Encode the base branch's prompt with the guided LoRAs removed from the text encoder(s). "
@@ -116,15 +116,31 @@ ARG_ORDER = tuple(p.name for p in PARAMS)
 XYZ_PARAMS = tuple(p for p in PARAMS if p.xyz)
 
 
-def _with_overrides(self, overrides: dict):
-    """A copy with X/Y/Z values applied (each validated, then the whole checked again)."""
-    return validate(replace(self, **{k: coerce(BY_NAME[k], v) for k, v in overrides.items()}))
+@dataclass(frozen=True)
+class AutoLoraSettings:
+    """One generation's settings: a field per parameter of PARAMS, in its order and with its default
+    (a test holds the two together); optional ones are None when unset, names a tuple."""
 
+    enabled: bool = False
+    gamma: float = 1.5
+    w1: Optional[float] = None
+    w2: Optional[float] = None
+    lora_scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guided_loras: tuple = ()
+    strategy: str = "auto"
+    base_text_encoder: bool = True
+    schedule: str = "constant"
+    schedule_power: float = 1.0
+    schedule_floor: float = 0.0
+    cap: Optional[float] = None
+    base_strength: float = 0.0
+    hr_gamma: Optional[float] = None
 
-# The settings of one generation: one field per parameter, in ARG_ORDER, with its default.
-AutoLoraSettings = make_dataclass(
-    "AutoLoraSettings", [(p.name, Any, field(default=p.setting_default)) for p in PARAMS], frozen=True,
-    namespace={"with_overrides": _with_overrides, "__module__": __name__})
+    def with_overrides(self, overrides: dict) -> "AutoLoraSettings":
+        """A copy with X/Y/Z values applied (each validated, then the whole checked again)."""
+        return validate(replace(self, **{k: coerce(BY_NAME[k], v) for k, v in overrides.items()}))
 
 
 # -- validation -------------------------------------------------------------------------------------

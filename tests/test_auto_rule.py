@@ -37,6 +37,6 @@ def test_four_sdxl_images_swap_when_one_copy_fits():
 def test_lean_memory_and_functional_loras():
     assert pick(SDXL_4, lean_memory=True) == pick(SD15_1, lean_memory=True) == "sequential"
     assert pick(SDXL_4, weights_merged=False) == "batched"
-    for name in ("swap", "toggle", "dual"):
+    for name in ("swap", "dual"):
         assert choose_strategy(name, weights_merged=False)[0] == "batched"
     assert choose_strategy("dual")[0] == "dual"

@@ -112,7 +112,7 @@ class Bench:
 TOL = 2e-5
 
 
-@pytest.mark.parametrize("strategy", ["batched", "dual", "sequential", "swap", "toggle"])
+@pytest.mark.parametrize("strategy", ["batched", "dual", "sequential", "swap"])
 @pytest.mark.parametrize("max_entries", [99, 1])
 @pytest.mark.parametrize("pooled", [True, False])
 def test_identities_through_forge_sampling(strategy, max_entries, pooled):
@@ -334,7 +334,7 @@ def test_weights_restored_when_the_step_raises():
     def boom(args):
         raise RuntimeError("interrupted")
 
-    for strategy in ("swap", "toggle", "batched", "dual"):
+    for strategy in ("swap", "batched", "dual"):
         with pytest.raises(RuntimeError):
             bench.autolora(AutoLoraSettings(enabled=True, strategy=strategy), 7.0,
                            {"sampler_post_cfg_function": [boom]})
@@ -630,7 +630,7 @@ def test_our_text_encodings_leave_no_infotext_on_forge_main_nor_on_later_neo(mon
         assert buffer == {"TI": "before"}, engine_has_global
 
 
-@pytest.mark.parametrize("strategy", ["batched", "dual", "sequential", "swap", "toggle"])
+@pytest.mark.parametrize("strategy", ["batched", "dual", "sequential", "swap"])
 def test_the_controls_identities_through_forge_sampling(strategy):
     """base_strength = the LoRA's own strength: the base branch is the LoRA model, any γ gives the
     plain LoRA image (and its text encoder keeps the LoRA too: base_text_encoder off here, the

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import fingerprint, lora_state_dict, make_model, merged_copy
-from lib_autolora.base_branch import STRATEGIES, StrategyUnavailable, make_strategy, BatchLayoutError
+from lib_autolora.base_branch import STRATEGIES, StrategyUnavailable, BatchLayoutError
+from oracles import make as make_strategy
 from demo.kohya import factors_from_kohya
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
@@ -35,7 +36,7 @@ def _setup(dtype, loras=None, guided=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(STRATEGIES) + ["toggle"])
 def test_base_branch_equals_never_lora_model(name, dtype):
     clean, merged, factors = _setup(dtype)
     x, sigma, ctx = _inputs(dtype)
@@ -52,7 +53,7 @@ def test_base_branch_equals_never_lora_model(name, dtype):
     assert all(not m._forward_hooks for m in merged.modules())
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(STRATEGIES) + ["toggle"])
 def test_base_branch_under_autocast(name):
     """A1111 samples on a GPU under torch.autocast: a Linear may get a float32 input (after a
     LayerNorm) and return half. The hooks' in-place arithmetic must cope (an in-place addmm_ is
@@ -72,7 +73,7 @@ def test_base_branch_under_autocast(name):
     assert fingerprint(merged) == before
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(STRATEGIES) + ["toggle"])
 def test_lora_scale_in_lora_branch(name):
     clean, merged, factors = _setup(torch.float32)
     sd = lora_state_dict(clean, seed=1)
@@ -84,7 +85,7 @@ def test_lora_scale_in_lora_branch(name):
     torch.testing.assert_close(base_out, clean.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(STRATEGIES) + ["toggle"])
 def test_two_loras_one_guided(name):
     clean = make_model(0)
     a, b = lora_state_dict(clean, seed=1), lora_state_dict(clean, seed=2, conv=False)
@@ -97,7 +98,7 @@ def test_two_loras_one_guided(name):
     torch.testing.assert_close(base_out, clean_plus_b.denoiser(x, sigma, ctx), atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(STRATEGIES) + ["toggle"])
 def test_exception_mid_forward_restores_everything(name):
     _, merged, factors = _setup(torch.float32)
     x, sigma, ctx = _inputs(torch.float32)
@@ -302,7 +303,7 @@ def test_dual_reads_the_hosts_weight_for_biased_linears_instead_of_copying_it():
         assert all(b is None or w[0].data_ptr() != m.weight.data_ptr() for m, (w, b) in branch._stacks.items())
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", sorted(STRATEGIES) + ["toggle"])
 @pytest.mark.parametrize("base_strength", [0.5, 1.0])
 def test_base_strength_keeps_that_share_of_the_guided_lora_in_the_base_branch(name, base_strength):
     """base_strength b: the base branch is the model with the guided LoRA at b times its strength

@@ -25,12 +25,12 @@ LAUNCH_BOUND_LATENT_PIXELS = 64 * 64  # one SD1.5 512² image: the largest case 
 def choose_strategy(requested: str, *, weights_merged: bool = True, lean_memory: bool = False,
                     latent_pixels_per_branch: int = 0, swap_bytes: int = 0,
                     free_bytes: Optional[int] = None, swap_budget_bytes: Optional[int] = None) -> tuple[str, str]:
-    """Returns (strategy name, reason) for a request of auto / batched / dual / sequential / swap / toggle.
+    """Returns (strategy name, reason) for a request of auto / batched / dual / sequential / swap.
 
     swap_bytes: bytes of one copy of the LoRA'd layers; free_bytes: free device memory (None:
     unknown); swap_budget_bytes: the user's cap on extra weight memory."""
     if requested != "auto":
-        if requested in ("swap", "toggle", "dual") and not weights_merged:
+        if requested in ("swap", "dual") and not weights_merged:
             return "batched", (f"'{requested}' needs merged LoRA weights but the host applies the LoRA "
                                f"in the forward pass; using 'batched'")
         return requested, "as requested"

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from ..factors import LoraFactors
 from .dual import DualStrategy
-from .strategies import BatchedStrategy, SequentialStrategy, Strategy, SwapStrategy, ToggleStrategy
+from .strategies import BatchedStrategy, SequentialStrategy, Strategy, SwapStrategy
 
-STRATEGIES = {cls.name: cls for cls in (BatchedStrategy, DualStrategy, SequentialStrategy, SwapStrategy,
-                                        ToggleStrategy)}
+STRATEGIES = {cls.name: cls for cls in (BatchedStrategy, DualStrategy, SequentialStrategy, SwapStrategy)}
 
 
 def make_strategy(name: str, factors: LoraFactors, lora_scale: float = 1.0, **kwargs) -> Strategy:

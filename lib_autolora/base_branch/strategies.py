@@ -14,7 +14,6 @@ tensor it was before, bit for bit.
 | batched    | one forward of [LoRA rows; base rows], hooks on base   | one bigger forward      | activations only    |
 | sequential | a second forward with hooks subtracting on every row   | two forwards            | none                |
 | swap       | a second forward over base weights swapped by reference| two forwards, no hooks  | one copy of LoRA'd layers |
-| toggle     | a second forward after restoring the weights in place  | two forwards + 2 copies | one copy (backup)   |
 | dual       | one forward; each LoRA'd Linear runs each half   | one bigger forward      | LoRA'd Linears      |
 |            | against its own weight (dual.py)                       |                         |                     |
 
@@ -174,43 +173,5 @@ class SwapStrategy(Strategy):
                 module._parameters["weight"] = weight
                 if "bias" in module._parameters:
                     module._parameters["bias"] = bias
-        self.base_calls += 1
-        return out
-
-
-class ToggleStrategy(Strategy):
-    """Restore the base weights in place, run, put the LoRA'd weights back: what a quick
-    implementation does each step. Slow on purpose; the tests' oracle and the benchmark baseline."""
-
-    name = "toggle"
-    needs_merged_weights = True
-
-    @property
-    def uses_hooks(self) -> bool:
-        return self.lora_scale != 1.0
-
-    def evaluate_base(self, forward, base_args):
-        backups = []
-        try:
-            with torch.no_grad():
-                for module, delta in self.factors.nonzero().items():
-                    weight, bias = with_base_strength(*self.base_weights(module, delta), module, delta,
-                                                      self.base_strength)
-                    backups.append((module, module.weight.detach().clone(),
-                                    None if bias is None else module.bias.detach().clone()))
-                    module.weight.copy_(weight)
-                    if bias is not None:
-                        module.bias.copy_(bias)
-            # Autocast keeps half-precision casts of float32 weights keyed by the tensor, which an
-            # in-place copy does not invalidate: without this the base forward reuses LoRA'd casts.
-            torch.clear_autocast_cache()
-            out = forward(*base_args)
-        finally:
-            with torch.no_grad():
-                for module, weight, bias in backups:
-                    module.weight.copy_(weight)
-                    if bias is not None:
-                        module.bias.copy_(bias)
-            torch.clear_autocast_cache()
         self.base_calls += 1
         return out

@@ -296,7 +296,7 @@ def summarize_skipped(skipped):
 
 
 def base_weights_fn(factors: A1111Factors, networks):
-    """Exact base weights for swap/dual/toggle in merged mode: the Lora extension's own backup when
+    """Exact base weights for swap/dual in merged mode: the Lora extension's own backup when
     only guided LoRAs touch the layer, else the merged weight minus the guided delta."""
     apply_weights = getattr(networks, "network_apply_weights", None)
 
