@@ -3,42 +3,10 @@ benchmark. Nothing of it goes into images or infotexts. Host-free."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
-
-
-class GcClock:
-    """Time the Python garbage collector has run in this process, and its full collections
-    (gc.callbacks; installed once, never removed, so nothing is left behind by an interrupted
-    generation). A full collection in a WebUI's heap takes a noticeable share of a second; the
-    stats say how much of a generation went there, which per-step timings alone cannot."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        self.full = 0
-        self._t0 = None
-
-    def install(self) -> None:
-        if self not in gc.callbacks:
-            gc.callbacks.append(self)
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._t0 = time.perf_counter()
-        elif self._t0 is not None:
-            self.seconds += time.perf_counter() - self._t0
-            self._t0 = None
-            if info.get("generation") == 2:
-                self.full += 1
-
-    def reading(self) -> tuple:
-        return self.seconds, self.full
-
-
-GC_CLOCK = GcClock()
 
 
 @dataclass
@@ -64,20 +32,25 @@ class Stats:
     failure: Optional[str] = None  # the error that stopped AutoLoRA during sampling, if one did
     peak_vram_bytes: Optional[int] = None
     strategy_setup_ms: Optional[float] = None
-    gc_ms: Optional[float] = None
+    gc_ms: Optional[float] = None  # the garbage collector's share, with diagnostics on
     gc_full_collections: Optional[int] = None
+    finished: bool = False
+    _clock: object = field(default=None, repr=False)
     _gc_at_begin: tuple = field(default=(0.0, 0), repr=False)
 
     def add_setup_time(self, seconds: float) -> None:
         self.strategy_setup_ms = round(1000.0 * seconds + (self.strategy_setup_ms or 0), 1)
 
     def end(self, peak_vram_bytes: Optional[int]) -> None:
-        """What the garbage collector took since the generation began (the host's work included)."""
-        seconds, full = GC_CLOCK.reading()
-        seconds0, full0 = self._gc_at_begin
-        self.gc_ms = round(1000.0 * (seconds - seconds0), 1)
-        self.gc_full_collections = full - full0
+        """Closes the record; with diagnostics on, what the garbage collector took since the
+        generation began (the host's work included)."""
+        self.finished = True
         self.peak_vram_bytes = peak_vram_bytes
+        if self._clock is not None:
+            seconds, full = self._clock.reading()
+            seconds0, full0 = self._gc_at_begin
+            self.gc_ms = round(1000.0 * (seconds - seconds0), 1)
+            self.gc_full_collections = full - full0
 
     def as_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
@@ -93,14 +66,21 @@ class StatsBoard:
         self._lock = threading.Lock()
         self.generations = 0
         self.last: Optional[Stats] = None
+        self.gc_clock = None  # diagnostics.GcClock, set only with diagnostics on
 
     def begin(self, host: str, settings: dict) -> Stats:
-        GC_CLOCK.install()
+        clock = self.gc_clock
         with self._lock:
             self.generations += 1
-            stats = Stats(self.generations, host, settings, _gc_at_begin=GC_CLOCK.reading())
+            stats = Stats(self.generations, host, settings, _clock=clock,
+                          _gc_at_begin=clock.reading() if clock is not None else (0.0, 0))
             self.last = stats
         return stats
+
+    def open_runs(self) -> int:
+        """1 while the last generation has begun and not ended (a leak check's reading)."""
+        last = self.last
+        return int(last is not None and not last.finished)
 
     def snapshot(self) -> dict:
         with self._lock:

@@ -24,7 +24,7 @@ _EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _EXTENSION_DIR not in sys.path:  # for `lib_autolora`; appended, so the folder's demo/ and tests/
     sys.path.append(_EXTENSION_DIR)  # never shadow a module of the WebUI
 from lib_autolora import params, stats  # noqa: E402
-from lib_autolora.hosts import http, memory, select_adapter, xyz  # noqa: E402
+from lib_autolora.hosts import http, select_adapter, xyz  # noqa: E402
 from lib_autolora.params import AutoLoraArgumentError  # noqa: E402
 
 log = logging.getLogger("autolora")
@@ -179,10 +179,19 @@ def on_ui_settings():
         gr.Number, {"precision": 0}, section=section))
 
 
+def _diagnostic_routes() -> tuple:
+    """The soak test's and the benchmark's probes, only with AUTOLORA_DIAGNOSTICS=1."""
+    from lib_autolora import diagnostics
+    if not diagnostics.enabled():
+        return ()
+    stats.BOARD.gc_clock = diagnostics.GcClock().install()
+    return tuple(diagnostics.routes(lambda: diagnostics.host_residue(
+        script_callbacks.callback_map, shared.sd_model, stats.BOARD.open_runs())))
+
+
 def on_app_started(_demo, app):
     http.install(app, stats=stats.BOARD.snapshot, params_table=params.table_json,
-                 residue=ADAPTER.residue, reset_peak=memory.reset_peak,
-                 unavailable=None if ADAPTER.available else ADAPTER.reason)
+                 unavailable=None if ADAPTER.available else ADAPTER.reason, extra_routes=_diagnostic_routes())
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

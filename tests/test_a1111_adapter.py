@@ -13,7 +13,7 @@ import torch
 
 from standins import a1111 as sti
 from helpers import lora_state_dict, make_model, merged_copy
-from lib_autolora import memory_probe
+from lib_autolora import diagnostics
 from lib_autolora.base_branch import DeltaHooks, make_strategy
 from lib_autolora.factors import BASE_COEF
 from lib_autolora.generation import Generation
@@ -450,13 +450,13 @@ def test_residue_counts_what_a_run_registers_and_returns_to_the_baseline():
     factors = factors_from_kohya(lora_sd, merged.kohya_modules())
     callback_map = {"callbacks_cfg_denoiser": [SimpleNamespace(name="autolora", script="x/autolora.py")],
                     "callbacks_ui_settings": [SimpleNamespace(name=None, script="other.py")] * 2}
-    before = memory_probe.residue_counts(callback_map, [merged])
+    before = diagnostics.residue_counts(callback_map, [merged])
     assert before["module_hooks"] == 0 and before["callbacks_total"] == 3 and before["callbacks_autolora"] == 1
     strategy = make_strategy("batched", factors).__enter__()
     with strategy.hooks.rows(2, [(0, 1, -1.0)]):  # hooks exist only while a row plan is active
-        during = memory_probe.residue_counts(callback_map, [merged])
+        during = diagnostics.residue_counts(callback_map, [merged])
     strategy.__exit__(None, None, None)
-    after = memory_probe.residue_counts(callback_map, [merged])
+    after = diagnostics.residue_counts(callback_map, [merged])
     assert during["module_hooks"] > 0, during
     memory = {"resident_bytes", "resident_bytes_trimmed", "tensor_bytes", "tensor_storages"}
     assert {k: v for k, v in after.items() if k not in memory} == {k: v for k, v in before.items() if k not in memory}

@@ -18,6 +18,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
+from lib_autolora import diagnostics as diagnostics_module
 from lib_autolora import params
 from lib_autolora.hosts import api_args, http
 
@@ -57,12 +58,12 @@ class StandInHostApi:
 def client(api_auth="", diagnostics=False, monkeypatch=None, with_api=True):
     app = FastAPI()
     host = StandInHostApi(app, api_auth) if with_api else None
-    if monkeypatch is not None:
-        monkeypatch.setenv(http.DIAGNOSTICS_ENV, "1" if diagnostics else "")
-    resets = []
+    resets, extra = [], ()
+    if diagnostics:  # what scripts/autolora.py adds with AUTOLORA_DIAGNOSTICS=1
+        monkeypatch.setattr(diagnostics_module, "reset_peak", lambda: resets.append(1))
+        extra = tuple(diagnostics_module.routes(lambda: {"module_hooks": 0}))
     added = http.install(app, stats=lambda: {"generation": 7, "guided_loras": ["secret_style"]},
-                         params_table=params.table_json, residue=lambda: {"module_hooks": 0},
-                         reset_peak=lambda: resets.append(1))
+                         params_table=params.table_json, extra_routes=extra)
     return TestClient(app), host, added, resets
 
 
@@ -155,7 +156,6 @@ def test_no_host_api_no_routes(monkeypatch):
 def test_installing_twice_adds_nothing_twice(monkeypatch):
     app = FastAPI()
     StandInHostApi(app)
-    monkeypatch.setenv(http.DIAGNOSTICS_ENV, "")
     first = http.install(app, stats=lambda: {}, params_table=params.table_json)
     assert http.install(app, stats=lambda: {}, params_table=params.table_json) == []
     route = next(r for r in app.routes if getattr(r, "path", None) == "/sdapi/v1/txt2img")
@@ -166,7 +166,6 @@ def test_installing_twice_adds_nothing_twice(monkeypatch):
 def test_on_a_webui_without_what_autolora_needs_an_enabled_request_is_refused_with_the_reason(monkeypatch):
     app = FastAPI()
     host = StandInHostApi(app)
-    monkeypatch.setenv(http.DIAGNOSTICS_ENV, "")
     http.install(app, stats=lambda: {}, params_table=params.table_json,
                  unavailable="its CFG denoiser samples through its own backend (sampling_function)")
     c = TestClient(app)

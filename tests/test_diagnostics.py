@@ -1,7 +1,8 @@
-"""The stats record's timing fields: what the garbage collector took during a generation."""
+"""The stats record's timing fields: what the garbage collector took during a generation (with
+diagnostics on only)."""
 import gc
 
-from lib_autolora import params, stats
+from lib_autolora import diagnostics, params, stats
 from lib_autolora.params import AutoLoraSettings
 
 
@@ -14,6 +15,8 @@ def test_the_record_counts_full_collections_and_their_time_between_begin_and_end
     settings = params.as_dict(AutoLoraSettings(enabled=True))
     was_enabled = gc.isenabled()
     gc.disable()  # only the collections this test makes
+    clock = diagnostics.GcClock().install()
+    stats.BOARD.gc_clock = clock
     try:
         record = stats.BOARD.begin("standin", settings)
         garbage = [_Cycle() for _ in range(20000)]
@@ -25,10 +28,15 @@ def test_the_record_counts_full_collections_and_their_time_between_begin_and_end
         quiet = stats.BOARD.begin("standin", settings)
         quiet.end(None)
         assert quiet.gc_full_collections == 0 and quiet.gc_ms == 0
+        assert clock.install() is clock and gc.callbacks.count(clock) == 1, "installed once"
     finally:
+        stats.BOARD.gc_clock = None
+        gc.callbacks.remove(clock)
         if was_enabled:
             gc.enable()
-    assert gc.callbacks.count(stats.GC_CLOCK) == 1, "installed once however many generations ran"
+    plain = stats.BOARD.begin("standin", settings)
+    plain.end(None)
+    assert plain.gc_ms is None and plain.finished, "without diagnostics no clock runs"
 
 
 def test_the_snapshot_is_json_of_the_last_generation():

@@ -271,3 +271,24 @@ def test_script_carries_the_tooltips_in_the_page_and_installs_the_routes_at_app_
         data = json.loads(html_lib.unescape(html.split('data-tooltips="')[1].split('"')[0]))
         assert data == {p.name: p.tooltip for p in params.PARAMS}
         assert module.on_app_started in host.callbacks.lists["app_started"]
+
+
+def test_diagnostic_routes_and_the_gc_clock_exist_only_with_the_variable(monkeypatch):
+    import gc
+
+    from lib_autolora import stats
+    with sti.installed():
+        module = _load_script()
+        monkeypatch.delenv("AUTOLORA_DIAGNOSTICS", raising=False)
+        assert module._diagnostic_routes() == () and stats.BOARD.gc_clock is None
+        monkeypatch.setenv("AUTOLORA_DIAGNOSTICS", "1")
+        try:
+            routes = module._diagnostic_routes()
+            assert [(path, method) for path, _, method in routes] == [
+                ("/autolora/v1/residue", "GET"), ("/autolora/v1/reset-peak", "POST")]
+            assert stats.BOARD.gc_clock in gc.callbacks
+            assert routes[0][1]()["open_runs"] == stats.BOARD.open_runs()
+        finally:
+            if stats.BOARD.gc_clock in gc.callbacks:
+                gc.callbacks.remove(stats.BOARD.gc_clock)
+            stats.BOARD.gc_clock = None

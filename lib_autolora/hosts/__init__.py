@@ -38,9 +38,6 @@ class HostAdapter(Protocol):
     def finish(self, p) -> None:
         """Free every per-generation state; idempotent, also after an exception or interrupt."""
 
-    def residue(self) -> dict:
-        """What the adapter has registered in the host now (the soak test's leak check)."""
-
 
 class UnavailableAdapter:
     """Used when the WebUI lacks what AutoLoRA binds to: the accordion says so, the API refuses an
@@ -63,9 +60,6 @@ class UnavailableAdapter:
 
     def finish(self, p):
         return None
-
-    def residue(self) -> dict:
-        return {}
 
 
 def _has(package: str) -> bool:

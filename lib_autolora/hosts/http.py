@@ -8,9 +8,8 @@ every route here is as open or as closed as the host's API:
 
 - GET /autolora/v1/params: the parameter table (API order, ranges, tooltips) for API clients
 - GET /autolora/v1/stats: counters of the last AutoLoRA generation
-- GET /autolora/v1/residue, POST /autolora/v1/reset-peak: memory probes for the soak test and the
-  benchmark; they exist only when the environment variable AUTOLORA_DIAGNOSTICS=1 is set, since
-  one residue call runs a full garbage collection
+- the diagnostic routes (lib_autolora/diagnostics.py), added by the script only when the
+  environment variable AUTOLORA_DIAGNOSTICS=1 is set, under the same rules
 
 The check of AutoLoRA's API arguments is one more dependency on the host's txt2img/img2img routes,
 after the host's own: a bad value gets HTTP 422 with a message, and only a request the host
@@ -20,7 +19,6 @@ FastAPI only; nothing here imports WebUI code.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 from fastapi import Depends, HTTPException, Request
@@ -30,11 +28,6 @@ from . import api_args
 
 ROUTE_PREFIX = "/autolora/v1"
 GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
-DIAGNOSTICS_ENV = "AUTOLORA_DIAGNOSTICS"
-
-
-def diagnostics_enabled() -> bool:
-    return os.environ.get(DIAGNOSTICS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _route(app, path: str):
@@ -78,10 +71,11 @@ def _add_dependency(route, dependency: Callable) -> bool:
     return True
 
 
-def install(app, *, stats: Callable, params_table: Callable, residue: Optional[Callable] = None,
-            reset_peak: Optional[Callable] = None, unavailable: Optional[str] = None) -> list:
-    """Add the routes and the argument check to the host's FastAPI app (from on_app_started).
-    Returns the paths added (none when the host serves no API)."""
+def install(app, *, stats: Callable, params_table: Callable, unavailable: Optional[str] = None,
+            extra_routes: tuple = ()) -> list:
+    """Add the routes (and `extra_routes`, (path, endpoint, method) each) and the argument check to
+    the host's FastAPI app (from on_app_started). Returns the paths added (none when the host
+    serves no API)."""
     dependencies = host_api_dependencies(app)
     if dependencies is None:
         return []
@@ -90,22 +84,11 @@ def install(app, *, stats: Callable, params_table: Callable, residue: Optional[C
         route = _route(app, path)
         if route is not None:
             _add_dependency(route, check)
-    routes = [(f"{ROUTE_PREFIX}/params", params_table, "GET"), (f"{ROUTE_PREFIX}/stats", stats, "GET")]
-    if diagnostics_enabled():
-        routes.append((f"{ROUTE_PREFIX}/residue", residue or (lambda: {}), "GET"))
-        routes.append((f"{ROUTE_PREFIX}/reset-peak", _ok(reset_peak), "POST"))
+    routes = [(f"{ROUTE_PREFIX}/params", params_table, "GET"), (f"{ROUTE_PREFIX}/stats", stats, "GET"),
+              *extra_routes]
     added = []
     for path, endpoint, method in routes:
         if _route(app, path) is None:
             app.add_api_route(path, endpoint, methods=[method], dependencies=list(dependencies))
             added.append(path)
     return added
-
-
-def _ok(action: Optional[Callable]) -> Callable:
-    def endpoint():
-        if action is not None:
-            action()
-        return {"ok": True}
-
-    return endpoint

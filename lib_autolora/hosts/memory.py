@@ -16,11 +16,6 @@ def peak_bytes() -> Optional[int]:
     return None
 
 
-def reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
 def free_bytes() -> Optional[int]:
     if torch.cuda.is_available():
         try:

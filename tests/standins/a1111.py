@@ -238,8 +238,10 @@ class StandInCFGDenoiser(torch.nn.Module):
 class StandInCallbacks:
     """script_callbacks: on_*(callback, *, name=None) registers; *_callback(params) calls in order."""
 
+    KINDS = ("cfg_denoiser", "cfg_denoised", "cfg_after_cfg", "ui_settings", "app_started", "before_ui")
+
     def __init__(self):
-        self.lists = {}
+        self.lists = {kind: [] for kind in self.KINDS}
 
     def _on(self, kind):
         def register(callback, *, name=None):
@@ -250,6 +252,11 @@ class StandInCallbacks:
         if name.startswith("on_"):
             return self._on(name[3:])
         raise AttributeError(name)
+
+    @property
+    def callback_map(self) -> dict:
+        """{"callbacks_<kind>": [registered entries]} as the real module keeps them."""
+        return {f"callbacks_{kind}": entries for kind, entries in self.lists.items()}
 
     def cfg_denoiser_callback(self, params):
         for cb in self.lists.get("cfg_denoiser", []):
@@ -346,6 +353,7 @@ def installed(opts=None, sd_model=None):
     script_callbacks = types.ModuleType("modules.script_callbacks")
     for kind in ("cfg_denoiser", "cfg_denoised", "ui_settings", "app_started", "before_ui"):
         setattr(script_callbacks, f"on_{kind}", getattr(callbacks, f"on_{kind}"))
+    script_callbacks.callback_map = callbacks.callback_map
     devices = types.ModuleType("modules.devices")
     devices.autocast = contextmanager(lambda: (yield))
     cfg_denoiser = types.ModuleType("modules.sd_samplers_cfg_denoiser")

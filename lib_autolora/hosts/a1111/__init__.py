@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 
-from ... import memory_probe
 from ...base_branch import DeltaHooks
 from ...generation import Generation
 from .. import memory, networks
@@ -174,15 +172,6 @@ class A1111Adapter:
         gen = self.generation(p) if p is not None else None
         if gen is not None:
             self._close(gen, p)
-
-    def residue(self) -> dict:
-        """What is registered now (GET /autolora/v1/residue): the host's callback lists, hooks on
-        the loaded model's modules, generations not finished, CFG denoisers still wrapped."""
-        from modules import script_callbacks
-        model = _host()[0].sd_model
-        roots = [model] if isinstance(model, torch.nn.Module) else []
-        return memory_probe.residue_counts(script_callbacks.callback_map, roots, {
-            "open_runs": len(_OPEN), "wrapped_denoisers": sum(len(g.host_state.wrapped) for g in _OPEN)})
 
     # -- internals ---------------------------------------------------------------------------------
     def _close(self, gen: Generation, p=None):

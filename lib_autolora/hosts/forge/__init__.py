@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ... import memory_probe
 from ...generation import Generation
 from .. import memory, networks
 from ..prompts import select_guided
@@ -215,6 +214,8 @@ class ForgeAdapter:
         gen.stats.notices.append(message)
         if self.gen is gen:
             self.finish(gen.host_state.p)
+        else:
+            gen.finish()
         return message
 
     def generation(self, p) -> Optional[Generation]:
@@ -294,15 +295,3 @@ class ForgeAdapter:
         state.conds.clear()
         gen.finish(memory.peak_bytes())
         return None
-
-    def residue(self) -> dict:
-        """What is registered now (GET /autolora/v1/residue): the host's callback lists, hooks on the
-        UNet and text encoder modules, our sampler hooks on the current UNet patcher, open generations."""
-        from modules import script_callbacks, shared
-        objects = getattr(shared.sd_model, "forge_objects", None)
-        roots, pre_cfg = [], 0
-        if objects is not None:
-            roots = [getattr(objects.unet, "model", None), getattr(objects.clip, "cond_stage_model", None)]
-            pre_cfg = len(objects.unet.model_options.get("sampler_pre_cfg_function", []))
-        return memory_probe.residue_counts(script_callbacks.callback_map, [r for r in roots if r is not None], {
-            "open_runs": int(self.gen is not None), "unet_pre_cfg_functions": pre_cfg})

@@ -1,4 +1,10 @@
-"""What this process holds in memory, for the leak checks of the soak test (/autolora/v1/residue).
+"""Diagnostics for the soak test and the benchmark, loaded only when AUTOLORA_DIAGNOSTICS=1: the
+routes GET /autolora/v1/residue (what the process holds and what is registered in the host) and
+POST /autolora/v1/reset-peak (torch's peak-memory counter), and the garbage-collector clock that
+fills the stats' gc_ms / gc_full_collections. Without the variable nothing here runs: no route, no
+gc callback. Imports nothing from a WebUI; the host's objects come in as arguments.
+
+What this process holds in memory, for the leak checks:
 
 Resident memory (RSS) alone cannot tell a leak from the allocator: glibc keeps freed heap memory
 for reuse instead of returning it to the OS, so re-patching a model's weights (a LoRA set change)
@@ -19,9 +25,16 @@ import ctypes.util
 import functools
 import gc
 import os
-from typing import Iterable, Optional
+import time
+from typing import Callable, Iterable, Optional
 
 import torch
+
+ENV = "AUTOLORA_DIAGNOSTICS"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def resident_bytes() -> Optional[int]:
@@ -108,3 +121,64 @@ def residue_counts(callback_map: dict, module_roots: Iterable, extra: Optional[d
             "module_hooks": hooks, "modules": modules, "resident_bytes": resident,
             "resident_bytes_trimmed": trimmed, "tensor_bytes": tensor_bytes, "tensor_storages": tensors,
             **(extra or {})}
+
+
+class GcClock:
+    """Time the Python garbage collector has run in this process, and its full collections
+    (gc.callbacks; installed once, never removed, so nothing is left behind by an interrupted
+    generation). A full collection in a WebUI's heap takes a noticeable share of a second; the
+    stats say how much of a generation went there, which per-step timings alone cannot."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.full = 0
+        self._t0 = None
+
+    def install(self) -> "GcClock":
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+        return self
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+            if info.get("generation") == 2:
+                self.full += 1
+
+    def reading(self) -> tuple:
+        return self.seconds, self.full
+
+
+def loaded_modules(sd_model) -> list:
+    """The torch modules of the loaded checkpoint: A1111's model itself, or the Forge family's UNet
+    and text encoder behind its patchers."""
+    roots = [sd_model] if isinstance(sd_model, torch.nn.Module) else []
+    objects = getattr(sd_model, "forge_objects", None)
+    if objects is not None:
+        roots += [getattr(getattr(objects, "unet", None), "model", None),
+                  getattr(getattr(objects, "clip", None), "cond_stage_model", None)]
+    return [r for r in roots if isinstance(r, torch.nn.Module)]
+
+
+def host_residue(callback_map: dict, sd_model, open_runs: int) -> dict:
+    """`residue_counts` of what is loaded, plus the sampler hooks on the Forge family's UNet patcher."""
+    options = getattr(getattr(getattr(sd_model, "forge_objects", None), "unet", None), "model_options", None) or {}
+    return residue_counts(callback_map, loaded_modules(sd_model), {
+        "open_runs": open_runs, "unet_pre_cfg_functions": len(options.get("sampler_pre_cfg_function", []))})
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def routes(residue: Callable[[], dict]) -> list:
+    """(path, endpoint, method) of the diagnostic routes, for hosts.http.install."""
+    def reset_peak_route():
+        reset_peak()
+        return {"ok": True}
+
+    return [("/autolora/v1/residue", residue, "GET"), ("/autolora/v1/reset-peak", reset_peak_route, "POST")]
