@@ -2,9 +2,11 @@
 modes and models they have. A host plugs in by adding a `HostSpec` to `HOSTS`.
 
 A host is used when its environment variable points at the folder with its `launch.py`
-(`AUTOLORA_A1111`, `AUTOLORA_FORGE`). Its Python is `AUTOLORA_<HOST>_PYTHON`, else `venv/bin/python`
-in that folder, else `../venv/bin/python`. `AUTOLORA_WEBUI_ARGS` adds launch flags; the environment
-is passed through (for the offline installs here: source `a1111-env.sh` first).
+(`AUTOLORA_A1111`, `AUTOLORA_FORGE`, `AUTOLORA_FORGE_NEO`, ...). Where one variable can point at
+trees with different launch flags (Forge Neo: release 2.x or the October-2025 tree), the spec is
+picked by what is installed there (`HostSpec.for_tree`). Its Python is `AUTOLORA_<HOST>_PYTHON`,
+else `venv/bin/python` in that folder, else `../venv/bin/python`. `AUTOLORA_WEBUI_ARGS` adds launch
+flags; the environment is passed through (for the offline installs here: source `a1111-env.sh` first).
 
 Models: each arch's checkpoint and LoRAs are taken from the WebUI's model folders when files of the
 expected names exist there (the offline installs ship `random-sd15.safetensors`,
@@ -16,8 +18,10 @@ missing ones, and the suite's second LoRA, are made with the random-weight maker
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -68,6 +72,19 @@ class HostSpec:
     family: str = ""  # "forge": Forge's built-in guidance extensions and conditioning cache are there
     gradio: str = "4.40"  # the UI's gradio version (tests/e2e/test_browser.py)
     supported: bool = True  # False: the suite proves AutoLoRA refuses honestly (test_unsupported_host.py)
+    # Options that the host applies only when a checkpoint is selected (Forge Neo 2.x reads its UNet
+    # storage dtype, and so its LoRA mode, in refresh_model_loading_parameters()): after setting one,
+    # the suite selects another checkpoint and then its own again (Server.reselect_checkpoint).
+    reselect_after: tuple = ()
+    # (root) -> keys config.json must hold for the host to start unattended (Forge Neo 2.x: VERSION_UID,
+    # else launch blocks on "Press Enter to Continue..."); added before the server starts, so the
+    # config.json the suite puts back afterwards holds them too.
+    config_keys: Optional[Callable] = None
+    # LoRA file types the host's LoRA loader reads (tests/e2e/test_network_types.py, makers/network_types.py)
+    network_types: tuple = ()
+    # (spec, root) -> the spec for the tree installed at root (one env var, trees with different flags)
+    for_tree: Optional[Callable] = None
+    label: str = ""  # what the tree is, for messages (e.g. "Forge Neo 2.26")
 
 
 def _forge_checkpoint_cmd(host, arch, out):
@@ -101,6 +118,48 @@ FORGE_LORA_MODES = {"merged": {"forge_unet_storage_dtype": "Automatic", "forge_i
 # also styles: apply_infotext fails on fields typed list[str] that the request does not set (its
 # paste functions return ['Use same choices'] / a gradio 4 update), with or without AutoLoRA.
 FORGE_HIRES_FIELDS = {"hr_additional_modules": ["Use same choices"], "styles": []}
+
+# Forge main's and the October-2025 Neo tree's backend/patcher/lora.py merge lora (LoCon's mid and
+# DoRA's dora_scale included), loha, lokr and glora patches; no OFT (Neo 2.x: comfy's weight_adapter has it).
+FORGE_NETWORK_TYPES = ("locon", "loha", "lokr", "dora")
+FORGE_NEO_2_ARGS = ("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
+                    "--server-name", "127.0.0.1", "--port", "{port}")
+
+
+def neo_tree(root: Path) -> str:
+    """Which Forge Neo tree is installed at root: "2.x" (backend/args.py is ComfyUI's, with --cpu and no
+    --always-cpu; modules_forge/forge_version.py has a `release`) or "2025-10" (Forge's own args)."""
+    try:
+        args = (Path(root) / "backend" / "args.py").read_text(errors="replace")
+    except OSError:
+        return "2.x"  # not installed yet: the default tree of tests/e2e/install/forge-neo.sh
+    return "2025-10" if '"--always-cpu"' in args else "2.x"
+
+
+def neo_release(root: Path) -> str:
+    """modules_forge/forge_version.py's `release` ("2.26"), "" when the tree has none (October 2025)."""
+    try:
+        text = (Path(root) / "modules_forge" / "forge_version.py").read_text(errors="replace")
+    except OSError:
+        return ""
+    m = re.search(r'^release\s*=\s*["\']([^"\']+)["\']', text, re.M)
+    return m.group(1) if m else ""
+
+
+def _forge_neo_for_tree(spec, root):
+    if neo_tree(root) == "2025-10":
+        return FORGE_NEO_2025_10
+    release = neo_release(root)
+    return dataclasses.replace(spec, label=f"Forge Neo {release}" if release else spec.label)
+
+
+def _neo_config_keys(root) -> dict:
+    """{"VERSION_UID": ...} as modules/launch_utils.py declares it: verify_version() writes it only into a
+    config.json it creates; a config.json without it blocks launch on input("Press Enter to Continue...")."""
+    text = (Path(root) / "modules" / "launch_utils.py").read_text(errors="replace")
+    m = re.search(r'^VERSION_UID\b[^=]*=\s*["\']([^"\']+)["\']', text, re.M)
+    return {"VERSION_UID": m.group(1)} if m else {}
+
 
 HOSTS = {
     "a1111": HostSpec(
@@ -143,21 +202,36 @@ HOSTS = {
                                # Forge's Euler / Euler a / Heun on the Automatic (uniform) schedule draw SD3
                                # black (NaN), with or without AutoLoRA; Karras, Simple, SGM Uniform are fine
                                variation={"scheduler": "Simple"})},
-        make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge"),
-    # Forge Neo (the Linux copy of Haoming02's `neo` branch as of October 2025 that ../shared/webui and
-    # tests/e2e/install/forge-neo.sh install): Forge main's backend and options; on a CPU it needs
-    # PyTorch attention. Its presets (modules_forge/presets.py) differ from Forge main's.
+        make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge",
+        network_types=FORGE_NETWORK_TYPES),
+    # Forge Neo release 2.x (2.26: the folder webui/ of exo101/sd-webui-forge-neo-v3 that
+    # tests/e2e/install/forge-neo.sh installs by default; ../shared/webui/FORGE-NEO-226.md). Its backend
+    # is ComfyUI's port: backend/args.py is ComfyUI's cli_args (--cpu, --use-pytorch-cross-attention;
+    # --always-cpu and --attention-pytorch make it exit), there is no --ckpt (argparse takes it for
+    # --ckpt-dirs and lists the file as a folder), so the checkpoint is selected only through the options
+    # API (Server._wait_for_extension_routes). No forge_inference_memory option (setting it is an error);
+    # the UNet storage dtype, and with it on-the-fly ("fp16 LoRA") LoRAs, is read when a checkpoint is
+    # selected: reselect_after. UI defaults: modules_forge/presets.py, the "sd" preset (the default
+    # forge_preset, modules_forge/shared_options.py): Euler a, Automatic, CFG 6 (modules/ui.py's CFG slider
+    # starts at 6 too); "xl": Euler a, Automatic, CFG 4.5 (its Shift 9 applies to rectified-flow SDXL
+    # models only). Clip skip 2 (modules/shared_options.py), the same for every request.
+    # An October-2025 tree at AUTOLORA_FORGE_NEO gets FORGE_NEO_2025_10 below (for_tree).
     "forge-neo": HostSpec(
         name="forge-neo", env_var="AUTOLORA_FORGE_NEO",
-        base_args=FORGE_FAMILY_ARGS,
-        cpu_args=("--skip-torch-cuda-test", "--always-cpu", "--attention-pytorch"),
-        lora_modes=FORGE_LORA_MODES,
+        base_args=FORGE_NEO_2_ARGS,
+        cpu_args=("--skip-torch-cuda-test", "--cpu", "--use-pytorch-cross-attention"),
+        # "online": LoRAs patched on the fly (LowVramPatch per layer); 2.26 applies them to weights of
+        # any dtype, so the fp32 UNet of "Automatic" with the "(fp16 LoRA)" switch.
+        lora_modes={"merged": {"forge_unet_storage_dtype": "Automatic"},
+                    "online": {"forge_unet_storage_dtype": "Automatic (fp16 LoRA)"}},
         sdxl_mode="merged",
         archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
                                 ui_defaults=_ui("Euler a", "Automatic", 6)),
                "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
-                                args=("--unet-in-bf16", "--clip-in-fp16"), ui_defaults=_ui("DPM++ 2M SDE", "Karras", 4))},
-        make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge"),
+                                args=("--bf16-unet", "--fp16-text-enc"), ui_defaults=_ui("Euler a", "Automatic", 4.5))},
+        make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge",
+        reselect_after=("forge_unet_storage_dtype",), config_keys=_neo_config_keys,
+        network_types=("locon", "loha", "lokr", "dora", "oft"), for_tree=_forge_neo_for_tree, label="Forge Neo 2.x"),
     # Hosts AutoLoRA does not support (yet): the suite proves the refusal is honest there
     # (test_unsupported_host.py). reForge main (ldm_patched backend) and Forge Classic (branch `classic`)
     # sample through their own backends from A1111's CFG denoiser.
@@ -178,6 +252,22 @@ HOSTS = {
                                 ui_defaults=_ui("Euler a", "Automatic", 7))},
         make_checkpoint=_a1111_checkpoint_cmd, supported=False),
 }
+
+# Forge Neo, the October-2025 tree (the Linux copy papaioannou-themistoklis/WebUI-Neo-Forge @ 7862a96 of
+# Haoming02's `neo` branch; NEO_TREE=2025-10 tests/e2e/install/forge-neo.sh): Forge main's backend and
+# options; on a CPU it needs PyTorch attention. Its presets (modules_forge/presets.py) differ from Forge main's.
+FORGE_NEO_2025_10 = HostSpec(
+    name="forge-neo", env_var="AUTOLORA_FORGE_NEO",
+    base_args=FORGE_FAMILY_ARGS,
+    cpu_args=("--skip-torch-cuda-test", "--always-cpu", "--attention-pytorch"),
+    lora_modes=FORGE_LORA_MODES,
+    sdxl_mode="merged",
+    archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
+                            ui_defaults=_ui("Euler a", "Automatic", 6)),
+           "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
+                            args=("--unet-in-bf16", "--clip-in-fp16"), ui_defaults=_ui("DPM++ 2M SDE", "Karras", 4))},
+    make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge",
+    network_types=FORGE_NETWORK_TYPES, label="Forge Neo (October 2025 tree)")
 
 
 @dataclass
@@ -202,6 +292,8 @@ def configured_hosts() -> list:
         candidates = [Path(python)] if python else [root / "venv" / "bin" / "python",
                                                     root.parent / "venv" / "bin" / "python"]
         found = next((c for c in candidates if c.exists()), None)
+        if spec.for_tree is not None:
+            spec = spec.for_tree(spec, root)
         hosts.append(Host(spec, root, found or candidates[0]))
     return hosts
 
@@ -260,6 +352,21 @@ def ensure_models(host: Host, arch: str) -> dict:
     return out
 
 
+def ensure_network_type_lora(host: Host, kind: str, checkpoint: Path) -> Path:
+    """The SD1.5 LoRA file of network type `kind` (makers/network_types.py: locon, loha, lokr, dora,
+    oft), taken from models/Lora when a file of its name is there, else made into models/Lora/autolora-e2e/
+    and kept. `checkpoint`: the random SD1.5 checkpoint (DoRA's magnitudes are its row norms)."""
+    lora_dir = host.root / "models" / "Lora"
+    name = f"autolora_e2e_{kind}.safetensors"
+    path = _find(lora_dir, name)
+    if path is None:
+        path = lora_dir / "autolora-e2e" / name
+        _make(host, [str(host.python), str(REPO / "tests" / "e2e" / "makers" / "network_types.py"),
+                     "--forge", str(host.root), "--type", kind, "--ckpt", str(checkpoint), "--out", str(path),
+                     "--seed", "1"], path)
+    return path
+
+
 def _make(host: Host, argv: list, out: Path):
     if not Path(argv[1]).exists():  # argv[1]: the maker script
         raise FileNotFoundError(f"{out.name} is missing and the maker {argv[1]} is not there "
@@ -303,20 +410,55 @@ class Server:
         link.symlink_to(REPO, target_is_directory=True)
         self._link_created = True
 
+    def _ensure_config_keys(self):
+        """Keys the host needs in config.json to start unattended (HostSpec.config_keys), added to an
+        existing config.json before it is saved for stop(): what is put back holds them too."""
+        if self.host.spec.config_keys is None:
+            return
+        path = self.host.root / "config.json"
+        if not path.exists():
+            return  # the host writes a fresh one itself (Forge Neo 2.x: with VERSION_UID)
+        keys = self.host.spec.config_keys(self.host.root)
+        config = json.loads(path.read_text(encoding="utf8") or "{}")
+        if any(config.get(k) != v for k, v in keys.items()):
+            config.update(keys)
+            path.write_text(json.dumps(config, indent=4), encoding="utf8")
+
     def start(self, timeout: float = 600):
+        self._ensure_config_keys()
         for name in PERSISTED_FILES:
             path = self.host.root / name
             self._saved[name] = path.read_bytes() if path.exists() else None
         self._link_extension()
+        return self._launch(timeout, "w")
+
+    def restart(self, timeout: float = 600):
+        """Start the WebUI again after its process ended (killed for memory, crashed), with the same
+        flags and port; the log goes on in the same file, and stop() still puts back the config files
+        as they were before the first start."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        if getattr(self, "log", None):
+            self.log.close()
+        self._link_extension()
+        return self._launch(timeout, "a")
+
+    def _launch(self, timeout: float, log_mode: str):
         args = [a.format(port=self.port, ckpt=self.ckpt) for a in self.host.spec.base_args]
         if shutil.which("nvidia-smi") is None:
             args += list(self.host.spec.cpu_args)
         args += list(self.extra_args)
         args += shlex.split(os.environ.get("AUTOLORA_WEBUI_ARGS", ""))
-        self.log = open(self.log_path, "w")
+        self.log = open(self.log_path, log_mode)
         env = dict(os.environ, **self.env)
+        # stdin: a console prompt at launch fails at once instead of waiting for a key; unbuffered: the log
+        # has each line when it is printed (test_network_types.py reads the LoRA loader's lines)
+        # and wide: rich-formatted log lines (Forge Neo 2.x's loggers) are not wrapped at 80 columns
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("COLUMNS", "250")
         self.proc = subprocess.Popen([str(self.host.python), "launch.py", *args], cwd=str(self.host.root), env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         try:
             return self._wait_until_ready(time.time() + timeout)
         except BaseException:
@@ -348,6 +490,21 @@ class Server:
                 return self
             time.sleep(1)
         raise TimeoutError(f"AutoLoRA's routes did not appear; log tail:\n{self.log_tail()}")
+
+    def reselect_checkpoint(self):
+        """Select another listed checkpoint, then ours again: a host that reads some options only when a
+        checkpoint is selected (HostSpec.reselect_after) takes them up. Nothing is loaded in between
+        (Forge loads the selected checkpoint at the next generation)."""
+        title = self._checkpoint_title()
+        others = [m["title"] for m in get_json(f"{self.url}/sdapi/v1/sd-models", timeout=60, auth=self.auth)
+                  if m.get("title") and m["title"] != title and m.get("filename")
+                  and Path(m["filename"]).is_file()]
+        if not others:
+            raise RuntimeError(f"no second checkpoint listed to reselect {title} with")
+        for target in (others[0], title):
+            status, body = post_json(f"{self.url}/sdapi/v1/options", {"sd_model_checkpoint": target}, auth=self.auth)
+            if status != 200:
+                raise RuntimeError(f"selecting {target} failed: HTTP {status} {body}")
 
     def _checkpoint_title(self) -> str:
         """The title the host lists our checkpoint under (what its checkpoint option accepts on every

@@ -63,6 +63,8 @@ class WebUI:
         self.url, self.host_name = url, host_name
         self._cache = {}
         self._options_before = {}
+        self.reselect_after = ()  # HostSpec.reselect_after: options taken up only when a checkpoint is selected
+        self.server = None
 
     # -- HTTP ------------------------------------------------------------------------------------
     def post(self, path, payload, timeout=1800):
@@ -100,12 +102,19 @@ class WebUI:
             self._options_before.setdefault(key, current.get(key))
         status, body = self.post("/sdapi/v1/options", values)
         assert status == 200, body
+        self._reselect_if_needed(current, values)
         self._cache.clear()
 
     def restore_options(self):
         if self._options_before:
+            current = self.get("/sdapi/v1/options")
             self.post("/sdapi/v1/options", self._options_before)
+            self._reselect_if_needed(current, self._options_before)
             self._options_before = {}
+
+    def _reselect_if_needed(self, before: dict, values: dict):
+        if self.server is not None and any(k in self.reselect_after and before.get(k) != v for k, v in values.items()):
+            self.server.reselect_checkpoint()
 
 
 def with_autolora(req: dict, args) -> dict:

@@ -8,7 +8,16 @@ unchanged except for that last step, which here writes the safetensors header (s
 file is byte-reproducible) and then each tensor's bytes in turn: peak memory is the tensors once.
 
     python tests/e2e/makers/streamed_checkpoint.py --forge WEBUI --arch sdxl --out X.safetensors --lora L.safetensors
-(the shared maker's arguments; run with the host's venv python and its vendored packages on PYTHONPATH)
+(the shared maker's arguments; run with the host's venv python). Forge Neo vendors huggingface_guess in
+modules_forge/packages: that folder is put on sys.path when it exists.
+
+--backend-cpu-flag (taken out of the arguments before the shared maker parses them): the flag that
+`backend.args` is parsed with before the maker imports Forge's backend. The shared maker parses it
+with `--always-cpu`, which Forge Neo 2.x's backend/args.py (ComfyUI's) does not have: its
+memory_management then probes CUDA at import ("Torch not compiled with CUDA enabled"). With `--cpu`
+the namespace is parsed and cached first (as ../shared/webui/forge_neo226_random_checkpoint.py does)
+and the maker's own import reuses it. `auto` (default) picks `--cpu` when the tree's backend/args.py
+declares it and not `--always-cpu`, else leaves the maker alone.
 """
 from __future__ import annotations
 
@@ -63,7 +72,55 @@ def load_shared_maker():
     return maker
 
 
+def cpu_flag_for(forge: Path) -> str:
+    """`--cpu` for a tree whose backend/args.py is ComfyUI's (Forge Neo 2.x), else `--always-cpu`."""
+    try:
+        text = (forge / "backend" / "args.py").read_text(errors="replace")
+    except OSError:
+        return "--always-cpu"
+    return "--cpu" if '"--cpu"' in text and '"--always-cpu"' not in text else "--always-cpu"
+
+
+def pop_option(argv: list, name: str, default):
+    """The value of `name VALUE` / `name=VALUE`, removed from argv (the shared maker's parser does
+    not know it), or default."""
+    for i, arg in enumerate(list(argv)):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if arg.startswith(name + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return default
+
+
+def prepare_backend(argv: list) -> None:
+    """Put Forge Neo's vendored packages on sys.path and pre-parse backend.args with the CPU flag the
+    tree knows (see the module docstring)."""
+    flag = pop_option(argv, "--backend-cpu-flag", "auto")
+    forge = pop_option(list(argv), "--forge", None)
+    if forge is None:
+        return
+    forge = Path(forge).resolve()
+    for path in (forge / "modules_forge" / "packages", forge):
+        if path.is_dir() and str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    if flag not in ("auto", "--cpu", "--always-cpu"):
+        raise SystemExit(f"--backend-cpu-flag: auto, --cpu or --always-cpu, not {flag!r}")
+    if flag == "auto":
+        flag = cpu_flag_for(forge)
+    if flag == "--always-cpu":
+        return  # what the shared maker does itself
+    saved, sys.argv = sys.argv, sys.argv[:1] + [flag]
+    try:
+        import backend.args  # noqa: F401  (parses [flag]; the maker's import then reuses the cached module)
+    finally:
+        sys.argv = saved
+
+
 def main() -> int:
+    prepare_backend(sys.argv)
     maker = load_shared_maker()
     maker.save_safetensors = save_streamed
     maker.main()

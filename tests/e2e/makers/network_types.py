@@ -1,0 +1,226 @@
+"""Random-weight SD1.5 LoRA files of the other network types users load into Forge's LoRA extension:
+LoCon, LoHa, LoKr, DoRA and OFT, in the key layouts the Forge family's LoRA loaders read
+(Forge Neo 2.x: modules_forge/packages/comfy/weight_adapter/{lora,loha,lokr,oft}.py and
+comfy/lora.py; Forge main and the October-2025 Neo tree: backend/patcher/lora.py, without OFT).
+
+Written the way the suite's kohya LoRA is (../shared/webui/forge_random_checkpoint.py): module names
+and shapes from diffusers' UNet2DConditionModel and transformers' CLIPTextModel built on the meta
+device from the tree's backend/huggingface/runwayml/stable-diffusion-v1-5 configs, kohya/LyCORIS names
+(`lora_unet_<diffusers module path with _>`, `lora_te_text_model_encoder_layers_N_...`), float16
+tensors, deterministic by seed, saved tensor by tensor with sorted keys (byte-reproducible).
+
+Types, the modules they target and their tensors per module:
+  locon  kohya LoCon (networks.lora with conv_dim): every Linear / 1x1 conv of the Transformer2DModel
+         blocks, every conv (3x3 conv1/conv2, the strided downsampler, the upsampler; 1x1 conv_shortcut)
+         and Linear (time_emb_proj) of ResnetBlock2D / Downsample2D / Upsample2D, and the text encoder's
+         attention and MLP Linears: lora_down.weight (r, in[, k, k]), lora_up.weight (out, r[, 1, 1]), alpha
+  loha   LyCORIS LoHa, the same modules: hada_w1_a (out, r), hada_w1_b (r, in·k·k), hada_w2_a, hada_w2_b, alpha
+  lokr   LyCORIS LoKr, the same modules: lokr_w1 (f, g) full (f, g ≤ 8), lokr_w2_a (out/f, r),
+         lokr_w2_b (r, in/g·k·k), alpha
+  dora   kohya LoRA (the attention blocks' Linears / 1x1 convs, the text encoder) with DoRA magnitudes:
+         lora_down, lora_up, alpha, dora_scale (out, 1[, 1, 1]) = the checkpoint's row norms × (1 + N(0, 0.1²))
+  oft    LyCORIS/kohya diag-OFT, the attention blocks' Linears / 1x1 convs and the text encoder:
+         oft_blocks (out/b, b, b), alpha (the norm constraint of comfy's OFTAdapter; binds for the larger modules)
+
+The file's metadata says which type it is and how many UNet and text-encoder modules it has
+(`autolora_e2e_type`, `autolora_e2e_unet_modules`, `autolora_e2e_te_modules`): the e2e test checks the
+WebUI's log line "[LORA] Loaded <file> for ...-UNet with N keys" against them.
+
+Sizes: ΔW has about the magnitude of the random checkpoint's own weights (scale 1), so that every type
+visibly changes a 64x64 image at strength 1.
+
+    python tests/e2e/makers/network_types.py --forge WEBUI --type loha --out models/Lora/x.safetensors \
+        [--ckpt models/Stable-diffusion/rand_sd15.safetensors (dora: the row norms)] [--seed 1] [--rank 4] [--scale 1]
+(run with the host's venv python: torch, diffusers, transformers, safetensors)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from streamed_checkpoint import save_streamed  # noqa: E402
+
+TYPES = ("locon", "loha", "lokr", "dora", "oft")
+REPO = "runwayml/stable-diffusion-v1-5"
+# kohya sd-scripts networks/lora.py: LoRA targets, and with conv_dim the conv targets (3x3 included)
+ATTENTION_BLOCKS = ("Transformer2DModel",)
+CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+SEED_OFFSET = {t: 1000 * (i + 1) for i, t in enumerate(TYPES)}  # each type its own random stream
+OFT_BLOCK = 32  # diag-OFT block size (a divisor of every SD1.5 output width)
+OFT_CONSTRAINT = 10.0  # comfy's OFTAdapter: ||Q||_F is scaled down to alpha when larger (alpha > 0)
+
+
+def kohya_name(prefix: str, module_path: str) -> str:
+    return prefix + "_" + module_path.replace(".", "_")
+
+
+def targets(forge: Path, with_convs: bool) -> list:
+    """[(kohya name, diffusers or transformers path, module, part)] in a fixed order."""
+    import transformers
+    from diffusers import UNet2DConditionModel
+    cfg_dir = forge / "backend" / "huggingface" / REPO
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg_dir / "unet")))
+        te = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(str(cfg_dir / "text_encoder")))
+    blocks = ATTENTION_BLOCKS + (CONV_BLOCKS if with_convs else ())
+    out, seen = [], set()
+    for name, mod in unet.named_modules():
+        if type(mod).__name__ not in blocks:
+            continue
+        for sub, child in mod.named_modules():
+            path = f"{name}.{sub}"
+            if not sub or path in seen:
+                continue
+            if isinstance(child, torch.nn.Linear) or (isinstance(child, torch.nn.Conv2d) and
+                                                      (with_convs or child.kernel_size == (1, 1))):
+                seen.add(path)
+                out.append((kohya_name("lora_unet", path), path, child, "unet"))
+    for name, mod in te.named_modules():
+        if (".self_attn." in name or ".mlp." in name) and isinstance(mod, torch.nn.Linear):
+            out.append((kohya_name("lora_te", name), name, mod, "te"))
+    return out
+
+
+def shape_of(mod) -> tuple:
+    """(out, in, kernel) of a Linear (kernel ()) or Conv2d (kernel (kh, kw))."""
+    if isinstance(mod, torch.nn.Linear):
+        return mod.out_features, mod.in_features, ()
+    return mod.out_channels, mod.in_channels, tuple(mod.kernel_size)
+
+
+def fan_in(mod) -> int:
+    o, i, k = shape_of(mod)
+    return i * math.prod(k)
+
+
+def largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, limit + 1) if n % d == 0)
+
+
+# -- SD1.5 diffusers path -> the checkpoint's LDM key (DoRA reads the row norms of the real weights) --------
+
+def ldm_key(path: str, part: str) -> str:
+    if part == "te":
+        return f"cond_stage_model.transformer.{path}.weight"
+    m = re.match(r"^(down_blocks\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.0"
+                 r"|up_blocks\.(\d+)\.attentions\.(\d+))\.(.*)$", path)
+    if not m:
+        raise ValueError(f"no LDM key for {path} (DoRA targets the attention blocks only)")
+    _, db, da, ub, ua, rest = m.groups()
+    if db is not None:
+        block = f"input_blocks.{1 + 3 * int(db) + int(da)}.1"
+    elif ub is not None:
+        block = f"output_blocks.{3 * int(ub) + int(ua)}.1"
+    else:
+        block = "middle_block.1"
+    return f"model.diffusion_model.{block}.{rest}.weight"
+
+
+def row_norms(ckpt: Path, keys: list) -> dict:
+    from safetensors import safe_open
+    out = {}
+    with safe_open(str(ckpt), framework="pt") as f:
+        for key in keys:
+            w = f.get_tensor(key).float()
+            out[key] = w.reshape(w.shape[0], -1).norm(dim=1)
+    return out
+
+
+# -- the factors ----------------------------------------------------------------------------------------------
+
+def make(kind: str, mods: list, g: torch.Generator, rank: int, scale: float, norms: dict) -> dict:
+    """The tensors of every module. ΔW's entries have a standard deviation of about scale/sqrt(fan_in),
+    the order of a default-initialised layer's own weights (1/sqrt(3·fan_in))."""
+    t = {}
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    for name, path, mod, part in mods:
+        o, i, k = shape_of(mod)
+        n = fan_in(mod)
+        target = scale / math.sqrt(n)  # the std of ΔW's entries
+        if kind in ("locon", "dora"):
+            down = randn(rank, i, *k, std=target)
+            up = randn(o, rank, *([1, 1] if k else []), std=1 / math.sqrt(rank))
+            t[f"{name}.lora_down.weight"], t[f"{name}.lora_up.weight"] = down, up
+            t[f"{name}.alpha"] = torch.tensor(float(rank))  # alpha / rank = 1
+            if kind == "dora":
+                norm = norms[ldm_key(path, part)]
+                magnitude = norm * (1 + 0.1 * randn(o))
+                t[f"{name}.dora_scale"] = magnitude.reshape(o, *([1] * (1 + len(k))))
+        elif kind == "loha":
+            # ΔW = (w1a @ w1b) * (w2a @ w2b) * alpha / rank: each product has std sqrt(target)
+            half = math.sqrt(target)
+            t[f"{name}.hada_w1_a"] = randn(o, rank, std=1 / math.sqrt(rank))
+            t[f"{name}.hada_w1_b"] = randn(rank, n, std=half)
+            t[f"{name}.hada_w2_a"] = randn(o, rank, std=1 / math.sqrt(rank))
+            t[f"{name}.hada_w2_b"] = randn(rank, n, std=half)
+            t[f"{name}.alpha"] = torch.tensor(float(rank))
+        elif kind == "lokr":
+            # ΔW = kron(w1, w2_a @ w2_b) * alpha / rank (LyCORIS: the small factor w1 (f, h) full, the
+            # large one w2 (o/f, i/h·k·k) of rank r; a conv's w2 stays 2-D, comfy reshapes the product)
+            f_out, f_in = largest_divisor(o, 8), largest_divisor(i, 8)
+            t[f"{name}.lokr_w1"] = randn(f_out, f_in)
+            t[f"{name}.lokr_w2_a"] = randn(o // f_out, rank, std=1 / math.sqrt(rank))
+            t[f"{name}.lokr_w2_b"] = randn(rank, (i // f_in) * math.prod(k), std=target)
+            t[f"{name}.alpha"] = torch.tensor(float(rank))
+        elif kind == "oft":
+            # W' = W + blockdiag(R - I)^T-ish W, R = (I + Q)(I - Q)^-1, Q = B - B^T: R - I ≈ 2Q; a row of ΔW
+            # has std 2·std(Q)·sqrt(b)·std(W): std(B) = scale · 0.25 / sqrt(b) gives about half of W
+            b = largest_divisor(o, OFT_BLOCK)
+            t[f"{name}.oft_blocks"] = randn(o // b, b, b, std=scale * 0.25 / math.sqrt(b))
+            t[f"{name}.alpha"] = torch.tensor(OFT_CONSTRAINT)
+        else:
+            raise ValueError(kind)
+    return {key: value.to(torch.float16).contiguous() for key, value in t.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--forge", required=True, type=Path, help="the WebUI tree (backend/huggingface/... configs)")
+    ap.add_argument("--type", required=True, choices=TYPES)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ckpt", type=Path, help="the SD1.5 checkpoint (needed by dora: its weights' row norms)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--scale", type=float, default=1.0, help="ΔW's size relative to the layer's own weights")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    with_convs = args.type in ("locon", "loha", "lokr")
+    mods = targets(args.forge.resolve(), with_convs)
+    norms = {}
+    if args.type == "dora":
+        if args.ckpt is None:
+            ap.error("--type dora needs --ckpt (DoRA's magnitudes are the checkpoint's row norms)")
+        norms = row_norms(args.ckpt, [ldm_key(path, part) for _, path, _, part in mods])
+    g = torch.Generator().manual_seed(args.seed + SEED_OFFSET[args.type])
+    tensors = make(args.type, mods, g, args.rank, args.scale, norms)
+    n_unet = sum(1 for m in mods if m[3] == "unet")
+    n_te = len(mods) - n_unet
+    module = {"locon": "networks.lora", "dora": "networks.lora", "oft": "networks.oft"}.get(args.type, "lycoris.kohya")
+    meta = {"ss_network_module": module, "ss_network_dim": str(args.rank), "ss_base_model_version": "sd_v1",
+            "ss_output_name": Path(args.out).stem, "autolora_e2e_type": args.type,
+            "autolora_e2e_unet_modules": str(n_unet), "autolora_e2e_te_modules": str(n_te),
+            "note": "random weights, for testing only"}
+    if args.type in ("loha", "lokr"):
+        meta["ss_network_args"] = '{"algo": "%s", "conv_dim": "%d"}' % (args.type, args.rank)
+    if args.type == "locon":
+        meta["ss_network_args"] = '{"conv_dim": "%d", "conv_alpha": "%d"}' % (args.rank, args.rank)
+    tmp = args.out + ".part"
+    save_streamed(tensors, tmp, meta)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: {args.type}, {len(tensors)} tensors, {n_unet} UNet + {n_te} text-encoder modules, "
+          f"rank {args.rank}, seed {args.seed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
