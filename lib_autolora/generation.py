@@ -25,6 +25,8 @@ class Generation:
         self.strategy: Optional[Strategy] = None
         self.stopped: Optional[str] = None  # why guidance stopped mid-generation (refiner switch, an error)
         self.host_state: Any = None  # the adapter's own per-generation objects
+        self.loaded: tuple = ()  # the batch's LoRAs (the host's keys), in the order the host loaded them
+        self.guided: frozenset = frozenset()  # ... and the guided ones
         self.hires = False  # the hires-fix pass is sampling (its own γ when hr_gamma is set)
         self._base_calls_closed = 0  # base calls of strategies already closed (earlier passes)
         self._guided_at_batch = 0

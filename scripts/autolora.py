@@ -107,7 +107,7 @@ class AutoLoraScript(scripts.Script):
         return [controls[name] for name in params.ARG_ORDER]
 
     def process(self, p, *args):
-        ADAPTER.finish(p)  # a previous generation that raised (postprocess never ran)
+        ADAPTER.finish(None)  # a previous generation that raised (its postprocess never ran)
         setattr(p, SETTINGS_ATTR, None)
         try:
             settings = xyz.settings_for(p, args)

@@ -31,7 +31,8 @@ def originals_of(model):
 
 def standin_generation(settings, p=None):
     gen = Generation(settings, "forge")
-    gen.host_state = ForgeState(p, guided_files={"A.safetensors"})
+    gen.host_state = ForgeState()
+    gen.loaded, gen.guided = ("A.safetensors", "B.safetensors"), frozenset({"A.safetensors"})
     return gen
 
 
@@ -404,11 +405,10 @@ def test_text_encoder_hooks_give_the_lora_free_encoder():
     ff = read_factors(te, patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight, original=originals_of(te))
     x = torch.randn(3, 5, 8)
     assert (te(x) - clean(x)).abs().max() > 1e-2
-    counter = [0]
-    with scaled_text_encoder(ff.factors, -1.0, counter):
+    with scaled_text_encoder(ff.factors, -1.0):
         torch.testing.assert_close(te(x), clean(x), atol=1e-5, rtol=0)
         torch.testing.assert_close(te(x[:1]), clean(x[:1]), atol=1e-5, rtol=0)
-    assert counter[0] == 4 and not any(m._forward_hooks for m in te.modules())
+    assert not any(m._forward_hooks for m in te.modules())
 
 
 def test_a_finished_pass_holds_nothing_and_its_function_passes_through():
@@ -419,7 +419,7 @@ def test_a_finished_pass_holds_nothing_and_its_function_passes_through():
     lora = bench.plain(bench.model, "lora", 7.0)
     guided, _, sampling = bench.autolora(AutoLoraSettings(enabled=True), 7.0)
     assert not torch.allclose(guided, lora)
-    assert sampling.ff is None and sampling.p is None and sampling.conds == {} and sampling.strategy is None
+    assert sampling.ff is None and sampling.p is None and sampling.conds == {} and sampling.gen.strategy is None
     bench.model.calls = 0
     again = bench.plain(bench.model, "lora", 7.0, options={"sampler_pre_cfg_function": [sampling.pre_cfg_function()]})
     assert torch.equal(again, lora) and bench.model.calls == 1
@@ -428,7 +428,7 @@ def test_a_finished_pass_holds_nothing_and_its_function_passes_through():
 # -- per-step cost: no device syncs of our own, no per-step memory queries ----------------------------
 
 def test_row_tags_stay_on_their_own_device_when_forge_moves_conditions():
-    from lib_autolora.hosts.forge.sampling import resident_condition
+    from lib_autolora.hosts.forge.fused import resident_condition
     tag = resident_condition(StandInCondition)(torch.full((1, 1), 3.0))
     moved = tag.process_cond(2, torch.device("meta"))
     assert moved.cond.device.type == "cpu" and moved.cond.shape == (2, 1)  # repeated, not moved
@@ -437,14 +437,14 @@ def test_row_tags_stay_on_their_own_device_when_forge_moves_conditions():
 
 
 def test_the_memory_check_for_one_forward_is_asked_once_per_shape():
-    bench = Bench()
-    sampling = bench.autolora(AutoLoraSettings(enabled=True, strategy="batched"), 7.0)[2]
+    from lib_autolora.hosts.forge.fused import Fusion
+    fusion = Fusion(standin_api(), lambda text: None)
     asked = []
     model = SimpleNamespace(memory_required=lambda shape: asked.append(tuple(shape)) or 1)
     apply_model = SimpleNamespace(__self__=model)
     on_gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(2, 4, 8, 8))
     for _ in range(3):
-        assert sampling._can_fuse(apply_model, on_gpu, {})
+        assert fusion._can_fuse(apply_model, on_gpu, {})
     assert asked == [(4, 4, 8, 8)]
 
 

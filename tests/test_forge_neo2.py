@@ -94,7 +94,8 @@ class NeoBench:
         p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
                             comment=lambda text: None)
         gen = Generation(settings, "forge")
-        gen.host_state = ForgeState(p, guided_files={FILES[0]})
+        gen.host_state = ForgeState()
+        gen.loaded, gen.guided = FILES, frozenset({FILES[0]})
         (c_base, u_base) = self.texts["base"]
         conds = {"base_c": ([[(0, 1.0)], [(1, 1.0)]], c_base), "base_uc": u_base}
         unet = self.unet.clone()

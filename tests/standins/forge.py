@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from lib_autolora.hosts.forge.sampling import OUR_KEYS
+from lib_autolora.hosts.forge.fused import OUR_KEYS
 
 
 
