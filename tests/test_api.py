@@ -159,7 +159,7 @@ def test_installing_twice_adds_nothing_twice(monkeypatch):
     first = http.install(app, stats=lambda: {}, params_table=params.table_json)
     assert http.install(app, stats=lambda: {}, params_table=params.table_json) == []
     route = next(r for r in app.routes if getattr(r, "path", None) == "/sdapi/v1/txt2img")
-    checks = [d for d in route.dependant.dependencies if getattr(d.call, http.OUR_MARK, False)]
+    checks = [d for d in route.dependant.dependencies if getattr(d.call, http.CHECK_MARK, False)]
     assert first and len(checks) == 1
 
 

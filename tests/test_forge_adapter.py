@@ -419,7 +419,7 @@ def test_a_finished_pass_holds_nothing_and_its_function_passes_through():
     lora = bench.plain(bench.model, "lora", 7.0)
     guided, _, sampling = bench.autolora(AutoLoraSettings(enabled=True), 7.0)
     assert not torch.allclose(guided, lora)
-    assert sampling.ff is None and sampling.p is None and sampling.conds == {} and sampling.gen.strategy is None
+    assert sampling.guided is None and sampling.p is None and sampling.conds == {} and sampling.gen.strategy is None
     bench.model.calls = 0
     again = bench.plain(bench.model, "lora", 7.0, options={"sampler_pre_cfg_function": [sampling.pre_cfg_function()]})
     assert torch.equal(again, lora) and bench.model.calls == 1

@@ -20,7 +20,7 @@ from ..adapter import Adapter
 from .conditioning import BaseCondCache, BaseConditioning
 from .factors import read_factors
 from .patcher import UNTOLD_NOTICE, guided_sources, missing_convention, originals, patch_sets
-from .sampling import OUR_MARK, Sampling
+from .sampling import HOOK_MARK, Sampling
 
 NAME = "forge"
 
@@ -189,18 +189,18 @@ class ForgeAdapter(Adapter):
         if sources is None:
             gen.note(UNTOLD_NOTICE, p.comment)
             return
-        ff = read_factors(unet.model, sets, sources, merge=self.api.merge_lora_to_weight, original=originals(unet))
-        gen.stats.modules["unet"] = len(ff.factors.nonzero())
-        if ff.message("UNet"):
-            gen.note(f"AutoLoRA: {ff.message('UNet')}", p.comment)
+        guided = read_factors(unet.model, sets, sources, merge=self.api.merge_lora_to_weight, original=originals(unet))
+        gen.stats.modules["unet"] = len(guided.factors.nonzero())
+        if guided.message("UNet"):
+            gen.note(f"AutoLoRA: {guided.message('UNet')}", p.comment)
         conds = self._pass_conds(state, c, uc)
-        if ff.empty and not any(v is not None for v in conds.values()):
+        if guided.empty and not any(v is not None for v in conds.values()):
             gen.note("AutoLoRA: the guided LoRAs change nothing in this model; sampling without AutoLoRA", p.comment)
             return
         ours = unet.clone()
-        state.sampling = Sampling(self.api, gen, p, ours, ff, conds, fused=self.fused)
+        state.sampling = Sampling(self.api, gen, p, ours, guided, conds, fused=self.fused)
         ours.add_sampler_pre_cfg_function(state.sampling.pre_cfg_function())
-        ours.add_extra_preserved_memory_during_sampling(ff.nbytes())
+        ours.add_extra_preserved_memory_during_sampling(guided.nbytes())
         state.unet_before, state.unet_ours = unet, ours
         p.sd_model.forge_objects.unet = ours
 
@@ -235,7 +235,7 @@ class ForgeAdapter(Adapter):
             objects.unet = state.unet_before
         if state.unet_ours is not None:  # the clone may live on in the host's loaded-models list
             hooks = state.unet_ours.model_options.get("sampler_pre_cfg_function", [])
-            hooks[:] = [f for f in hooks if not getattr(f, OUR_MARK, False)]
+            hooks[:] = [f for f in hooks if not getattr(f, HOOK_MARK, False)]
             state.unet_ours.extra_preserved_memory_during_sampling = \
                 state.unet_before.extra_preserved_memory_during_sampling
         state.unet_before = state.unet_ours = None

@@ -122,16 +122,16 @@ class BaseConditioning:
         sources = guided_sources(sets, gen.guided, set(gen.loaded))
         if sources is None:
             return (None, None), 0, (UNTOLD_TEXT_NOTICE,)
-        ff = read_factors(patcher.model, sets, sources, merge=api.merge_lora_to_weight, original=originals(patcher))
-        te_modules, message = len(ff.factors.nonzero()), ff.message("text-encoder")
+        guided = read_factors(patcher.model, sets, sources, merge=api.merge_lora_to_weight, original=originals(patcher))
+        te_modules, message = len(guided.factors.nonzero()), guided.message("text-encoder")
         notices = [f"AutoLoRA: {message}"] if message else []
-        if ff.empty:
+        if guided.empty:
             return (None, None), te_modules, tuple(notices)  # the guided LoRAs leave the text encoder alone
         opts = api.options()
 
         def encode(coef):
             def once():
-                with api.encoding(p), scaled_text_encoder(ff.factors, coef):
+                with api.encoding(p), scaled_text_encoder(guided.factors, coef):
                     return api.encode_prompts(function, p.sd_model, required_prompts, steps, hires_steps)
 
             encoded = encode_finite(once, opts, required_prompts)

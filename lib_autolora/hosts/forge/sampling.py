@@ -32,7 +32,7 @@ from .factors import base_weight
 from .fused import Fusion, strip
 from .patcher import applied_per_call, originals
 
-OUR_MARK = "_autolora"  # on the functions AutoLoRA puts into model_options
+HOOK_MARK = "_autolora"  # on the functions AutoLoRA puts into model_options
 
 
 def _twin(entry: dict, text: dict) -> dict:
@@ -67,8 +67,8 @@ class Sampling:
     """One sampling pass (first or hires) of a generation. Its hooks are plain closures, since the
     host deep-copies model_options whenever a patcher is cloned."""
 
-    def __init__(self, api, gen: Generation, p, unet, ff, conds: dict, fused: bool = True):
-        self.api, self.gen, self.p, self.unet, self.ff = api, gen, p, unet, ff
+    def __init__(self, api, gen: Generation, p, unet, guided, conds: dict, fused: bool = True):
+        self.api, self.gen, self.p, self.unet, self.guided = api, gen, p, unet, guided  # guided: ForgeFactors
         self.conds = conds  # base_c, base_uc, lora_c, lora_uc (None = the host's own)
         self.model = unet.model
         self.fusion = Fusion(api, self.note) if fused else None  # both branches in one forward
@@ -88,7 +88,7 @@ class Sampling:
         # The host's memory manager may keep the patcher clone (and with it our closures) in its list
         # of loaded models after the generation: let them hold nothing heavy (factors, conds, `p`).
         self.closed = True
-        self.ff = self.p = self.unet = self.model = self.fusion = None
+        self.guided = self.p = self.unet = self.model = self.fusion = None
         self.conds = {}
         self.last_guided = None
 
@@ -110,7 +110,7 @@ class Sampling:
                     step, model_options["sampler_post_cfg_function"])
             return (model, *step.lora, x, timestep, options)
 
-        setattr(pre_cfg, OUR_MARK, True)
+        setattr(pre_cfg, HOOK_MARK, True)
         return pre_cfg
 
     def begin_step(self, model, cond, uncond, x) -> Optional[Step]:
@@ -161,19 +161,19 @@ class Sampling:
 
     def _open_strategy(self, x: torch.Tensor):
         """At the first guided step: the host has loaded and merged the model by then."""
-        api, opts, ff = self.api, self.api.options(), self.ff
+        api, opts, guided = self.api, self.api.options(), self.guided
         budget_mb = getattr(opts, "autolora_swap_budget_mb", 0) or 0
         original = originals(self.unet)
         # Whether every guided layer holds its merged weight (online LoRAs and low-VRAM layers get
         # their patches applied in each forward): known only now that the host loaded the model.
-        merged = not ff.online and not any(applied_per_call(module) for module in ff.factors.nonzero())
+        merged = not guided.online and not any(applied_per_call(module) for module in guided.factors.nonzero())
         self.gen.open_strategy(
-            ff.factors, default=getattr(opts, "autolora_default_strategy", "auto"), weights_merged=merged,
+            guided.factors, default=getattr(opts, "autolora_default_strategy", "auto"), weights_merged=merged,
             lean_memory=api.lean_memory(), latent_pixels_per_branch=int(x.shape[0] * x.shape[-1] * x.shape[-2]),
             free_bytes=api.free_memory(x.device), swap_budget_bytes=int(budget_mb * 2 ** 20) if budget_mb else None,
             # Exact: the host's pre-LoRA original with the unguided LoRAs merged back.
             base_weights=lambda module, _delta: (
-                base_weight(ff.params[module], merge=api.merge_lora_to_weight, original=original), None),
+                base_weight(guided.params[module], merge=api.merge_lora_to_weight, original=original), None),
             comment=getattr(self.p, "comment", None))
 
     # -- the model function wrapper: what each host forward of the step runs ------------------------
