@@ -143,7 +143,12 @@ class Generation:
         return self.stats.guided_steps > self._guided_at_batch
 
     def infotext_fields(self) -> dict:
-        return params.infotext_fields(self.settings)
+        """The settings that differ from the defaults, the version, and the strategy that ran."""
+        from . import VERSION
+        fields = params.infotext_fields(self.settings, VERSION)
+        if fields and self.stats.strategy:
+            fields[params.BY_NAME["strategy"].infotext] = self.stats.strategy
+        return fields
 
     # -- the end ------------------------------------------------------------------------------------
     def finish(self, peak_vram_bytes: Optional[int] = None) -> None:
