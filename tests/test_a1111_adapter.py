@@ -380,6 +380,33 @@ def test_an_error_of_autolora_inside_a_step_gives_the_plain_image_and_says_so():
     assert gen.strategy is None and all(not m._forward_hooks for m in merged.modules())
 
 
+def test_a_guided_step_reads_no_tensor_value_on_the_host():
+    """Nothing AutoLoRA does on A1111's step reads a tensor's value back to the host (a device sync
+    on a GPU): a guided run makes as many such reads as the plain run."""
+    from test_forge_adapter import CountSyncs
+    clean = make_model(0)
+    lora_sd = lora_state_dict(clean, seed=1)
+    merged = merged_copy(0, [(lora_sd, 1.0)])
+    factors = factors_from_kohya(lora_sd, merged.kohya_modules())
+    sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
+    with sti.installed(sti.standin_opts(), sd_model) as host:
+        host.callbacks.on_cfg_denoiser(on_cfg_denoiser)
+        host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
+        c = _cond(merged.text_encoder, [1])
+        uc = [t for t in merged.text_encoder(torch.tensor([10]))]
+        base = (_cond(clean.text_encoder, [1]), [t for t in clean.text_encoder(torch.tensor([10]))])
+        with CountSyncs() as plain:
+            _sample(host, merged.denoiser, c, uc)
+        for strategy in ("batched", "dual", "sequential", "swap"):
+            gen = standin_generation(AutoLoraSettings(enabled=True, strategy=strategy), host, sd_model, factors=factors)
+            gen.host_state.pairs[id(c)] = (c, CondPair(base=base))
+            _sample(host, merged.denoiser, c, uc, gen, steps=1)  # the first step prepares
+            with CountSyncs() as guided:
+                _sample(host, merged.denoiser, c, uc, gen)
+            gen.host_state.close_pass(gen)
+            assert gen.stats.guided_steps == 5 and guided.reads == plain.reads, (strategy, plain.reads, guided.reads)
+
+
 def test_model_exception_mid_step_leaves_the_denoiser_clean():
     clean = make_model(0)
     lora_sd = lora_state_dict(clean, seed=1)

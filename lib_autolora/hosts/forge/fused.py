@@ -6,16 +6,15 @@ fuses branches (`batched`, `dual`), the base rows can instead ride along in the 
 and be replayed when the host evaluates the base twins: one forward for both branches.
 
 How: each LoRA entry carries its base twin's text conditioning in extra model_conds (TWIN_*) and
-both share a tag (TAG); the model function wrapper runs [LoRA rows; base rows] through the strategy
-and keeps the base rows by tag (`Step.stash`); in the base pass it hands them back instead of
-running the model. The tag is a Condition that stays on the CPU when Forge moves a batch's
-conditions to the GPU, so reading it costs no device sync. Off where the rows cannot ride along:
+both share a tag (TAG, an EntryTag of plain ints); the model function wrapper runs [LoRA rows; base
+rows] through the strategy and keeps the base rows by tag (`Step.stash`); the base branch's
+predictions are then made from them as the host's calc makes them from a forward's rows, without a
+second host pass (whose cond mark is a blocking copy to the device). Off where the rows cannot ride along:
 ControlNet (its control is computed from the conditioning), conditions that are not tensors,
 context windows (sampling.py), or too little free memory for the doubled batch.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import torch
@@ -26,15 +25,22 @@ TAG = "autolora_entry"
 OUR_KEYS = (TWIN_CROSSATTN, TWIN_Y, TAG)
 
 
-@functools.lru_cache(maxsize=None)
-def resident_condition(condition_cls):
-    """A subclass of the host's Condition whose tensor stays on its own device (the CPU)."""
+class EntryTag:
+    """A condition of the host's protocol (`process_cond`, `can_concat`, `concat`) holding plain
+    ints, one per row: the host batches it with the entry's other conditions, and the wrapper reads
+    which entry each row belongs to without reading a tensor (no device sync)."""
 
-    class ResidentCondition(condition_cls):
-        def process_cond(self, batch_size, device, **kwargs):
-            return super().process_cond(batch_size, self.cond.device, **kwargs)
+    def __init__(self, tags: tuple):
+        self.tags = tags
 
-    return ResidentCondition
+    def process_cond(self, batch_size, device, **kwargs):
+        return EntryTag(self.tags * batch_size if len(self.tags) == 1 else self.tags[:batch_size])
+
+    def can_concat(self, other):
+        return isinstance(other, EntryTag)
+
+    def concat(self, others):
+        return sum((o.tags for o in others), self.tags)
 
 
 def strip(c: dict) -> tuple[dict, dict]:
@@ -53,7 +59,7 @@ class Fusion:
         """Each LoRA entry with its base twin's text conditioning, both with a shared tag."""
         lora_out, base_out = [], []
         for i, (lora, base) in enumerate(zip(lora_entries, base_entries)):
-            tag = resident_condition(self.api.Condition)(torch.full((1, 1), float(first + i)))
+            tag = EntryTag((first + i,))
             lm, bm = dict(lora["model_conds"]), dict(base["model_conds"])
             lm[TWIN_CROSSATTN] = self.api.ConditionCrossAttn(bm["c_crossattn"].cond)
             if "y" in lm and "y" in bm:
@@ -83,21 +89,41 @@ class Fusion:
 
         lora_out, base_out = strategy.evaluate(forward2, (x, t, c), (x, t, base_c))
         rows = x.shape[0] // max(len(cou), 1)
-        tags = ours[TAG].reshape(-1)
+        tags = ours[TAG]
         for k in range(len(cou)):
-            stash[int(tags[k * rows])] = base_out[k * rows:(k + 1) * rows]
+            stash[tags[k * rows]] = base_out[k * rows:(k + 1) * rows]
         return lora_out
 
     @staticmethod
     def replay(stash: dict, x: torch.Tensor, ours: dict, cou) -> Optional[torch.Tensor]:
-        """The base rows of this host forward, when the LoRA pass computed them all."""
+        """The base rows of a host forward of the base pass, when the LoRA pass computed them all."""
         if TAG not in ours:
             return None
         rows = x.shape[0] // max(len(cou), 1)
-        tags = [int(v) for v in ours[TAG].reshape(-1)[::rows]]
+        tags = ours[TAG][::rows]
         if not all(tag in stash for tag in tags):
             return None
         return torch.cat([stash.pop(tag) for tag in tags])
+
+    @staticmethod
+    def predictions(stash: dict, cond: list, uncond: Optional[list], x: torch.Tensor) -> Optional[tuple]:
+        """The base branch's (cond, uncond) predictions from the stash, as the host's
+        `calc_cond_uncond_batch` makes them from a forward's rows: each entry's rows times its
+        strength, summed, over the summed strengths (+1e-37); None where an entry has an area, a
+        mask, a step range or a control of its own (the host's pass then runs), or was not stashed."""
+        out = []
+        for entries in (cond, uncond or []):
+            total, count = torch.zeros_like(x), torch.ones_like(x) * 1e-37
+            for entry in entries:
+                tag = entry["model_conds"].get(TAG)
+                if tag is None or tag.tags[0] not in stash or \
+                        any(k in entry for k in ("area", "mask", "timestep_start", "timestep_end", "control")):
+                    return None
+                mult = torch.ones_like(x) * entry.get("strength", 1.0)
+                total += stash[tag.tags[0]] * mult
+                count += mult
+            out.append(total / count)
+        return out[0], out[1]
 
     def _marks(self, both: list, sigmas) -> tuple:
         """The host's cond_mark and cond/uncond indices for the doubled batch, made once per pass

@@ -35,6 +35,16 @@ from .patcher import applied_per_call, originals
 HOOK_MARK = "_autolora"  # on the functions AutoLoRA puts into model_options
 
 
+def schedule_position(conds, step: int) -> tuple:
+    """Which prompt of each prompt schedule the host's reconstruct_(multi)cond_batch takes at
+    `step` (modules/prompt_parser.py: the first whose end_at_step is at or after it), for a
+    MulticondLearnedConditioning or for a list of schedules; equal positions, equal conditioning."""
+    schedules = ([composable.schedules for prompts in conds.batch for composable in prompts]
+                 if hasattr(conds, "batch") else list(conds))
+    return tuple(next((i for i, entry in enumerate(schedule) if step <= entry.end_at_step), 0)
+                 for schedule in schedules)
+
+
 def _twin(entry: dict, text: dict) -> dict:
     """A copy of a condition entry with the text conditioning of `text` (an entry compiled from
     other text); everything else (c_concat, control, area, strength, guidance) stays."""
@@ -72,6 +82,7 @@ class Sampling:
         self.conds = conds  # base_c, base_uc, lora_c, lora_uc (None = the host's own)
         self.model = unet.model
         self.fusion = Fusion(api, self.note) if fused else None  # both branches in one forward
+        self.compiled = {}  # (branch, c/uc, prompt schedule position) -> compiled text entries
         self.closed = False
         self.last_guided: Optional[Step] = None  # until the CFG denoiser's after-CFG callback
 
@@ -90,6 +101,7 @@ class Sampling:
         self.closed = True
         self.guided = self.p = self.unet = self.model = self.fusion = None
         self.conds = {}
+        self.compiled = {}
         self.last_guided = None
 
     # -- the pre-CFG function: which steps are guided, and with what ------------------------------
@@ -144,13 +156,8 @@ class Sampling:
     def _branch_entries(self, branch: str, cond: list, uncond: Optional[list], at: StepPosition) -> Optional[tuple]:
         """The step's (cond, uncond) entries with `branch`'s text (the host's own where it has none);
         None when the host's entries do not match them one to one."""
-        api, c, uc = self.api, self.conds.get(f"{branch}_c"), self.conds.get(f"{branch}_uc")
-        text_c, text_u = cond, uncond
-        if c is not None:
-            composition, tensors = api.reconstruct_multicond_batch(c, at.index)
-            text_c = api.compile_weighted_conditions(tensors, composition)
-        if uncond is not None and uc is not None:
-            text_u = api.compile_conditions(api.reconstruct_cond_batch(uc, at.index))
+        text_c = self._text(branch, "c", at.index) or cond
+        text_u = (self._text(branch, "uc", at.index) or uncond) if uncond is not None else None
         if len(text_c) != len(cond) or (uncond is not None and len(text_u) != len(uncond)):
             return None
 
@@ -158,6 +165,25 @@ class Sampling:
             return None if entries is None else [e if t is e else _twin(e, t) for e, t in zip(entries, texts)]
 
         return twins(cond, text_c), twins(uncond, text_u)
+
+    def _text(self, branch: str, which: str, index: int) -> Optional[list]:
+        """`branch`'s compiled text entries at step `index`, compiled again only when the prompt
+        schedule moves to another prompt (the host's compile indexes device tensors with a list, a
+        blocking copy), or None where the host's own serve."""
+        conds = self.conds.get(f"{branch}_{which}")
+        if conds is None:
+            return None
+        key = (branch, which, schedule_position(conds, index))
+        entries = self.compiled.get(key)
+        if entries is None:
+            api = self.api
+            if which == "c":
+                composition, tensors = api.reconstruct_multicond_batch(conds, index)
+                entries = api.compile_weighted_conditions(tensors, composition)
+            else:
+                entries = api.compile_conditions(api.reconstruct_cond_batch(conds, index))
+            self.compiled[key] = entries
+        return entries
 
     def _open_strategy(self, x: torch.Tensor):
         """At the first guided step: the host has loaded and merged the model by then."""
@@ -234,11 +260,14 @@ class Sampling:
     def _guided(self, step: Step, args: dict, combine) -> torch.Tensor:
         step.phase = "base"
         try:
-            base_c, base_u = self.calc_base(args["model"], *step.base, args["input"], args["timestep"],
-                                            args["model_options"])
+            base = self.fusion.predictions(step.stash, *step.base, args["input"]) if step.fused else None
+            if base is None:  # the host's own pass over the base twins
+                base = self.calc_base(args["model"], *step.base, args["input"], args["timestep"],
+                                      args["model_options"])
         finally:
             step.phase = "closed"
             step.stash.clear()
+        base_c, base_u = base
         lora_c, lora_u = args["cond_denoised"], args["uncond_denoised"]
         # CFG 1, skip-early-CFG steps, Flux: no uncond pass (the host's uncond prediction is zero),
         # so each branch is its cond prediction: the two-evaluation variant.
