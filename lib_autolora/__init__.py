@@ -1,10 +1,16 @@
 """AutoLoRA guidance, host-free core.
 
-guidance     - the blend (four and two evaluations), CFG, the guidance interval
+guidance     - the blend (four and two evaluations), CFG, the guidance interval, schedule and cap
+step         - the one step protocol every host calls
+generation   - one generation's lifecycle: settings, interval, strategy, notices
 factors      - what the LoRAs add to a module: low-rank terms and dense deltas
-kohya        - kohya-format LoRA safetensors -> factors (standalone path, demo, tests)
 base_branch  - strategies that evaluate the model with the guided LoRAs removed
-guider       - a k-diffusion-style denoiser that runs both branches and blends them
 params       - the parameter table behind the UI, API, infotext and XYZ axes
+stats        - what a generation did (GET /autolora/v1/stats)
+diagnostics  - the soak test's and the benchmark's probes (AUTOLORA_DIAGNOSTICS=1 only)
 hosts/       - the only modules that touch a WebUI (imported by scripts/autolora.py)
 """
+
+# Written into the infotext of every guided image: what the settings meant when it was made.
+# 2: the infotext holds only what differs from the defaults, and the strategy that ran.
+VERSION = "2"

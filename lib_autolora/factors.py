@@ -154,7 +154,9 @@ class ModuleDelta:
                                 (t.up.float() * t.scale).to(device=device, dtype=dtype)))
         dense_terms = [t for t in self.terms if isinstance(t, DenseTerm)]
         if dense_terms:
-            w = sum(t.weight.float() for t in dense_terms).to(device=device, dtype=dtype)
+            # A dense delta is as large as the layer: one term already in place is used as it is.
+            w = dense_terms[0].weight if len(dense_terms) == 1 else sum(t.weight.float() for t in dense_terms)
+            w = w.to(device=device, dtype=dtype)
             b = self.delta_bias()
             dense = (w, None if b is None else b.to(device=device, dtype=dtype))
         return fused, spatial, dense
@@ -243,10 +245,12 @@ def prepare_deltas(targets) -> int:
     for delta, device, dtype in targets:
         if delta.is_prepared_for(device, dtype) or not delta.terms:
             continue
-        # Built where the factors are (a GPU host keeps LoRA weights on the CPU); the same path on
-        # a CPU costs one extra copy of the factors, and keeps this function tested there.
-        pending.setdefault((device, dtype), []).append((delta, delta._build(delta.source_device(), dtype)))
         done += 1
+        built = delta._build(delta.source_device(), dtype)  # where the factors are (a GPU host keeps them on the CPU)
+        if built[2] is not None and torch.device(device) == delta.source_device():
+            delta._set_prepared(device, dtype, *built)  # a dense delta is layer-sized: no copy where it is
+            continue
+        pending.setdefault((device, dtype), []).append((delta, built))
     for (device, dtype), items in pending.items():
         tensors = []
         for _delta, built in items:

@@ -25,6 +25,8 @@ class Generation:
         self.strategy: Optional[Strategy] = None
         self.stopped: Optional[str] = None  # why guidance stopped mid-generation (refiner switch, an error)
         self.host_state: Any = None  # the adapter's own per-generation objects
+        self.loaded: tuple = ()  # the batch's LoRAs (the host's keys), in the order the host loaded them
+        self.guided: frozenset = frozenset()  # ... and the guided ones
         self.hires = False  # the hires-fix pass is sampling (its own γ when hr_gamma is set)
         self._base_calls_closed = 0  # base calls of strategies already closed (earlier passes)
         self._guided_at_batch = 0
@@ -141,7 +143,12 @@ class Generation:
         return self.stats.guided_steps > self._guided_at_batch
 
     def infotext_fields(self) -> dict:
-        return params.infotext_fields(self.settings)
+        """The settings that differ from the defaults, the version, and the strategy that ran."""
+        from . import VERSION
+        fields = params.infotext_fields(self.settings, VERSION)
+        if fields and self.stats.strategy:
+            fields[params.BY_NAME["strategy"].infotext] = self.stats.strategy
+        return fields
 
     # -- the end ------------------------------------------------------------------------------------
     def finish(self, peak_vram_bytes: Optional[int] = None) -> None:

@@ -30,6 +30,10 @@ class Param:
     infotext: str
     bounds: Optional[tuple] = None  # (low, high): what the API, the UI and X/Y/Z accept
     slider: Optional[tuple] = None  # (min, max, step): the UI slider's common range, within bounds
+    # optional ones: the UI's checkbox for "unset" beside the slider (every position of both valid),
+    # and the slider's value while the box is ticked
+    unset_label: str = ""
+    slider_default: Optional[float] = None
     choices: tuple = ()
     xyz: bool = False  # offered as an X/Y/Z plot axis
     advanced: bool = False
@@ -55,13 +59,13 @@ PARAMS = (
           "(paper default 1.5); values below 0 push towards the base model.",
           "AutoLoRA gamma", bounds=(-10.0, 10.0), slider=(-2.0, 5.0, 0.05), xyz=True),
     Param("w1", "optional", UNSET, "w1 (base CFG)",
-          "CFG scale of the base branch. -1 = the generation's CFG scale.",
-          "AutoLoRA w1", bounds=(0.0, 30.0), slider=(-1.0, 30.0, 0.5), xyz=True,
-          unset="cfg", unset_means="the generation's CFG scale"),
+          "CFG scale of the base branch (ticked: the generation's CFG scale; API: -1).",
+          "AutoLoRA w1", bounds=(0.0, 30.0), slider=(0.0, 30.0, 0.5), xyz=True,
+          unset="cfg", unset_means="the generation's CFG scale", unset_label="w1 = CFG scale", slider_default=7.0),
     Param("w2", "optional", UNSET, "w2 (LoRA CFG)",
-          "CFG scale of the LoRA branch. -1 = the generation's CFG scale.",
-          "AutoLoRA w2", bounds=(0.0, 30.0), slider=(-1.0, 30.0, 0.5), xyz=True,
-          unset="cfg", unset_means="the generation's CFG scale"),
+          "CFG scale of the LoRA branch (ticked: the generation's CFG scale; API: -1).",
+          "AutoLoRA w2", bounds=(0.0, 30.0), slider=(0.0, 30.0, 0.5), xyz=True,
+          unset="cfg", unset_means="the generation's CFG scale", unset_label="w2 = CFG scale", slider_default=7.0),
     Param("lora_scale", "float", 1.0, "LoRA scale",
           "Multiplier on the guided LoRAs' strengths in the LoRA branch (1 = as written in the prompt).",
           "AutoLoRA LoRA scale", bounds=(0.0, 4.0), slider=(0.0, 2.0, 0.05), xyz=True),
@@ -99,21 +103,24 @@ PARAMS = (
           "AutoLoRA schedule floor", bounds=(0.0, 1.0), slider=(0.0, 1.0, 0.05), xyz=True, advanced=True),
     Param("cap", "optional", UNSET, "Push cap",
           "Upper bound on AutoLoRA's push γ·(LoRA - base) as a multiple of the LoRA branch's CFG update, per "
-          "image, so a high γ or w2 cannot burn it; 0 = the base model; -1 = off.",
-          "AutoLoRA cap", bounds=(0.0, 10.0), slider=(-1.0, 3.0, 0.05), xyz=True,
-          unset="off", unset_means="off"),
+          "image, so a high γ or w2 cannot burn it; 0 = the base model (ticked: no cap; API: -1).",
+          "AutoLoRA cap", bounds=(0.0, 10.0), slider=(0.0, 3.0, 0.05), xyz=True,
+          unset="off", unset_means="off", unset_label="No push cap", slider_default=1.0),
     Param("base_strength", "float", 0.0, "Base LoRA strength",
           "Strength of each guided LoRA in the base branch, as a share of its own strength: 0 = the checkpoint "
           "without it (the paper); between 0 and 1 guides the LoRA with a weaker copy of itself.",
           "AutoLoRA base strength", bounds=(0.0, 1.0), slider=(0.0, 1.0, 0.05), xyz=True),
     Param("hr_gamma", "optional", UNSET, "Hires γ",
-          "γ of the hires-fix pass; -1 = the same as the first pass.",
-          "AutoLoRA hires gamma", bounds=(-10.0, 10.0), slider=(-1.0, 5.0, 0.05), xyz=True, advanced=True,
-          unset="same", unset_means="the first pass's γ"),
+          "γ of the hires-fix pass (ticked: the same as the first pass; API: -1 or \"same\").",
+          "AutoLoRA hires gamma", bounds=(-10.0, 10.0), slider=(-2.0, 5.0, 0.05), xyz=True, advanced=True,
+          unset="same", unset_means="the first pass's γ", unset_label="Hires γ = first pass's γ", slider_default=1.5),
 )
 BY_NAME = {p.name: p for p in PARAMS}
 ARG_ORDER = tuple(p.name for p in PARAMS)
 XYZ_PARAMS = tuple(p for p in PARAMS if p.xyz)
+# The UI's "unset" checkboxes of the optional parameters, passed after the ARG_ORDER values (the
+# API's positional args end before them; named args and -1 say "unset" there).
+UNSET_BOXES = tuple(p for p in PARAMS if p.kind == "optional")
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,8 @@ def validate(settings):
 
 
 def settings_from_args(args):
-    """The script's `process(p, *args)` arguments: positional in ARG_ORDER, or one dict of named args."""
+    """The script's `process(p, *args)` arguments: positional in ARG_ORDER (from the UI followed by
+    its UNSET_BOXES), or one dict of named args."""
     args = list(args or [])
     if args and isinstance(args[0], dict):
         # One dict of named args. The hosts' API places it in the first slot and fills the others
@@ -226,20 +234,26 @@ def settings_from_args(args):
             raise AutoLoraArgumentError(
                 f"AutoLoRA: unknown argument(s) {', '.join(map(repr, unknown))}; known: {', '.join(ARG_ORDER)}")
     else:
-        if len(args) > len(ARG_ORDER):
+        if len(args) > len(ARG_ORDER) + len(UNSET_BOXES):
             raise AutoLoraArgumentError(
                 f"AutoLoRA: got {len(args)} positional args, expected at most {len(ARG_ORDER)}: {', '.join(ARG_ORDER)}")
-        named = dict(zip(ARG_ORDER, args))
+        named = {name: coerce(BY_NAME[name], value) for name, value in zip(ARG_ORDER, args)}
+        for param, ticked in zip(UNSET_BOXES, args[len(ARG_ORDER):]):
+            if param.name in named:  # the UI's box decides; its slider's -1 is a number there
+                named[param.name] = None if ticked is True else _number(param, args[ARG_ORDER.index(param.name)])
+        return validate(AutoLoraSettings(**named))
     return validate(AutoLoraSettings(**{name: coerce(BY_NAME[name], value) for name, value in named.items()}))
 
 
-def ui_value(p: Param, value):
-    """A settings value -> the value of its UI component."""
-    if p.kind == "optional":
-        return UNSET if value is None else value
-    if p.kind == "names":
-        return ", ".join(value)
-    return value
+def ui_values(settings) -> list:
+    """What the UI's controls show for `settings`: ARG_ORDER's values, then the UNSET_BOXES."""
+    values = []
+    for p in PARAMS:
+        value = getattr(settings, p.name)
+        if p.kind == "optional":
+            value = p.slider_default if value is None else value
+        values.append(", ".join(value) if p.kind == "names" else value)
+    return values + [getattr(settings, p.name) is None for p in UNSET_BOXES]
 
 
 def as_dict(settings) -> dict:
@@ -259,22 +273,49 @@ def _format(p: Param, v) -> str:
     return str(v)
 
 
-def infotext_fields(settings) -> dict:
-    """Every setting of an enabled run, by infotext key (nothing when disabled)."""
+VERSION_KEY = "AutoLoRA version"
+
+
+def infotext_fields(settings, version: str = "") -> dict:
+    """An enabled run's infotext: enabled, the version, and every setting that differs from its
+    default (pasting restores the rest as defaults); nothing when disabled."""
     if not settings.enabled:
         return {}
-    return {p.infotext: text for p in PARAMS if (text := _format(p, getattr(settings, p.name))) != ""}
+    default = AutoLoraSettings()
+    fields = {p.infotext: _format(p, getattr(settings, p.name)) for p in PARAMS
+              if p.name == "enabled" or getattr(settings, p.name) != getattr(default, p.name)}
+    if version:
+        fields[VERSION_KEY] = version
+    return fields
+
+
+def _from_infotext(param: Param, raw):
+    """An infotext value: its word for unset ("cfg", "off", "same") is unset, a number a number
+    (hires γ -1 included); a bad value is the default."""
+    try:
+        if param.kind == "optional":
+            return None if str(raw).strip().lower() == param.unset else _number(param, raw)
+        return coerce(param, raw)
+    except AutoLoraArgumentError:
+        return param.setting_default
 
 
 def paste_value(param: Param, infotext: dict):
-    """The UI value for `param` restored from a parsed infotext (missing keys -> the default/off)."""
+    """The UI value for `param` restored from a parsed infotext (missing keys: the default; an
+    enabled key missing: off)."""
     raw = infotext.get(param.infotext)
     if raw is None:
-        return False if param.name == "enabled" else param.default
-    try:
-        return ui_value(param, coerce(param, raw))
-    except AutoLoraArgumentError:
-        return param.default
+        return False if param.name == "enabled" else ui_values(AutoLoraSettings())[ARG_ORDER.index(param.name)]
+    value = _from_infotext(param, raw)
+    if param.kind == "optional":
+        return param.slider_default if value is None else value
+    return ", ".join(value) if param.kind == "names" else value
+
+
+def paste_unset(param: Param, infotext: dict) -> bool:
+    """The UI's "unset" box of an optional `param` restored from a parsed infotext."""
+    raw = infotext.get(param.infotext)
+    return raw is None or _from_infotext(param, raw) is None
 
 
 # -- X/Y/Z and docs -----------------------------------------------------------------------------------

@@ -35,16 +35,26 @@ class Stats:
     gc_ms: Optional[float] = None  # the garbage collector's share, with diagnostics on
     gc_full_collections: Optional[int] = None
     finished: bool = False
+    seconds: float = 0.0  # from the first batch to the end
     _clock: object = field(default=None, repr=False)
     _gc_at_begin: tuple = field(default=(0.0, 0), repr=False)
 
     def add_setup_time(self, seconds: float) -> None:
         self.strategy_setup_ms = round(1000.0 * seconds + (self.strategy_setup_ms or 0), 1)
 
+    def summary(self) -> str:
+        """One line for users, under the images: what ran and what it took."""
+        steps = self.guided_steps + self.plain_steps
+        setup = f", set-up {self.strategy_setup_ms / 1000:.1f} s" if self.strategy_setup_ms else ""
+        failed = f"; stopped by an error ({self.failure})" if self.failure else ""
+        return (f"AutoLoRA: {self.guided_steps} of {steps} steps guided, base branch '{self.strategy or 'none'}', "
+                f"{self.seconds:.1f} s for the whole generation{setup}{failed}")
+
     def end(self, peak_vram_bytes: Optional[int]) -> None:
         """Closes the record; with diagnostics on, what the garbage collector took since the
         generation began (the host's work included)."""
         self.finished = True
+        self.seconds = round(time.time() - self.started, 2)
         self.peak_vram_bytes = peak_vram_bytes
         if self._clock is not None:
             seconds, full = self._clock.reading()

@@ -41,8 +41,11 @@ def elem_id(tab: str, name: str) -> str:
 def _component(param, tab):
     kwargs = dict(label=param.label, elem_id=elem_id(tab, param.name))
     if param.kind in ("float", "optional"):
-        low, high, step = param.slider
-        return gr.Slider(minimum=low, maximum=high, step=step, value=float(param.default), **kwargs)
+        low, high, step = param.slider  # within the bounds: every position is a valid value
+        value = param.slider_default if param.kind == "optional" else param.default
+        if param.name == "gamma":
+            value = getattr(shared.opts, "autolora_default_gamma", value)  # the user's own default
+        return gr.Slider(minimum=low, maximum=high, step=step, value=float(value), **kwargs)
     if param.kind == "bool":
         return gr.Checkbox(value=bool(param.default), **kwargs)
     if param.kind == "choice":
@@ -52,9 +55,21 @@ def _component(param, tab):
     raise AssertionError(param.kind)
 
 
+def _controls(params_, tab, controls: dict, unset_boxes: dict) -> None:
+    """The controls of `params_`, two to a row; an optional one with its "unset" box beside it."""
+    for pair in (params_[i:i + 2] for i in range(0, len(params_), 2)):
+        with gr.Row():
+            for param in pair:
+                if param.kind == "optional":
+                    unset_boxes[param.name] = gr.Checkbox(value=True, label=param.unset_label,
+                                                          elem_id=elem_id(tab, f"{param.name}_unset"))
+                controls[param.name] = _component(param, tab)
+
+
 def _tooltips(tab):
     """The table's tooltips, carried in the page for javascript/autolora.js (no request needed)."""
-    data = html.escape(json.dumps({p.name: p.tooltip for p in params.PARAMS}), quote=True)
+    tips = {p.name: p.tooltip for p in params.PARAMS} | {f"{p.name}_unset": p.tooltip for p in params.UNSET_BOXES}
+    data = html.escape(json.dumps(tips), quote=True)
     return gr.HTML(f'<div id="{elem_id(tab, "tooltips")}" data-tooltips="{data}" hidden></div>',
                    elem_id=elem_id(tab, "tooltips_block"))
 
@@ -63,9 +78,13 @@ def _paste(param):
     return lambda infotext: params.paste_value(param, infotext)
 
 
+def _paste_unset(param):
+    return lambda infotext: params.paste_unset(param, infotext)
+
+
 def _strip_infotext(p) -> None:
-    for param in params.PARAMS:
-        p.extra_generation_params.pop(param.infotext, None)
+    for key in [param.infotext for param in params.PARAMS] + [params.VERSION_KEY]:
+        p.extra_generation_params.pop(key, None)
 
 
 class AutoLoraScript(scripts.Script):
@@ -82,7 +101,7 @@ class AutoLoraScript(scripts.Script):
         controls = {}
         accordion_id = elem_id(tab, "enabled")
         if InputAccordion is not None:
-            container = InputAccordion(False, label=label, elem_id=accordion_id)
+            container = InputAccordion(_enabled_by_default(), label=label, elem_id=accordion_id)
             controls["enabled"] = container
         else:
             container = gr.Accordion(label, open=False)
@@ -91,23 +110,19 @@ class AutoLoraScript(scripts.Script):
                 gr.HTML(f"<p>AutoLoRA is not available on this WebUI: {html.escape(ADAPTER.reason)}. "
                         f"Images are generated without it.</p>", elem_id=elem_id(tab, "unavailable"))
             if InputAccordion is None:
-                controls["enabled"] = gr.Checkbox(False, label="Enable", elem_id=accordion_id)
-            basic = [p for p in params.PARAMS if p.name != "enabled" and not p.advanced]
-            for pair in (basic[i:i + 2] for i in range(0, len(basic), 2)):
-                with gr.Row():
-                    for param in pair:
-                        controls[param.name] = _component(param, tab)
+                controls["enabled"] = gr.Checkbox(_enabled_by_default(), label="Enable", elem_id=accordion_id)
+            unset_boxes = {}
+            _controls([p for p in params.PARAMS if p.name != "enabled" and not p.advanced], tab, controls, unset_boxes)
             with gr.Accordion("Advanced", open=False, elem_id=elem_id(tab, "advanced")):
-                for param in params.PARAMS:
-                    if param.advanced:
-                        controls[param.name] = _component(param, tab)
+                _controls([p for p in params.PARAMS if p.advanced], tab, controls, unset_boxes)
             _tooltips(tab)
-        self.infotext_fields = [(controls[p.name], _paste(p)) for p in params.PARAMS]
+        self.infotext_fields = [(controls[p.name], _paste(p)) for p in params.PARAMS] + [
+            (unset_boxes[p.name], _paste_unset(p)) for p in params.UNSET_BOXES]
         self.paste_field_names = [p.infotext for p in params.PARAMS]
-        return [controls[name] for name in params.ARG_ORDER]
+        return [controls[name] for name in params.ARG_ORDER] + [unset_boxes[p.name] for p in params.UNSET_BOXES]
 
     def process(self, p, *args):
-        ADAPTER.finish(p)  # a previous generation that raised (postprocess never ran)
+        ADAPTER.finish(None)  # a previous generation that raised (its postprocess never ran)
         setattr(p, SETTINGS_ATTR, None)
         try:
             settings = xyz.settings_for(p, args)
@@ -152,7 +167,11 @@ class AutoLoraScript(scripts.Script):
             gen.note("AutoLoRA: no step of this batch was guided; generated without AutoLoRA", p.comment)
 
     def postprocess(self, p, processed, *args):
+        """The generation ends; one line under the images says what AutoLoRA did."""
+        gen = ADAPTER.generation(p)
         ADAPTER.finish(p)
+        if gen is not None and gen.stats.active and processed is not None:
+            processed.comments = f"{getattr(processed, 'comments', '') or ''}{gen.stats.summary()}\n"
 
     def _fail(self, p, exc):
         if isinstance(exc, AutoLoraArgumentError):
@@ -168,8 +187,19 @@ class AutoLoraScript(scripts.Script):
                   f"generated without AutoLoRA")
 
 
+def _enabled_by_default() -> bool:
+    return bool(getattr(shared.opts, "autolora_enabled_by_default", False))
+
+
 def on_ui_settings():
     section = ("autolora", "AutoLoRA")
+    shared.opts.add_option("autolora_enabled_by_default", shared.OptionInfo(
+        False, "AutoLoRA ticked when the UI opens (API requests without AutoLoRA's args run it too)",
+        section=section))
+    gamma = params.BY_NAME["gamma"]
+    shared.opts.add_option("autolora_default_gamma", shared.OptionInfo(
+        gamma.default, "AutoLoRA's γ when the UI opens", gr.Slider,
+        {"minimum": gamma.slider[0], "maximum": gamma.slider[1], "step": gamma.slider[2]}, section=section))
     shared.opts.add_option("autolora_default_strategy", shared.OptionInfo(
         "auto", "Base-branch strategy used when a generation asks for 'auto'", gr.Dropdown,
         {"choices": list(params.STRATEGY_CHOICES)}, section=section).info(

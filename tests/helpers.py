@@ -75,13 +75,8 @@ def labels(model, classes):
     return torch.tensor(classes, dtype=torch.long)
 
 
-def ui_values(settings) -> list:
-    """Settings -> the UI components' values, in the API's positional order (what the UI sends)."""
-    from lib_autolora import params
-    return [params.ui_value(p, getattr(settings, p.name)) for p in params.PARAMS]
-
-
 def settings_from_infotext(infotext: dict):
     """What pasting an infotext into the UI and generating gives (PNG Info -> Send to txt2img)."""
     from lib_autolora import params
-    return params.settings_from_args([params.paste_value(p, infotext) for p in params.PARAMS])
+    return params.settings_from_args([params.paste_value(p, infotext) for p in params.PARAMS] +
+                                     [params.paste_unset(p, infotext) for p in params.UNSET_BOXES])

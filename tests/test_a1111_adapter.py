@@ -25,10 +25,25 @@ from demo.kohya import factors_from_kohya
 from lib_autolora.params import AutoLoraSettings
 
 
+GEN = "_generation"  # on the stand-in `p`: the generation the adapter would hold for it
+
+
+def standin_api(host):
+    return SimpleNamespace(shared=host.shared, devices=sys.modules["modules.devices"],
+                           prompt_parser=sys.modules["modules.prompt_parser"])
+
+
+def on_cfg_denoiser(params_):
+    """What A1111Adapter.on_cfg_denoiser does for the generation it holds for `p`."""
+    gen = getattr(getattr(params_.denoiser, "p", None), GEN, None)
+    if gen is not None:
+        binding.on_cfg_denoiser(gen.host_state.api, gen, params_)
+
+
 def standin_generation(settings, host, sd_model, checkpoint=None, factors=None):
     """A Generation as A1111Adapter.start_batch sets it up, with the stand-in host's modules."""
     gen = Generation(settings, "a1111")
-    gen.host_state = a1111.A1111State((host.shared, sys.modules["modules.devices"], sys.modules["modules.prompt_parser"]),
+    gen.host_state = a1111.A1111State(standin_api(host),
                                       checkpoint=checkpoint or a1111.checkpoint_key(sd_model))
     if factors is not None:
         gen.open_strategy(factors)  # auto, free memory unknown: batched
@@ -186,7 +201,7 @@ def _sample(host, model_denoiser, c, uc, gen=None, steps=4, s_min_uncond=0.0, cf
     """A k-diffusion Euler loop over the stand-in CFGDenoiser (what sd_samplers_kdiffusion does).
     `cfg_pp`: the step renoises with the denoiser's last_noise_uncond instead, as DDIM CFG++
     (ddim_cfgpp) does."""
-    p = SimpleNamespace(comment=lambda text: None, **{binding.GENERATION_ATTR: gen})
+    p = SimpleNamespace(comment=lambda text: None, **{GEN: gen})
     sampler = SimpleNamespace(sampler_extra_args={"cond": c, "uncond": uc})
     wraps = []
 
@@ -240,7 +255,7 @@ def layout_bench(layout):
     sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"),
                                cond_stage_model_empty_prompt=merged.text_encoder(torch.tensor([10])))
     with sti.installed(sti.standin_opts(**cfg), sd_model) as host:
-        host.callbacks.on_cfg_denoiser(binding.on_cfg_denoiser)
+        host.callbacks.on_cfg_denoiser(on_cfg_denoiser)
         host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
 
         def conds(te):
@@ -304,7 +319,7 @@ def test_cfg_denoiser_interval_explicit_w_and_errors():
     factors = factors_from_kohya(lora_sd, merged.kohya_modules())
     sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
     with sti.installed(sti.standin_opts(), sd_model) as host:
-        host.callbacks.on_cfg_denoiser(binding.on_cfg_denoiser)
+        host.callbacks.on_cfg_denoiser(on_cfg_denoiser)
         host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
         c = _cond(merged.text_encoder, [1])
         uc = [t for t in merged.text_encoder(torch.tensor([10]))]
@@ -345,7 +360,7 @@ def test_an_error_of_autolora_inside_a_step_gives_the_plain_image_and_says_so():
     factors = factors_from_kohya(lora_sd, merged.kohya_modules())
     sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
     with sti.installed(sti.standin_opts(), sd_model) as host:
-        host.callbacks.on_cfg_denoiser(binding.on_cfg_denoiser)
+        host.callbacks.on_cfg_denoiser(on_cfg_denoiser)
         host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
         c = _cond(merged.text_encoder, [1])
         uc = [t for t in merged.text_encoder(torch.tensor([10]))]
@@ -365,6 +380,33 @@ def test_an_error_of_autolora_inside_a_step_gives_the_plain_image_and_says_so():
     assert gen.strategy is None and all(not m._forward_hooks for m in merged.modules())
 
 
+def test_a_guided_step_reads_no_tensor_value_on_the_host():
+    """Nothing AutoLoRA does on A1111's step reads a tensor's value back to the host (a device sync
+    on a GPU): a guided run makes as many such reads as the plain run."""
+    from test_forge_adapter import CountSyncs
+    clean = make_model(0)
+    lora_sd = lora_state_dict(clean, seed=1)
+    merged = merged_copy(0, [(lora_sd, 1.0)])
+    factors = factors_from_kohya(lora_sd, merged.kohya_modules())
+    sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
+    with sti.installed(sti.standin_opts(), sd_model) as host:
+        host.callbacks.on_cfg_denoiser(on_cfg_denoiser)
+        host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
+        c = _cond(merged.text_encoder, [1])
+        uc = [t for t in merged.text_encoder(torch.tensor([10]))]
+        base = (_cond(clean.text_encoder, [1]), [t for t in clean.text_encoder(torch.tensor([10]))])
+        with CountSyncs() as plain:
+            _sample(host, merged.denoiser, c, uc)
+        for strategy in ("batched", "dual", "sequential", "swap"):
+            gen = standin_generation(AutoLoraSettings(enabled=True, strategy=strategy), host, sd_model, factors=factors)
+            gen.host_state.pairs[id(c)] = (c, CondPair(base=base))
+            _sample(host, merged.denoiser, c, uc, gen, steps=1)  # the first step prepares
+            with CountSyncs() as guided:
+                _sample(host, merged.denoiser, c, uc, gen)
+            gen.host_state.close_pass(gen)
+            assert gen.stats.guided_steps == 5 and guided.reads == plain.reads, (strategy, plain.reads, guided.reads)
+
+
 def test_model_exception_mid_step_leaves_the_denoiser_clean():
     clean = make_model(0)
     lora_sd = lora_state_dict(clean, seed=1)
@@ -372,13 +414,13 @@ def test_model_exception_mid_step_leaves_the_denoiser_clean():
     factors = factors_from_kohya(lora_sd, merged.kohya_modules())
     sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
     with sti.installed(sti.standin_opts(), sd_model) as host:
-        host.callbacks.on_cfg_denoiser(binding.on_cfg_denoiser)
+        host.callbacks.on_cfg_denoiser(on_cfg_denoiser)
         host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
         c = _cond(merged.text_encoder, [1])
         uc = [t for t in merged.text_encoder(torch.tensor([10]))]
         gen = standin_generation(AutoLoraSettings(enabled=True), host, sd_model, factors=factors)
         gen.host_state.pairs[id(c)] = (c, CondPair(base=None))
-        p = SimpleNamespace(comment=lambda text: None, **{binding.GENERATION_ATTR: gen})
+        p = SimpleNamespace(comment=lambda text: None, **{GEN: gen})
         boom = {"n": 0}
 
         def failing(x, sigma, ctx):

@@ -85,7 +85,7 @@ def with_args(args):
     ({"args": [True, float("nan")]}, "finite"),
     ({"args": [True, 1.5, -2]}, "'w1' must be between 0 and 30 (or -1 for the generation's CFG scale), got -2"),
     ({"args": [True, 1e30]}, "'gamma' must be between -10 and 10, got 1e+30"),
-    ({"args": [True] * (len(params.ARG_ORDER) + 1)}, f"at most {len(params.ARG_ORDER)}"),
+    ({"args": [0] * (len(params.ARG_ORDER) + len(params.UNSET_BOXES) + 1)}, f"at most {len(params.ARG_ORDER)}"),
     ({"args": [{"enabled": True, "guided_loras": "other"}]}, "'other' not in the prompt"),
     ({"args": "yes"}, "must be a list"),
     ({"args": [True, {"gamma": 2}]}, "first slot"),
@@ -98,11 +98,18 @@ def test_bad_entries_have_clear_messages(entry, message):
     assert error is not None and message in error
 
 
-def test_good_entries_pass_and_a_single_dict_becomes_the_first_arg():
+def test_good_entries_pass_and_become_one_object_of_named_args():
+    """Positional args become named ones: the host fills the slots after a client's positional args
+    with the UI's values, among them the UI's "unset" boxes, which must not override the client."""
     assert api_args.check_and_normalize(dict(REQ)) is None
-    assert api_args.check_and_normalize(with_args([True, 2.0])) is None
+    body = with_args([True, 2.0, 3.5])
+    assert api_args.check_and_normalize(body) is None
+    named = body["alwayson_scripts"]["AutoLoRA"]["args"]
+    assert params.settings_from_args(named + params.ui_values(params.AutoLoraSettings())[1:]) == \
+        params.AutoLoraSettings(enabled=True, gamma=2.0, w1=3.5)
     body = dict(REQ, alwayson_scripts={"AutoLoRA": {"args": {"enabled": True}}})
-    assert api_args.check_and_normalize(body) is None and body["alwayson_scripts"]["AutoLoRA"]["args"] == [{"enabled": True}]
+    assert api_args.check_and_normalize(body) is None
+    assert body["alwayson_scripts"]["AutoLoRA"]["args"] == [params.as_dict(params.AutoLoraSettings(enabled=True))]
     # styles can add LoRAs: their names are checked when the batch starts instead
     assert api_args.check_and_normalize(dict(REQ, styles=["s"], alwayson_scripts={"AutoLoRA": {"args": [
         {"enabled": True, "guided_loras": "from_style"}]}})) is None
@@ -113,7 +120,8 @@ def test_generation_routes_answer_422_before_the_host_runs_and_pass_good_request
     r = c.post("/sdapi/v1/txt2img", json=with_args([True, "x"]))
     assert r.status_code == 422 and "'gamma' must be a number" in r.json()["detail"] and not host.received
     r = c.post("/sdapi/v1/img2img", json=dict(REQ, alwayson_scripts={"AutoLoRA": {"args": {"enabled": True}}}))
-    assert r.status_code == 200 and host.received == [{"AutoLoRA": {"args": [{"enabled": True}]}}]
+    assert r.status_code == 200 and host.received == [
+        {"AutoLoRA": {"args": [params.as_dict(params.AutoLoraSettings(enabled=True))]}}]
     r = c.post("/sdapi/v1/txt2img", json=REQ)  # without AutoLoRA: untouched
     assert r.status_code == 200 and host.received[-1] == {}
 
@@ -159,7 +167,7 @@ def test_installing_twice_adds_nothing_twice(monkeypatch):
     first = http.install(app, stats=lambda: {}, params_table=params.table_json)
     assert http.install(app, stats=lambda: {}, params_table=params.table_json) == []
     route = next(r for r in app.routes if getattr(r, "path", None) == "/sdapi/v1/txt2img")
-    checks = [d for d in route.dependant.dependencies if getattr(d.call, http.OUR_MARK, False)]
+    checks = [d for d in route.dependant.dependencies if getattr(d.call, http.CHECK_MARK, False)]
     assert first and len(checks) == 1
 
 

@@ -236,8 +236,13 @@ def test_prepare_deltas_gives_what_prepare_gives_from_one_buffer():
         for g, w in zip(got, want):
             assert g.dtype == torch.float16 and g.shape == w.shape
             assert torch.equal(g, w)  # each piece is its own factor, in order: no mix-up between pieces
-            storages.add(g.untyped_storage().data_ptr())
-    assert len(storages) == 1, "one upload: every factor is a view of one buffer"
+            if d._prepared[4] is None:
+                storages.add(g.untyped_storage().data_ptr())
+    assert len(storages) == 1, "one upload: every low-rank factor is a view of one buffer"
+    dense = deltas[3]
+    dense.release()
+    prepare_deltas([(dense, torch.device("cpu"), torch.float32)])
+    assert dense._prepared[4][0] is dense.terms[0].weight, "a layer-sized delta where it is: no copy of it"
     # The per-step paths use the pieces as they used their own tensors.
     lin = deltas[0]
     assert lin.low_rank_pair(torch.device("cpu"), torch.float16) is lin._pair_t is not None

@@ -2,12 +2,15 @@
 tests/standins/forge.py (no Forge needed)."""
 from __future__ import annotations
 
+import collections
 import copy
+import functools
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lib_autolora.factors import DenseTerm
 from lib_autolora.generation import Generation
@@ -18,11 +21,12 @@ from lib_autolora.hosts.forge.patcher import originals
 from lib_autolora.hosts.forge.sampling import Sampling
 from lib_autolora.params import AutoLoraSettings
 from standins.forge import (
-    standin_merge_lora_to_weight, StandInCondition, standin_compile_conditions,
+    standin_merge_lora_to_weight, standin_compile_conditions,
     standin_compile_weighted_conditions, standin_compute_cond_mark, standin_compute_cond_indices,
     standin_calc_cond_uncond_batch, standin_sampling_function_inner, StandInLinear, StandInKModel,
     lora_patch, forge_lora_patches, merge_offline, standin_api, standin_merge_lora_to_weight_with_adapters,
-    as_adapter_patches, StandInForgeModelPatcher)
+    as_adapter_patches, StandInForgeModelPatcher, schedules_of, standin_reconstruct_cond_batch,
+    standin_reconstruct_multicond_batch)
 
 def originals_of(model):
     """The originals Forge main keeps for `model` (its lora_loader backup), as the adapter reads them."""
@@ -31,7 +35,8 @@ def originals_of(model):
 
 def standin_generation(settings, p=None):
     gen = Generation(settings, "forge")
-    gen.host_state = ForgeState(p, guided_files={"A.safetensors"})
+    gen.host_state = ForgeState()
+    gen.loaded, gen.guided = ("A.safetensors", "B.safetensors"), frozenset({"A.safetensors"})
     return gen
 
 
@@ -67,11 +72,14 @@ class Bench:
             else:
                 c, u = crossattn_c, crossattn_u
             composition = [[(i * n + j, w) for j, w in enumerate(and_weights)] for i in range(batch)]
-            self.texts[branch] = ((composition, c), u)
+            self.texts[branch] = schedules_of(c, u, composition)  # as the host caches them
 
-    def entries(self, branch):
-        (composition, c), u = self.texts[branch]
-        return standin_compile_weighted_conditions(c, composition), standin_compile_conditions(u)
+    def entries(self, branch, step=0):
+        """The step's condition entries, as the host's sampling_function makes them."""
+        multicond, uncond = self.texts[branch]
+        composition, c = standin_reconstruct_multicond_batch(multicond, step)
+        return (standin_compile_weighted_conditions(c, composition),
+                standin_compile_conditions(standin_reconstruct_cond_batch(uncond, step)))
 
     def plain(self, model, branch, cond_scale, options=None, max_entries=99):
         cond, uncond = self.entries(branch)
@@ -170,7 +178,6 @@ def test_lora_scale_scales_the_guided_lora_in_the_lora_branch():
             e[0] = 0.5
     merge_offline(half, patches)
     out = bench.autolora(AutoLoraSettings(enabled=True, gamma=1.0, lora_scale=0.5, base_text_encoder=False), 7.0)[0]
-    (composition, c), u = bench.texts["lora"]
     torch.testing.assert_close(out, bench.plain(half, "lora", 7.0), atol=TOL, rtol=0)
 
 
@@ -404,11 +411,10 @@ def test_text_encoder_hooks_give_the_lora_free_encoder():
     ff = read_factors(te, patches, {"A.safetensors"}, merge=standin_merge_lora_to_weight, original=originals_of(te))
     x = torch.randn(3, 5, 8)
     assert (te(x) - clean(x)).abs().max() > 1e-2
-    counter = [0]
-    with scaled_text_encoder(ff.factors, -1.0, counter):
+    with scaled_text_encoder(ff.factors, -1.0):
         torch.testing.assert_close(te(x), clean(x), atol=1e-5, rtol=0)
         torch.testing.assert_close(te(x[:1]), clean(x[:1]), atol=1e-5, rtol=0)
-    assert counter[0] == 4 and not any(m._forward_hooks for m in te.modules())
+    assert not any(m._forward_hooks for m in te.modules())
 
 
 def test_a_finished_pass_holds_nothing_and_its_function_passes_through():
@@ -419,7 +425,7 @@ def test_a_finished_pass_holds_nothing_and_its_function_passes_through():
     lora = bench.plain(bench.model, "lora", 7.0)
     guided, _, sampling = bench.autolora(AutoLoraSettings(enabled=True), 7.0)
     assert not torch.allclose(guided, lora)
-    assert sampling.ff is None and sampling.p is None and sampling.conds == {} and sampling.strategy is None
+    assert sampling.guided is None and sampling.p is None and sampling.conds == {} and sampling.gen.strategy is None
     bench.model.calls = 0
     again = bench.plain(bench.model, "lora", 7.0, options={"sampler_pre_cfg_function": [sampling.pre_cfg_function()]})
     assert torch.equal(again, lora) and bench.model.calls == 1
@@ -427,24 +433,109 @@ def test_a_finished_pass_holds_nothing_and_its_function_passes_through():
 
 # -- per-step cost: no device syncs of our own, no per-step memory queries ----------------------------
 
-def test_row_tags_stay_on_their_own_device_when_forge_moves_conditions():
-    from lib_autolora.hosts.forge.sampling import resident_condition
-    tag = resident_condition(StandInCondition)(torch.full((1, 1), 3.0))
-    moved = tag.process_cond(2, torch.device("meta"))
-    assert moved.cond.device.type == "cpu" and moved.cond.shape == (2, 1)  # repeated, not moved
-    assert type(moved) is type(tag)
-    assert StandInCondition(torch.ones(1, 1)).process_cond(2, torch.device("meta")).cond.device.type == "meta"
+class CountSyncs(TorchDispatchMode):
+    """Operator calls that read a tensor's value on the host (a device sync on a GPU)."""
+
+    READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += str(func.overloadpacket) in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def _counting_api(counts: collections.Counter):
+    """The stand-in host API, counting its functions that synchronise on a GPU (the sync-debug
+    run's call sites): compiling conditions indexes device tensors with a list, a cond mark is a
+    copy from pageable host memory."""
+    api = standin_api()
+    for name in ("compile_conditions", "compile_weighted_conditions", "compute_cond_mark"):
+        setattr(api, name, functools.partial(lambda fn, name, *a: counts.update([name]) or fn(*a),
+                                             getattr(api, name), name))
+    api.calc_cond_uncond_batch = functools.partial(
+        standin_calc_cond_uncond_batch, compute_cond_mark=api.compute_cond_mark)
+    return api
+
+
+@pytest.mark.parametrize("strategy", ["batched", "dual"])
+def test_a_guided_step_adds_no_synchronising_call_over_plain(strategy):
+    """Per guided step (after the first, which builds the pass's caches) AutoLoRA makes no host
+    function call that synchronises and reads no tensor value on the host, over what plain
+    sampling does; `auto` picks these one-forward strategies for one image."""
+    bench = Bench()
+    counts = collections.Counter()
+    api = _counting_api(counts)
+    ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
+                      original=originals_of(bench.model))
+    p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
+                        comment=lambda text: None)
+    gen = standin_generation(AutoLoraSettings(enabled=True, strategy=strategy), p)
+    sampling = Sampling(api, gen, p, SimpleNamespace(model=bench.model), ff,
+                        {"base_c": bench.texts["base"][0], "base_uc": bench.texts["base"][1]})
+    options = {"sampler_pre_cfg_function": [sampling.pre_cfg_function()]}
+
+    def one_step(step, model_options):
+        p.sampler.model_wrap_cfg.step = step
+        cond, uncond = bench.entries("lora", step)  # the host's own compile, in plain sampling too
+        counts.clear()
+        with CountSyncs() as reads:
+            standin_sampling_function_inner(bench.model, bench.x, bench.sigma, uncond, cond, 7.0,
+                                            copy.deepcopy(model_options), api.calc_cond_uncond_batch)
+        return dict(counts), reads.reads
+
+    try:
+        plain = one_step(1, {})
+        one_step(0, options)
+        guided = [one_step(step, options) for step in (1, 2)]
+    finally:
+        sampling.close()
+    assert gen.stats.guided_steps == 3
+    assert guided == [plain, plain], f"plain {plain}, guided {guided}"
+
+
+def test_prompt_editing_compiles_the_base_text_again_when_the_schedule_moves():
+    """`[a:b:2]`: the base branch's cached text entries follow the prompt schedule step by step."""
+    bench = Bench()
+    g = torch.Generator().manual_seed(9)
+    rows = {"crossattn": torch.randn(4, 5, 8, generator=g), "vector": torch.randn(4, 6, generator=g)}
+    u_rows = {"crossattn": torch.randn(4, 5, 8, generator=g), "vector": torch.randn(4, 6, generator=g)}
+    bench.texts["base"] = schedules_of(rows, u_rows, [[(0, 1.0)], [(1, 1.0)]], ends=(1, 1000))
+    api = standin_api()
+    ff = read_factors(bench.model, bench.lora_patches, {"A.safetensors"}, merge=api.merge_lora_to_weight,
+                      original=originals_of(bench.model))
+    p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
+                        comment=lambda text: None)
+    gen = standin_generation(AutoLoraSettings(enabled=True, gamma=0.0), p)
+    sampling = Sampling(api, gen, p, SimpleNamespace(model=bench.model), ff,
+                        {"base_c": bench.texts["base"][0], "base_uc": bench.texts["base"][1]})
+    try:
+        for step in range(4):
+            p.sampler.model_wrap_cfg.step = step
+            cond, uncond = bench.entries("lora", step)
+            out = standin_sampling_function_inner(bench.model, bench.x, bench.sigma, uncond, cond, 7.0,
+                                                  {"sampler_pre_cfg_function": [sampling.pre_cfg_function()]},
+                                                  standin_calc_cond_uncond_batch)
+            base_c, base_u = bench.entries("base", step)
+            want = standin_sampling_function_inner(bench.base_model, bench.x, bench.sigma, base_u, base_c, 7.0, {},
+                                                   standin_calc_cond_uncond_batch)
+            torch.testing.assert_close(out, want, atol=TOL, rtol=0, msg=f"step {step}")
+        assert len(sampling.compiled) == 4, "cond and uncond, compiled once per schedule position"
+    finally:
+        sampling.close()
 
 
 def test_the_memory_check_for_one_forward_is_asked_once_per_shape():
-    bench = Bench()
-    sampling = bench.autolora(AutoLoraSettings(enabled=True, strategy="batched"), 7.0)[2]
+    from lib_autolora.hosts.forge.fused import Fusion
+    fusion = Fusion(standin_api(), lambda text: None)
     asked = []
     model = SimpleNamespace(memory_required=lambda shape: asked.append(tuple(shape)) or 1)
     apply_model = SimpleNamespace(__self__=model)
     on_gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(2, 4, 8, 8))
     for _ in range(3):
-        assert sampling._can_fuse(apply_model, on_gpu, {})
+        assert fusion._can_fuse(apply_model, on_gpu, {})
     assert asked == [(4, 4, 8, 8)]
 
 

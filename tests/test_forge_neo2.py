@@ -20,7 +20,8 @@ from lib_autolora.hosts.forge.sampling import Sampling
 from lib_autolora.params import AutoLoraSettings
 from standins.forge import (
     StandInForgeModelPatcher, StandInKModel, standin_api, standin_compile_conditions,
-    standin_compile_weighted_conditions)
+    standin_compile_weighted_conditions, schedules_of, standin_reconstruct_cond_batch,
+    standin_reconstruct_multicond_batch)
 from standins.forge_neo2 import (
     StandInComfyModelPatcher, StandInContextHandler, join_dicts, lora_adapter, standin_get_learned_conditioning,
     standin_load_lora_for_models, standin_merge_lora_to_weight, standin_sampling_function_inner)
@@ -72,11 +73,14 @@ class NeoBench:
         g = torch.Generator().manual_seed(3)
         self.x = torch.randn(2, 4, 4, 4, generator=g)
         self.sigma = torch.full((2,), 1.2)
-        self.texts = {b: (torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)) for b in ("lora", "base")}
+        self.texts = {b: schedules_of(torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g),
+                                      [[(0, 1.0)], [(1, 1.0)]]) for b in ("lora", "base")}
 
     def entries(self, branch):
-        c, u = self.texts[branch]
-        return standin_compile_weighted_conditions(c, [[(0, 1.0)], [(1, 1.0)]]), standin_compile_conditions(u)
+        multicond, uncond = self.texts[branch]
+        composition, c = standin_reconstruct_multicond_batch(multicond, 0)
+        return (standin_compile_weighted_conditions(c, composition),
+                standin_compile_conditions(standin_reconstruct_cond_batch(uncond, 0)))
 
     def factors(self, guided=(FILES[0],)):
         sets = patch_sets(self.unet, FILES)
@@ -94,9 +98,9 @@ class NeoBench:
         p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
                             comment=lambda text: None)
         gen = Generation(settings, "forge")
-        gen.host_state = ForgeState(p, guided_files={FILES[0]})
-        (c_base, u_base) = self.texts["base"]
-        conds = {"base_c": ([[(0, 1.0)], [(1, 1.0)]], c_base), "base_uc": u_base}
+        gen.host_state = ForgeState()
+        gen.loaded, gen.guided = FILES, frozenset({FILES[0]})
+        conds = {"base_c": self.texts["base"][0], "base_uc": self.texts["base"][1]}
         unet = self.unet.clone()
         sampling = Sampling(api, gen, p, unet, self.factors(), conds)
         unet.model_options["sampler_pre_cfg_function"] = [sampling.pre_cfg_function()]

@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 from lib_autolora import params
-from helpers import settings_from_infotext, ui_values
+from helpers import settings_from_infotext
 from lib_autolora.params import (ARG_ORDER, PARAMS, XYZ_PARAMS, AutoLoraArgumentError, AutoLoraSettings,
                                  BY_NAME, coerce, infotext_fields, settings_from_args)
 
@@ -52,7 +52,7 @@ def test_named_dict_and_trailing_ui_defaults_ignored():
     ([True, 1.5, -1, -1, 1, 0, 1.5], "'end' must be between 0 and 1"),
     ([{"enabled": True, "strategy": "fastest"}], "'strategy' must be one of auto, batched"),
     ([{"guided_loras": 3}], "'guided_loras' must be a comma-separated string"),
-    ([True] * (len(ARG_ORDER) + 1), f"at most {len(ARG_ORDER)}"),
+    ([0] * (len(ARG_ORDER) + len(params.UNSET_BOXES) + 1), f"at most {len(ARG_ORDER)}"),
 ])
 def test_bad_values_have_clear_messages(args, message):
     with pytest.raises(AutoLoraArgumentError, match=message):
@@ -61,16 +61,23 @@ def test_bad_values_have_clear_messages(args, message):
 
 def test_infotext_round_trip_every_setting():
     s = AutoLoraSettings(True, -0.5, 4.0, None, 0.75, 0.2, 0.85, ("style_a", "style b"), "swap", False)
-    text = infotext_fields(s)
-    assert text["AutoLoRA gamma"] == "-0.5" and text["AutoLoRA w2"] == "cfg"
+    text = infotext_fields(s, "2")
+    assert text == {"AutoLoRA": "True", "AutoLoRA gamma": "-0.5", "AutoLoRA w1": "4", "AutoLoRA LoRA scale": "0.75",
+                    "AutoLoRA start": "0.2", "AutoLoRA end": "0.85", "AutoLoRA guided": "style_a, style b",
+                    "AutoLoRA strategy": "swap", "AutoLoRA base TE": "False", "AutoLoRA version": "2"}, \
+        "what differs from the defaults, and the version"
     assert settings_from_infotext(text) == s
+    # an image made before the version key, with every key written: it pastes the same
+    old = {p.infotext: {"optional": p.unset}.get(p.kind, str(p.default)) for p in PARAMS} | {
+        "AutoLoRA": "True", "AutoLoRA gamma": "2", "AutoLoRA guided": ""}
+    assert settings_from_infotext(old) == AutoLoraSettings(enabled=True, gamma=2.0)
     assert infotext_fields(AutoLoraSettings(enabled=False, gamma=3.0)) == {}
     assert settings_from_infotext({}) == AutoLoraSettings()
 
 
 def test_ui_values_follow_arg_order_and_parse_back():
     s = AutoLoraSettings(True, 2.0, None, 6.0, 1.0, 0.0, 0.5, ("a",), "batched", True)
-    assert settings_from_args(ui_values(s)) == s
+    assert settings_from_args(params.ui_values(s)) == s
 
 
 def test_xyz_axes_cover_every_number_and_enabled():
@@ -99,10 +106,38 @@ def test_every_bound_is_accepted_at_its_ends_and_refused_beyond():
                 continue
             with pytest.raises(AutoLoraArgumentError, match=f"'{p.name}' must be between"):
                 coerce(p, outside)
-        # the UI slider shows a common range inside the bounds (-1 = follow the CFG scale for w1/w2)
+        # the UI slider shows a common range inside the bounds
         s_low, s_high, _step = p.slider
-        assert (low <= s_low or (p.kind == "optional" and s_low == params.UNSET)) and s_high <= high
-        assert s_low <= p.default <= s_high
+        assert low <= s_low and s_high <= high
+        assert s_low <= (p.slider_default if p.kind == "optional" else p.default) <= s_high
+
+
+def test_every_position_of_every_control_is_a_valid_value():
+    """What the UI can send: each slider at every step of its range, each box ticked or not, each
+    choice; all of them are valid settings, and a slider's position is the value used unless its
+    "unset" box is ticked."""
+    defaults = params.ui_values(AutoLoraSettings())
+    for i, p in enumerate(PARAMS):
+        if p.kind in ("float", "optional"):
+            low, high, step = p.slider
+            positions = [round(low + k * step, 10) for k in range(int(round((high - low) / step)) + 1)]
+            assert positions[-1] == pytest.approx(high)
+        else:
+            positions = {"bool": [False, True], "choice": list(p.choices), "names": ["", "a, b"]}[p.kind]
+        boxes = [False, True] if p.kind == "optional" else [None]
+        for position in positions:
+            for ticked in boxes:
+                values = list(defaults)
+                values[i] = position
+                if ticked is not None:
+                    values[len(ARG_ORDER) + params.UNSET_BOXES.index(p)] = ticked
+                if p.name == "start":
+                    values[ARG_ORDER.index("end")] = 1.0
+                if p.name == "end":
+                    values[ARG_ORDER.index("start")] = 0.0
+                value = getattr(settings_from_args(values), p.name)
+                if p.kind in ("float", "optional"):
+                    assert value == (None if ticked else pytest.approx(position)), (p.name, position, ticked)
 
 
 def test_the_settings_class_is_the_table():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -134,18 +135,21 @@ def test_script_ui_follows_the_table_and_paste_restores_every_control():
         script = script_module.AutoLoraScript()
         assert script.title() == "AutoLoRA" and script.show(False) is host.scripts.AlwaysVisible
         controls = script.ui(False)
-        assert [c.elem_id for c in controls] == [f"autolora_txt2img_{n}" for n in params.ARG_ORDER]
+        assert [c.elem_id for c in controls] == [f"autolora_txt2img_{n}" for n in params.ARG_ORDER] + [
+            f"autolora_txt2img_{p.name}_unset" for p in params.UNSET_BOXES]
         assert isinstance(controls[0], sti.StandInInputAccordion) and controls[0].value is False
-        assert [c.label for c in controls] == [p.label for p in params.PARAMS]
-        gamma = controls[1]
+        assert [c.label for c in controls] == [p.label for p in params.PARAMS] + [
+            p.unset_label for p in params.UNSET_BOXES]
+        gamma, w1 = controls[1], controls[2]
         assert (gamma.minimum, gamma.maximum, gamma.value) == (-2.0, 5.0, 1.5) and isinstance(gamma.value, float)
+        assert (w1.minimum, w1.maximum, w1.value) == (0.0, 30.0, 7.0), "the slider spans the valid range only"
         # The defaults the API fills in (init_default_script_args reads each control's value) parse to off.
         assert params.settings_from_args([c.value for c in controls]) == AutoLoraSettings()
         # Infotext of an enabled run -> the paste functions -> the same settings.
-        s = AutoLoraSettings(True, 1.2, 5.0, None, 0.8, 0.25, 0.75, ("style",), "sequential", False)
+        s = AutoLoraSettings(True, 1.2, 5.0, None, 0.8, 0.25, 0.75, ("style",), "sequential", False, hr_gamma=-1.0)
         infotext = params.infotext_fields(s)
         pasted = [fn(infotext) for _, fn in script.infotext_fields]
-        assert params.settings_from_args(pasted) == s
+        assert params.settings_from_args(pasted) == s, "hires γ -1 is a number in the UI and the infotext"
         assert script.paste_field_names == [p.infotext for p in params.PARAMS]
         assert [c.elem_id for c in script.ui(True)][0] == "autolora_img2img_enabled"
         # Settings page and callbacks registered at import time
@@ -251,12 +255,12 @@ def test_infotext_claims_autolora_only_for_batches_with_a_guided_step():
         script.process_batch(r, True)
         script.process_before_every_sampling(r, True, c=1, uc=2)
         script.postprocess_batch(r, True)
-        assert "AutoLoRA gamma" in r.extra_generation_params
+        assert r.extra_generation_params["AutoLoRA"] == "True" and "AutoLoRA version" in r.extra_generation_params
         adapter.guided = 0
         script.process_batch(r, True)
         script.process_before_every_sampling(r, True, c=1, uc=2)
         script.postprocess_batch(r, True)
-        assert "AutoLoRA gamma" not in r.extra_generation_params
+        assert not any(key.startswith("AutoLoRA") for key in r.extra_generation_params)
 
 
 def test_script_carries_the_tooltips_in_the_page_and_installs_the_routes_at_app_start():
@@ -269,7 +273,8 @@ def test_script_carries_the_tooltips_in_the_page_and_installs_the_routes_at_app_
         import html as html_lib
         import json
         data = json.loads(html_lib.unescape(html.split('data-tooltips="')[1].split('"')[0]))
-        assert data == {p.name: p.tooltip for p in params.PARAMS}
+        assert data == {p.name: p.tooltip for p in params.PARAMS} | {
+            f"{p.name}_unset": p.tooltip for p in params.UNSET_BOXES}, "the unset boxes explain their slider"
         assert module.on_app_started in host.callbacks.lists["app_started"]
 
 
@@ -292,3 +297,33 @@ def test_diagnostic_routes_and_the_gc_clock_exist_only_with_the_variable(monkeyp
             if stats.BOARD.gc_clock in gc.callbacks:
                 gc.callbacks.remove(stats.BOARD.gc_clock)
             stats.BOARD.gc_clock = None
+
+
+def test_the_line_under_the_images_says_what_ran_and_the_infotext_names_the_strategy_that_ran():
+    with sti.installed():
+        module = _load_script()
+        script = module.AutoLoraScript()
+        adapter = module.ADAPTER = StandInAdapter(guided=3)
+        p, processed = _p(), SimpleNamespace(comments="an earlier comment\n")
+        script.process(p, True)
+        script.process_batch(p, True)
+        gen = adapter.generation(p)
+        gen.stats.active, gen.stats.plain_steps, gen.stats.strategy = True, 1, "batched"  # what `auto` chose
+        script.process_before_every_sampling(p, True, c=1, uc=2)
+        script.postprocess_batch(p, True)
+        script.postprocess(p, processed, True)
+    assert p.extra_generation_params["AutoLoRA strategy"] == "batched"
+    assert processed.comments.startswith("an earlier comment\nAutoLoRA: 3 of 4 steps guided, base branch 'batched', ")
+    assert processed.comments.endswith(" s for the whole generation\n")
+
+
+def test_the_users_defaults_from_the_settings_page_open_the_ui():
+    with sti.installed(sti.standin_opts(autolora_enabled_by_default=True, autolora_default_gamma=2.0)):
+        module = _load_script()
+        controls = module.AutoLoraScript().ui(False)
+        assert params.settings_from_args([c.value for c in controls]) == AutoLoraSettings(enabled=True, gamma=2.0)
+    with sti.installed():
+        module = _load_script()
+        module.on_ui_settings()
+        opts = sys.modules["modules.shared"].opts
+        assert opts.autolora_enabled_by_default is False and opts.autolora_default_gamma == 1.5

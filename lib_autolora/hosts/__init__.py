@@ -12,61 +12,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Optional, Protocol
 
-from ..generation import Generation
+from .adapter import Adapter, UnavailableAdapter
 
 log = logging.getLogger("autolora")
-
-
-class HostAdapter(Protocol):
-    """What the AlwaysOn script calls, in this order, for each generation `p`."""
-
-    name: str
-    available: bool  # False: the WebUI lacks what AutoLoRA needs; `reason` says what
-
-    def start_batch(self, p, settings) -> Optional[str]:
-        """After the host activated the batch's LoRAs: read factors, prepare the base conditioning,
-        hook the sampler. Returns a notice when AutoLoRA cannot run (the generation goes on without)."""
-
-    def before_sampling(self, p, **kwargs) -> None:
-        """The host's process_before_every_sampling (first pass and hires pass)."""
-
-    def generation(self, p) -> Optional[Generation]:
-        """The Generation running for `p`, if any."""
-
-    def finish(self, p) -> None:
-        """Free every per-generation state; idempotent, also after an exception or interrupt."""
-
-
-class UnavailableAdapter:
-    """Used when the WebUI lacks what AutoLoRA binds to: the accordion says so, the API refuses an
-    enabled request with the reason, no image claims AutoLoRA, and the WebUI runs as without it."""
-
-    name = "unavailable"
-    available = False
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def start_batch(self, p, settings):
-        return f"AutoLoRA is unavailable on this WebUI: {self.reason}"
-
-    def before_sampling(self, p, **kwargs):
-        return None
-
-    def generation(self, p):
-        return None
-
-    def finish(self, p):
-        return None
 
 
 def _has(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def select_adapter() -> HostAdapter:
+def select_adapter() -> Adapter:
     """The adapter whose capabilities this WebUI has, by what its code does, not by its name:
     Forge's backend when it has one (Forge main and the trees that kept its sampling step), else
     A1111's CFG denoiser. Anything else gets the UnavailableAdapter with the reason."""

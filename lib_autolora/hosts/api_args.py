@@ -23,8 +23,9 @@ def check_and_normalize(body, unavailable: Optional[str] = None) -> Optional[str
     """The error message for a bad AutoLoRA entry of a request body, or None. `unavailable`: why
     AutoLoRA cannot run on this WebUI (an enabled request is refused with it).
 
-    The one rewrite, done in place: `"args": {...}` (a single dict of named args) becomes
-    `"args": [{...}]`, the form the hosts pass to the script.
+    The one rewrite, done in place: the args become `[{...named args...}]`, the form the hosts pass
+    to the script. For positional args this matters: the host fills the slots after them with the
+    UI's values, among them the UI's "unset" boxes, which must not override what the client sent.
     """
     if not isinstance(body, dict):
         return None
@@ -52,6 +53,7 @@ def check_and_normalize(body, unavailable: Optional[str] = None) -> Optional[str
         settings = params.settings_from_args(args)
     except AutoLoraArgumentError as exc:
         return str(exc)
+    entry["args"] = [params.as_dict(settings)]
     if settings.enabled and unavailable:
         return f"AutoLoRA is not available on this WebUI: {unavailable}"
     if settings.enabled and settings.guided_loras and not body.get("styles"):

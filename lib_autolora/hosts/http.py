@@ -40,7 +40,7 @@ def host_api_dependencies(app) -> Optional[list]:
     return None if route is None else list(getattr(route, "dependencies", None) or [])
 
 
-OUR_MARK = "_autolora_check"
+CHECK_MARK = "_autolora_check"  # on the argument check added to the host's routes
 
 
 def generation_request_check(unavailable: Optional[str] = None) -> Callable:
@@ -58,14 +58,14 @@ def generation_request_check(unavailable: Optional[str] = None) -> Callable:
         if error is not None:
             raise HTTPException(status_code=422, detail=error)
 
-    setattr(check_generation_request, OUR_MARK, True)
+    setattr(check_generation_request, CHECK_MARK, True)
     return check_generation_request
 
 
 def _add_dependency(route, dependency: Callable) -> bool:
     """Append `dependency` to a route built already (the host's), after the host's own ones."""
     dependant = route.dependant
-    if any(getattr(getattr(d, "call", None), OUR_MARK, False) for d in dependant.dependencies):
+    if any(getattr(getattr(d, "call", None), CHECK_MARK, False) for d in dependant.dependencies):
         return False
     dependant.dependencies.append(get_parameterless_sub_dependant(depends=Depends(dependency), path=route.path_format))
     return True

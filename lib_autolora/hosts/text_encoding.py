@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from ..factors import base_branch_coef, lora_branch_coef
+
 EMPHASIS_SYNTAX = ("(", "[")  # the hosts' own test for "this prompt uses emphasis"
 
 
@@ -68,3 +70,12 @@ def not_finite_notice(negative: bool) -> str:
     which = "negative prompt" if negative else "prompt"
     return (f"AutoLoRA: the text encoder gave NaN for the base branch's {which}; the base branch uses "
             f"the LoRA'd encoding of it")
+
+
+def branch_encodings(settings, encode: Callable[[float], Any]) -> tuple:
+    """(base, LoRA-scale) encodings of one prompt batch: `encode(coef)` with the guided LoRAs at
+    `coef` in the text encoder(s), for each branch whose text differs from the host's (None where it
+    does not: the base branch with the base text encoder off, the LoRA branch at LoRA scale 1)."""
+    base = encode(base_branch_coef(settings.base_strength)) if settings.base_text_encoder else None
+    lora = encode(lora_branch_coef(settings.lora_scale)) if settings.lora_scale != 1.0 else None
+    return base, lora

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from lib_autolora.hosts.forge.sampling import OUR_KEYS
+from lib_autolora.hosts.forge.fused import OUR_KEYS
 
 
 
@@ -105,7 +105,8 @@ def standin_compute_cond_indices(cond_or_uncond, sigmas):
     return cond, uncond
 
 
-def standin_calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options, max_entries=99):
+def standin_calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options, max_entries=99,
+                                   compute_cond_mark=None):
     out = {0: torch.zeros_like(x_in), 1: torch.zeros_like(x_in)}
     count = {0: torch.ones_like(x_in) * 1e-37, 1: torch.ones_like(x_in) * 1e-37}
     to_run = []
@@ -125,7 +126,8 @@ def standin_calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_op
         c = {k: picked[0][2][k].concat([r[2][k] for r in picked[1:]]) for k in first[2]}
         cou = [r[3] for r in picked]
         to = dict(model_options.get("transformer_options", {}))
-        to.update(cond_or_uncond=cou[:], sigmas=timestep, cond_mark=standin_compute_cond_mark(cou, timestep))
+        to.update(cond_or_uncond=cou[:], sigmas=timestep,
+                  cond_mark=(compute_cond_mark or standin_compute_cond_mark)(cou, timestep))
         to["cond_indices"], to["uncond_indices"] = standin_compute_cond_indices(cou, timestep)
         c["transformer_options"] = to
         t = torch.cat([timestep] * len(cou))
@@ -263,7 +265,8 @@ def standin_api(max_entries=99):
         compile_conditions=standin_compile_conditions,
         compile_weighted_conditions=standin_compile_weighted_conditions,
         Condition=StandInCondition, ConditionCrossAttn=StandInConditionCrossAttn,
-        reconstruct_multicond_batch=lambda c, step: c, reconstruct_cond_batch=lambda c, step: c,
+        reconstruct_multicond_batch=standin_reconstruct_multicond_batch,
+        reconstruct_cond_batch=standin_reconstruct_cond_batch,
         merge_lora_to_weight=standin_merge_lora_to_weight,
         options=lambda: SimpleNamespace(autolora_default_strategy="auto", autolora_swap_budget_mb=0),
         lean_memory=lambda: False, free_memory=lambda device: 2 ** 40)
@@ -347,3 +350,63 @@ class StandInForgeModelPatcher:
         n = StandInForgeModelPatcher(self.model, self.load_device, self.offload_device, self.size)
         n.lora_patches = self.lora_patches.copy()
         return n
+
+
+# -- modules/prompt_parser.py: the conditioning the host caches per prompt, and its per-step picks ----
+
+class StandInScheduledPromptConditioning:
+    def __init__(self, end_at_step, cond):
+        self.end_at_step, self.cond = end_at_step, cond
+
+
+class StandInComposable:  # ComposableScheduledPromptConditioning
+    def __init__(self, schedules, weight=1.0):
+        self.schedules, self.weight = schedules, weight
+
+
+class StandInMulticond:  # MulticondLearnedConditioning
+    def __init__(self, shape, batch):
+        self.shape, self.batch = shape, batch
+
+
+def _pick(schedules, step):
+    for current, entry in enumerate(schedules):
+        if step <= entry.end_at_step:
+            return entry.cond
+    return schedules[0].cond
+
+
+def _stack(rows):
+    if isinstance(rows[0], dict):
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return torch.stack(rows)
+
+
+def standin_reconstruct_cond_batch(c, current_step):
+    """reconstruct_cond_batch: each prompt's schedule entry for the step, stacked."""
+    return _stack([_pick(schedules, current_step) for schedules in c])
+
+
+def standin_reconstruct_multicond_batch(c, current_step):
+    """reconstruct_multicond_batch: (conds_list of (row, weight) per image, the stacked rows)."""
+    rows, conds_list = [], []
+    for composables in c.batch:
+        conds_list.append([(len(rows) + i, composable.weight) for i, composable in enumerate(composables)])
+        rows += [_pick(composable.schedules, current_step) for composable in composables]
+    return conds_list, _stack(rows)
+
+
+def schedules_of(cond, uncond, composition, ends=(1000,)):
+    """Stacked rows -> the host's cached conditioning: a MulticondLearnedConditioning whose image i
+    has the (row, weight) sub-prompts of composition[i], each scheduled as `ends` (one row per
+    schedule entry: prompt editing), and the uncond's schedules."""
+    def row(t, i):
+        return {k: v[i] for k, v in t.items()} if isinstance(t, dict) else t[i]
+
+    def schedule(t, first):
+        return [StandInScheduledPromptConditioning(end, row(t, first + k)) for k, end in enumerate(ends)]
+
+    stride = len(ends)
+    batch = [[StandInComposable(schedule(cond, r * stride), w) for r, w in image] for image in composition]
+    n = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0] // stride
+    return StandInMulticond((len(composition),), batch), [schedule(uncond, i * stride) for i in range(n)]

@@ -17,9 +17,14 @@ from typing import Optional
 import torch
 
 from ... import step
+from ...generation import Generation
+from ..adapter import model_changed
 from .conditioning import LayoutError, RowSource, n_rows, with_text
 
-GENERATION_ATTR = "_autolora_generation"  # on `p`: the Generation of the current generation
+
+def checkpoint_key(model):
+    info = getattr(model, "sd_checkpoint_info", None)
+    return (getattr(info, "filename", None), getattr(info, "title", None), id(model)) if info is not None else id(model)
 
 
 class StepProxy(torch.nn.Module):
@@ -101,58 +106,70 @@ def _pad_like_host(denoiser, opts, cond, uncond):
         denoiser.padded_cond_uncond, denoiser.padded_cond_uncond_v0 = saved
 
 
-def on_cfg_denoiser(params_):
-    """script_callbacks.on_cfg_denoiser: set up the step if it is guided; otherwise nothing."""
-    denoiser = params_.denoiser
-    p = getattr(denoiser, "p", None)
-    gen = getattr(p, GENERATION_ATTR, None)
-    if gen is None:
-        return
+def on_cfg_denoiser(api, gen: Generation, params_) -> None:
+    """script_callbacks.on_cfg_denoiser for the running generation: set up the step if it is
+    guided; otherwise nothing."""
+    denoiser, state = params_.denoiser, gen.host_state
     unwrap(denoiser)  # a step that raised may have left its proxy
-    state = gen.host_state
-    if gen.strategy is None or gen.stopped:
+    if gen.stopped or state is None or (state.factors is None and gen.strategy is None):
         return
-    shared, _, prompt_parser = state.host
-    comment = p.comment
-    if state.model_key(shared.sd_model) != state.checkpoint:
-        gen.note("AutoLoRA: the checkpoint changed during sampling (refiner); the rest runs without AutoLoRA", comment)
-        gen.stopped = "checkpoint changed"
+    p = denoiser.p
+    if checkpoint_key(api.shared.sd_model) != state.checkpoint:
+        model_changed(gen, p.comment)
         return
     extra = getattr(denoiser.sampler, "sampler_extra_args", None) or {}
     entry = state.pairs.get(id(extra.get("cond")))
     if entry is None or entry[0] is not extra.get("cond"):
         gen.note("AutoLoRA: the sampler's conditioning is not the one prepared for this pass "
-                 "(refiner switch or another extension); those steps run without AutoLoRA", comment)
+                 "(refiner switch or another extension); those steps run without AutoLoRA", p.comment)
         return
     at = step.begin(gen, denoiser.step, denoiser.total_steps or 0)
     if at is None:
         return
-    pair = entry[1]
-    text_cond, text_uncond = params_.text_cond, params_.text_uncond
-    n_cond, n_uncond = n_rows(text_cond), n_rows(text_uncond)
-
-    def source(conds):
-        if conds is None:
-            return None
-        c, u = conds
-        c = text_cond if c is None else prompt_parser.reconstruct_multicond_batch(c, denoiser.step)[1]
-        u = text_uncond if u is None else prompt_parser.reconstruct_cond_batch(u, denoiser.step)
-        if (c.shape if not isinstance(c, dict) else c["crossattn"].shape) != \
-                (text_cond.shape if not isinstance(text_cond, dict) else text_cond["crossattn"].shape):
-            raise LayoutError("base conditioning does not match the host's (another extension changed it?)")
-        c, u = _pad_like_host(denoiser, shared.opts, c, u)
-        return RowSource(c, u)
-
     try:
-        base_rows, lora_rows = source(pair.base), source(pair.lora)
+        base_rows, lora_rows = (_rows(api, denoiser, params_, conds) for conds in (entry[1].base, entry[1].lora))
     except LayoutError as exc:
-        gen.note(f"AutoLoRA: {exc}; this step runs without AutoLoRA", comment)
+        gen.note(f"AutoLoRA: {exc}; this step runs without AutoLoRA", p.comment)
         return
-    real = denoiser.inner_model  # creates model_wrap if the host reset it
-    proxy = StepProxy(real, denoiser, gen.strategy, base_rows, lora_rows, n_cond + n_uncond)
-    denoiser.model_wrap = proxy
+    if gen.strategy is None:
+        state.open_strategy(gen, p, params_.x)
+    proxy = StepProxy(denoiser.inner_model, denoiser, gen.strategy, base_rows, lora_rows,
+                      n_rows(params_.text_cond) + n_rows(params_.text_uncond))
+    denoiser.model_wrap = proxy  # reading inner_model above made model_wrap if the host had reset it
     state.wrapped.append(denoiser)
+    denoiser.combine_denoised = _combine(gen, state, denoiser, proxy, at, n_rows(params_.text_cond))
+
+
+def _rows(api, denoiser, params_, conds) -> Optional[RowSource]:
+    """One branch's text conditioning at this step, in the host's row layout (None: the host's)."""
+    if conds is None:
+        return None
+    text_cond, text_uncond = params_.text_cond, params_.text_uncond
+    c, u = conds
+    c = text_cond if c is None else api.prompt_parser.reconstruct_multicond_batch(c, denoiser.step)[1]
+    u = text_uncond if u is None else api.prompt_parser.reconstruct_cond_batch(u, denoiser.step)
+    if (c.shape if not isinstance(c, dict) else c["crossattn"].shape) != \
+            (text_cond.shape if not isinstance(text_cond, dict) else text_cond["crossattn"].shape):
+        raise LayoutError("base conditioning does not match the host's (another extension changed it?)")
+    return RowSource(*_pad_like_host(denoiser, api.shared.opts, c, u))
+
+
+def _base_rows_out(proxy: StepProxy, conds_list, n_cond: int) -> Optional[tuple]:
+    """(the base branch's x_out, whether the host skipped the uncond rows), or None when the host
+    evaluated rows AutoLoRA cannot account for."""
+    if proxy.cursor == proxy.n_rows:
+        return proxy.base_out, False
+    if proxy.cursor == n_cond:  # NGMS / skip early CFG: the host fakes the uncond rows
+        seen = proxy.base_out[:n_cond]
+        return torch.cat([seen] + [seen[conds[0][0]:conds[0][0] + 1] for conds in conds_list]), True
+    return None
+
+
+def _combine(gen: Generation, state, denoiser, proxy: StepProxy, at, n_cond: int):
+    """`denoiser.combine_denoised` for this one step: the host's own combine of each branch (AND
+    prompts and their weights), then the step's output."""
     original = type(denoiser).combine_denoised.__get__(denoiser)
+    comment = denoiser.p.comment
 
     def combine_denoised(x_out, conds_list, uncond, cond_scale):
         unwrap(denoiser)
@@ -161,31 +178,23 @@ def on_cfg_denoiser(params_):
         if proxy.failure is not None:
             gen.fail(proxy.failure, denoiser.step, comment)
             return original(x_out, conds_list, uncond, cond_scale)
-        if proxy.error is not None or proxy.base_out is None:
-            gen.note(f"AutoLoRA: {proxy.error or 'no model call'}; a step ran without AutoLoRA", comment)
-            return original(x_out, conds_list, uncond, cond_scale)
-        if proxy.cursor == n_cond + n_uncond:
-            base_x_out, skipped = proxy.base_out, False
-        elif proxy.cursor == n_cond:  # NGMS / skip early CFG: the host fakes the uncond rows
-            seen = proxy.base_out[:n_cond]
-            base_x_out = torch.cat([seen] + [seen[conds[0][0]:conds[0][0] + 1] for conds in conds_list])
-            skipped = True
-        else:
-            gen.note(f"AutoLoRA: the host evaluated {proxy.cursor} of {n_cond + n_uncond} rows; "
+        rows = _base_rows_out(proxy, conds_list, n_cond) if proxy.error is None and proxy.base_out is not None else None
+        if rows is None:
+            gen.note(f"AutoLoRA: {proxy.error or f'the host evaluated {proxy.cursor} of {proxy.n_rows} rows'}; "
                      f"a step ran without AutoLoRA", comment)
             return original(x_out, conds_list, uncond, cond_scale)
-        base_x_out = base_x_out.to(x_out.dtype)
+        base_x_out, skipped = rows[0].to(x_out.dtype), rows[1]
         if getattr(denoiser, "need_last_noise_uncond", False):
             # DDIM CFG++ renoises with the uncond rows the host kept from x_out (the LoRA branch's,
             # faked from the cond rows where it skipped them): it gets the sampled model's instead,
             # so that γ 1 and 0 give the LoRA's and the base model's CFG++ steps.
             n = uncond.shape[0]
             denoiser.last_noise_uncond = step.sampled(at, base_x_out[-n:], x_out[-n:])
-        return step.guide(gen, at, x_out, base_x_out, lambda rows, scale: original(rows, conds_list, uncond, scale),
+        return step.guide(gen, at, x_out, base_x_out, lambda rows_, scale: original(rows_, conds_list, uncond, scale),
                           cond_scale, uncond_evaluated=not skipped,
                           lora_uncond=None if skipped else x_out[-uncond.shape[0]:])
 
-    denoiser.combine_denoised = combine_denoised
+    return combine_denoised
 
 
 def on_cfg_denoised(params_):

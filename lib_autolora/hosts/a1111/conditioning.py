@@ -12,8 +12,7 @@ from typing import Optional
 
 import torch
 
-from ...factors import base_branch_coef, lora_branch_coef
-from ..text_encoding import encode_finite, not_finite_notice
+from ..text_encoding import branch_encodings, encode_finite, not_finite_notice
 from .factors import MhaSwap
 
 
@@ -56,19 +55,16 @@ def pass_prompts(p, hires: bool, find_sampler_config) -> tuple:
             None)
 
 
-def encode_pass(host, model, gen, hooks, mha_swap, prompts, negatives, width, height, steps, hires_steps,
+def encode_pass(api, model, gen, hooks, mha_swap, prompts, negatives, width, height, steps, hires_steps,
                 comment=None) -> CondPair:
-    """The base (and LoRA-scale) conditioning of one pass's prompts, with the host's functions
-    (`host`: shared, devices, prompt_parser)."""
-    shared, devices, prompt_parser = host
-    opts = shared.opts
-    settings = gen.settings
+    """The base (and LoRA-scale) conditioning of one pass's prompts, with the host's functions."""
+    opts, prompt_parser = api.shared.opts, api.prompt_parser
 
     def encode(coef):
         wrapper = EncodeWith(model, hooks, mha_swap, coef)
         c_prompts = prompt_parser.SdConditioning(prompts, width=width, height=height)
         n_prompts = prompt_parser.SdConditioning(negatives, width=width, height=height, is_negative_prompt=True)
-        with devices.autocast():
+        with api.devices.autocast():
             uc = encode_finite(lambda: prompt_parser.get_learned_conditioning(
                 wrapper, n_prompts, steps, hires_steps, opts.use_old_scheduling), opts, negatives)
             c = encode_finite(lambda: prompt_parser.get_multicond_learned_conditioning(
@@ -79,8 +75,8 @@ def encode_pass(host, model, gen, hooks, mha_swap, prompts, negatives, width, he
                 gen.note(not_finite_notice(negative), comment)
         return c, uc
 
-    return CondPair(base=encode(base_branch_coef(settings.base_strength)) if settings.base_text_encoder else None,
-                    lora=encode(lora_branch_coef(settings.lora_scale)) if settings.lora_scale != 1.0 else None)
+    base, lora = branch_encodings(gen.settings, encode)
+    return CondPair(base=base, lora=lora)
 
 
 # -- rows of conditioning ---------------------------------------------------------------------------

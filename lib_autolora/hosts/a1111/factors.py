@@ -165,47 +165,52 @@ def _qkv_terms(parts: dict, sd_module, weights_merged: bool, source: str) -> lis
     return terms
 
 
+def _read_network(net, weights_merged: bool, layer_mapping, te, unet, mha, skipped) -> set:
+    """Add one guided network's terms; returns the host modules it touched."""
+    touched, qkv = set(), {}  # fused qkv Linear -> {part: module} of this network
+    source = getattr(getattr(net, "network_on_disk", None), "filename", net.name)
+    for key, nm in net.modules.items():
+        part = _fused_qkv_part(nm)
+        if part is not None:
+            qkv.setdefault(nm.sd_module, {})[part] = nm
+            continue
+        try:
+            parent = _mha_parent(nm, layer_mapping)
+            if parent is not None:
+                mha.setdefault(parent[0], []).append(MhaPart(nm, parent[1]))
+                continue
+            term = term_for(nm, weights_merged, source)
+        except SkipModule as exc:
+            skipped.append((net.name, key, str(exc)))
+            continue
+        (te if _is_text_encoder(nm) else unet).add(nm.sd_module, nm.sd_key, term)
+        touched.add(nm.sd_module)
+    for sd_module, parts in qkv.items():
+        first = next(iter(parts.values()))
+        name = first.sd_key.rsplit("_", 2)[0]
+        try:
+            if set(parts) != set(QKV_PARTS):
+                raise SkipModule("a LoRA on only some of q/k/v of a fused layer, which the host does not apply either")
+            terms = _qkv_terms(parts, sd_module, weights_merged, source)
+        except SkipModule as exc:
+            skipped.append((net.name, name, str(exc)))
+            continue
+        for term in terms:
+            (te if _is_text_encoder(first) else unet).add(sd_module, name, term)
+        touched.add(sd_module)
+    return touched
+
+
 def read_factors(loaded, guided, weights_merged: bool, layer_mapping=None) -> A1111Factors:
     """Factors of the guided networks among `loaded` (the host's `networks.loaded_networks`)."""
     guided_ids = {id(n) for n in guided}
     te, unet, mha, skipped = LoraFactors(), LoraFactors(), {}, []
     touched_by_unguided, touched = set(), set()
     for net in loaded:
-        qkv = {}  # fused qkv Linear -> {part: module} of this network
-        for key, nm in net.modules.items():
-            sd_module = nm.sd_module
-            if id(net) not in guided_ids:
-                touched_by_unguided.add(sd_module)
-                continue
-            source = getattr(getattr(net, "network_on_disk", None), "filename", net.name)
-            part = _fused_qkv_part(nm)
-            if part is not None:
-                qkv.setdefault(sd_module, {})[part] = nm
-                continue
-            try:
-                parent = _mha_parent(nm, layer_mapping)
-                if parent is not None:
-                    mha.setdefault(parent[0], []).append(MhaPart(nm, parent[1]))
-                    continue
-                term = term_for(nm, weights_merged, source)
-            except SkipModule as exc:
-                skipped.append((net.name, key, str(exc)))
-                continue
-            (te if _is_text_encoder(nm) else unet).add(sd_module, nm.sd_key, term)
-            touched.add(sd_module)
-        for sd_module, parts in qkv.items():
-            first = next(iter(parts.values()))
-            name = first.sd_key.rsplit("_", 2)[0]
-            try:
-                if set(parts) != set(QKV_PARTS):
-                    raise SkipModule("a LoRA on only some of q/k/v of a fused layer, which the host does not apply either")
-                terms = _qkv_terms(parts, sd_module, weights_merged, source)
-            except SkipModule as exc:
-                skipped.append((net.name, name, str(exc)))
-                continue
-            for term in terms:
-                (te if _is_text_encoder(first) else unet).add(sd_module, name, term)
-            touched.add(sd_module)
+        if id(net) in guided_ids:
+            touched |= _read_network(net, weights_merged, layer_mapping, te, unet, mha, skipped)
+        else:
+            touched_by_unguided |= {nm.sd_module for nm in net.modules.values()}
     for module, parts in list(mha.items()):
         if {p.part for p in parts} != {"q", "k", "v", "out"}:
             skipped.append((parts[0].module.network.name, module.network_layer_name if hasattr(

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...generation import Generation
-from .. import memory, networks
-from ..prompts import select_guided
+from .. import networks
+from ..adapter import Adapter
 from .conditioning import BaseCondCache, BaseConditioning
 from .factors import read_factors
 from .patcher import UNTOLD_NOTICE, guided_sources, missing_convention, originals, patch_sets
-from .sampling import OUR_MARK, Sampling
+from .sampling import HOOK_MARK, Sampling
 
 NAME = "forge"
 
@@ -146,15 +146,10 @@ def missing_capability(sampling_function_module=None, patcher_cls=None) -> Optio
 class ForgeState:
     """The Forge-specific part of one generation (`Generation.host_state`)."""
 
-    p: object
-    guided_files: set = field(default_factory=set)
-    loaded_files: set = field(default_factory=set)  # every LoRA file of the batch
-    loaded_order: tuple = ()  # ... in the order the host loaded them (patcher.patch_sets)
-    conds: dict = field(default_factory=dict)  # id(Forge's cond object) -> (that object, base, lora-scaled)
+    conds: dict = field(default_factory=dict)  # id(the host's cond object) -> (that object, base, lora-scaled)
     sampling: Optional[Sampling] = None
-    te_corrections: list = field(default_factory=lambda: [0])
     unet_before: object = None  # forge_objects.unet before our clone took its place...
-    unet_ours: object = None  # ...and the clone carrying our sampler_pre_cfg_function
+    unet_ours: object = None  # ...and the clone carrying our pre-CFG function
 
     def close_sampling(self):
         if self.sampling is not None:
@@ -162,136 +157,86 @@ class ForgeState:
             self.sampling = None
 
 
-class ForgeAdapter:
+class ForgeAdapter(Adapter):
     name = NAME
-    available = True
-    reason = None
 
-    def __init__(self, api: Optional[ForgeAPI] = None, register_callbacks: bool = True):
+    def __init__(self, api: Optional[ForgeAPI] = None, register_callbacks: bool = True, fused: bool = True):
+        super().__init__()
         self.api = api or ForgeAPI()
-        self.gen: Optional[Generation] = None
+        self.fused = fused  # both branches in one forward where the strategy and the step allow (fused.py)
         self.base_conditioning = BaseConditioning(self.api, BaseCondCache())
         if register_callbacks:
             from modules import script_callbacks
             script_callbacks.on_cfg_after_cfg(self.after_cfg, name="autolora")
 
-    def after_cfg(self, params) -> None:
-        """script_callbacks.on_cfg_after_cfg, at the end of each CFGDenoiser step: DDIM CFG++'s
-        unconditional prediction becomes the sampled model's (Sampling.correct_last_noise_uncond)."""
-        sampling = self.gen.host_state.sampling if self.gen is not None else None
-        if sampling is not None and sampling.last_guided is not None:
-            sampling.correct_last_noise_uncond(getattr(self.gen.host_state.p.sampler, "model_wrap_cfg", None))
+    def loaded_loras(self) -> Optional[list]:
+        return self.api.loaded_loras()
 
-    def _current(self, gen: Generation) -> bool:
-        return self.gen is gen
+    def open_batch(self, p, gen: Generation) -> None:
+        if gen.host_state is None:  # the first batch: every prompt the host encodes from now on gets its twins
+            gen.host_state = ForgeState()
+            if gen.settings.base_text_encoder or gen.settings.lora_scale != 1.0:
+                self.base_conditioning.wrap(p, gen, gen.host_state.conds)
 
-    # -- start_batch: Forge activated the batch's LoRAs and is about to encode its prompts ---------
-    def start_batch(self, p, settings) -> Optional[str]:
-        gen = self.gen if self.gen is not None and self.gen.host_state.p is p else None
-        if gen is None:
-            self.finish(None)
-            gen = Generation(settings, NAME)
-            gen.host_state = ForgeState(p)
-        loaded = self.api.loaded_loras()
-        if loaded is None:
-            return self._off(gen, "AutoLoRA: the built-in LoRA extension (sd_forge_lora) is not loaded; AutoLoRA is off")
-        if not loaded:
-            return self._off(gen, "AutoLoRA: no LoRA in the prompt, nothing to guide; generated without AutoLoRA")
+    def bind_pass(self, p, gen: Generation, c, uc) -> None:
+        """The host's process_before_every_sampling: the guided LoRAs' factors on the UNet, and our
+        pre-CFG function on a clone of its patcher."""
         state = gen.host_state
-        state.guided_files = set(select_guided(loaded, settings.guided_loras))  # raises for unknown names
-        state.loaded_files = {entry[0] for entry in loaded}
-        state.loaded_order = tuple(entry[0] for entry in loaded)
-        gen.stats.guided_loras = [entry[1] for entry in loaded if entry[0] in state.guided_files]
-        if self.gen is not gen:
-            self.gen = gen
-            if settings.base_text_encoder or settings.lora_scale != 1.0:
-                self.base_conditioning.wrap(p, gen, self._current)
-            gen.stats.active = True
-        gen.begin_batch()
-        return None
+        state.close_sampling()  # the hires pass: the first pass is over (or the host called twice)
+        unet = p.sd_model.forge_objects.unet
+        sets = patch_sets(unet, gen.loaded)
+        sources = guided_sources(sets, gen.guided, set(gen.loaded))
+        if sources is None:
+            gen.note(UNTOLD_NOTICE, p.comment)
+            return
+        guided = read_factors(unet.model, sets, sources, merge=self.api.merge_lora_to_weight, original=originals(unet))
+        gen.stats.modules["unet"] = len(guided.factors.nonzero())
+        if guided.message("UNet"):
+            gen.note(f"AutoLoRA: {guided.message('UNet')}", p.comment)
+        conds = self._pass_conds(state, c, uc)
+        if guided.empty and not any(v is not None for v in conds.values()):
+            gen.note("AutoLoRA: the guided LoRAs change nothing in this model; sampling without AutoLoRA", p.comment)
+            return
+        ours = unet.clone()
+        state.sampling = Sampling(self.api, gen, p, ours, guided, conds, fused=self.fused)
+        ours.add_sampler_pre_cfg_function(state.sampling.pre_cfg_function())
+        ours.add_extra_preserved_memory_during_sampling(guided.nbytes())
+        state.unet_before, state.unet_ours = unet, ours
+        p.sd_model.forge_objects.unet = ours
 
-    def _off(self, gen: Generation, message: str) -> str:
-        gen.stats.notices.append(message)
-        if self.gen is gen:
-            self.finish(gen.host_state.p)
-        else:
-            gen.finish()
-        return message
-
-    def generation(self, p) -> Optional[Generation]:
-        gen = self.gen
-        return gen if gen is not None and gen.host_state.p is p else None
-
-    # -- before_sampling: Forge's process_before_every_sampling -----------------------------------
-    def before_sampling(self, p, **kwargs):
-        gen = self.generation(p)
-        if gen is None or not gen.host_state.guided_files or gen.stopped:
-            return None
-        state = gen.host_state
-        state.close_sampling()  # hires pass: the first pass is over (or this is Forge's repeated call)
-        gen.hires = bool(getattr(p, "is_hr_pass", False))
-        if getattr(p, "is_hr_pass", False):  # the hires prompt may name other LoRAs
-            loaded = self.api.loaded_loras() or []
-            try:
-                state.guided_files = set(select_guided(loaded, gen.settings.guided_loras)) if loaded else set()
-                state.loaded_files = {entry[0] for entry in loaded}
-                state.loaded_order = tuple(entry[0] for entry in loaded)
-            except Exception as exc:
-                gen.note(f"{exc}; the hires pass runs without AutoLoRA", p.comment)
-                return None
-            if not state.guided_files:
-                gen.note("AutoLoRA: no LoRA in the hires prompt; the hires pass runs without AutoLoRA", p.comment)
-                return None
+    @staticmethod
+    def _pass_conds(state: ForgeState, c, uc) -> dict:
+        """The twins the host's encodings of this pass's prompts left (none: the host's own serve)."""
         conds = {}
-        for name, obj in (("c", kwargs.get("c")), ("uc", kwargs.get("uc"))):
+        for name, obj in (("c", c), ("uc", uc)):
             entry = state.conds.get(id(obj)) if obj is not None else None
             if entry is not None and entry[0] is obj:
                 conds[f"base_{name}"], conds[f"lora_{name}"] = entry[1], entry[2]
-        if kwargs.get("uc") is None and gen.explicit_cfg_ignored(getattr(p, "cfg_scale", 0)):
-            gen.note("AutoLoRA: at CFG 1 the WebUI evaluates no negative prompt, so w1 and w2 do not apply",
-                     p.comment)
-        unet = p.sd_model.forge_objects.unet
-        sets = patch_sets(unet, state.loaded_order)
-        sources = guided_sources(sets, state.guided_files, state.loaded_files)
-        if sources is None:
-            gen.note(UNTOLD_NOTICE, p.comment)
-            return None
-        ff = read_factors(unet.model, sets, sources, merge=self.api.merge_lora_to_weight, original=originals(unet))
-        gen.stats.modules["unet"] = len(ff.factors.nonzero())
-        message = ff.message("UNet")
-        if message:
-            gen.note(f"AutoLoRA: {message}", p.comment)
-        if ff.empty and not any(v is not None for v in conds.values()):
-            gen.note("AutoLoRA: the guided LoRAs change nothing in this model; sampling without AutoLoRA", p.comment)
-            return None
-        state.unet_before = unet
-        unet = unet.clone()
-        sampling = Sampling(self.api, gen, p, unet, ff, conds)
-        unet.add_sampler_pre_cfg_function(sampling.pre_cfg_function())
-        unet.add_extra_preserved_memory_during_sampling(ff.nbytes())
-        p.sd_model.forge_objects.unet = state.unet_ours = unet
-        state.sampling = sampling
-        return None
+        return conds
 
-    # -- finish: end of the generation (postprocess), interrupted or not ------------------------
-    def finish(self, p):
-        gen, self.gen = self.gen, None
-        if gen is None:
-            return None
+    def after_cfg(self, params) -> None:
+        """script_callbacks.on_cfg_after_cfg, at the end of each CFGDenoiser step: DDIM CFG++'s
+        unconditional prediction becomes the sampled model's (Sampling.correct_last_noise_uncond)."""
+        state = self.gen.host_state if self.gen is not None else None
+        sampling = getattr(state, "sampling", None)
+        if sampling is not None and sampling.last_guided is not None:
+            sampling.correct_last_noise_uncond(getattr(self.p.sampler, "model_wrap_cfg", None))
+
+    def close(self, gen: Generation, p) -> None:
         state = gen.host_state
+        if state is None:
+            return
         state.close_sampling()
-        BaseConditioning.unwrap(state.p)
-        # Forge resets forge_objects at the next generation anyway; putting the patcher back now
+        BaseConditioning.unwrap(p)
+        # The host resets forge_objects at the next generation anyway; putting the patcher back now
         # drops our pre-CFG function and what its closure holds (conds, factors) between generations.
-        objects = getattr(getattr(state.p, "sd_model", None), "forge_objects", None)
+        objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
         if objects is not None and state.unet_ours is not None and objects.unet is state.unet_ours:
             objects.unet = state.unet_before
-        if state.unet_ours is not None:  # the clone may live on in Forge's loaded-models list
+        if state.unet_ours is not None:  # the clone may live on in the host's loaded-models list
             hooks = state.unet_ours.model_options.get("sampler_pre_cfg_function", [])
-            hooks[:] = [f for f in hooks if not getattr(f, OUR_MARK, False)]
+            hooks[:] = [f for f in hooks if not getattr(f, HOOK_MARK, False)]
             state.unet_ours.extra_preserved_memory_during_sampling = \
                 state.unet_before.extra_preserved_memory_during_sampling
         state.unet_before = state.unet_ours = None
         state.conds.clear()
-        gen.finish(memory.peak_bytes())
-        return None

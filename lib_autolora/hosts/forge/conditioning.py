@@ -10,30 +10,28 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Optional
 
 from ...base_branch import DeltaHooks
-from ...factors import base_branch_coef, lora_branch_coef
 from ...generation import Generation
-from ..text_encoding import encode_finite, not_finite_notice
+from ..text_encoding import branch_encodings, encode_finite, not_finite_notice
 from .factors import read_factors
-from .patcher import UNTOLD_NOTICE, guided_sources, originals, patch_sets
+from .patcher import guided_sources, originals, patch_sets
+
+UNTOLD_TEXT_NOTICE = ("AutoLoRA: this WebUI does not record which LoRA a text-encoder patch comes from; the base "
+                      "branch uses the LoRA'd text encoding (guide every LoRA of the prompt to remove it there too)")
 
 log = logging.getLogger("autolora")
 
 
 @contextmanager
-def scaled_text_encoder(factors, coef: float, counter: Optional[list] = None):
+def scaled_text_encoder(factors, coef: float):
     """coef x the guided LoRAs' terms on every row of the text encoder (b - 1 = base at base strength
-    b, s - 1 = LoRA scale s). The text encoder may be called with any batch, so no row plan. `counter[0]`
-    adds the layer corrections applied."""
+    b, s - 1 = LoRA scale s). The text encoder may be called with any batch, so no row plan."""
     hooks = DeltaHooks(factors)
     try:
         with hooks.all_rows(coef):
             yield
     finally:
-        if counter is not None:
-            counter[0] += hooks.calls
         for delta in factors.deltas.values():
             delta.release()
 
@@ -58,8 +56,7 @@ class BaseCondCache:
     @staticmethod
     def settings_key(gen: Generation) -> tuple:
         s = gen.settings
-        return (frozenset(gen.host_state.guided_files), float(s.lora_scale), bool(s.base_text_encoder),
-                float(s.base_strength))
+        return (gen.guided, float(s.lora_scale), bool(s.base_text_encoder), float(s.base_strength))
 
     def get(self, result, key):
         for entry in self.entries:
@@ -79,16 +76,16 @@ class BaseConditioning:
     def __init__(self, api, cache: BaseCondCache):
         self.api, self.cache = api, cache
 
-    def wrap(self, p, gen: Generation, is_current) -> None:
+    def wrap(self, p, gen: Generation, conds: dict) -> None:
+        """From now on each of `p`'s encodings leaves its twins in `conds`, by the result's id."""
         original = p.get_conds_with_caching
-        state = gen.host_state
 
         def get_conds_with_caching(function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
             result = original(function, required_prompts, steps, caches, extra_network_data, hires_steps)
-            if is_current(gen) and result is not None:
+            if result is not None and not gen.stopped:
                 try:
-                    state.conds[id(result)] = (result,) + self.cached(p, gen, result, function, required_prompts,
-                                                                      steps, hires_steps)
+                    conds[id(result)] = (result,) + self.cached(p, gen, result, function, required_prompts,
+                                                                steps, hires_steps)
                 except Exception as exc:  # the base conditioning must never break the generation
                     log.exception("AutoLoRA: base conditioning failed")
                     gen.note(f"AutoLoRA: base text encoding failed ({type(exc).__name__}: {exc}); "
@@ -119,33 +116,28 @@ class BaseConditioning:
 
     def encode(self, p, gen: Generation, function, required_prompts, steps, hires_steps) -> tuple:
         """((base conditioning, LoRA-scale conditioning), LoRA'd text-encoder modules, notices)."""
-        api, settings = self.api, gen.settings
+        api = self.api
         patcher = p.sd_model.forge_objects.clip.patcher
-        sets = patch_sets(patcher, gen.host_state.loaded_order)
-        sources = guided_sources(sets, gen.host_state.guided_files, gen.host_state.loaded_files)
+        sets = patch_sets(patcher, gen.loaded)
+        sources = guided_sources(sets, gen.guided, set(gen.loaded))
         if sources is None:
-            return (None, None), 0, (UNTOLD_NOTICE,)
-        ff = read_factors(patcher.model, sets, sources, merge=api.merge_lora_to_weight, original=originals(patcher))
-        te_modules, message = len(ff.factors.nonzero()), ff.message("text-encoder")
-        notices = (f"AutoLoRA: {message}",) if message else ()
-        if ff.empty:
-            return (None, None), te_modules, notices  # the guided LoRAs leave the text encoder alone
+            return (None, None), 0, (UNTOLD_TEXT_NOTICE,)
+        guided = read_factors(patcher.model, sets, sources, merge=api.merge_lora_to_weight, original=originals(patcher))
+        te_modules, message = len(guided.factors.nonzero()), guided.message("text-encoder")
+        notices = [f"AutoLoRA: {message}"] if message else []
+        if guided.empty:
+            return (None, None), te_modules, tuple(notices)  # the guided LoRAs leave the text encoder alone
         opts = api.options()
-        negative = bool(getattr(required_prompts, "is_negative_prompt", False))
-        out = []
-        for coef, wanted in ((base_branch_coef(settings.base_strength), settings.base_text_encoder),
-                             (lora_branch_coef(settings.lora_scale), settings.lora_scale != 1.0)):
-            if not wanted:
-                out.append(None)
-                continue
 
-            def encode():
-                with api.encoding(p), scaled_text_encoder(ff.factors, coef, gen.host_state.te_corrections):
+        def encode(coef):
+            def once():
+                with api.encoding(p), scaled_text_encoder(guided.factors, coef):
                     return api.encode_prompts(function, p.sd_model, required_prompts, steps, hires_steps)
 
-            encoded = encode_finite(encode, opts, required_prompts)
+            encoded = encode_finite(once, opts, required_prompts)
             gen.stats.te_base_encodes += 1
             if encoded is None:
-                notices += (not_finite_notice(negative),)
-            out.append(encoded)
-        return tuple(out), te_modules, notices
+                notices.append(not_finite_notice(bool(getattr(required_prompts, "is_negative_prompt", False))))
+            return encoded
+
+        return branch_encodings(gen.settings, encode), te_modules, tuple(notices)

@@ -167,6 +167,57 @@ def merged_copy(merge: Callable, entries: list, weight: torch.Tensor, key: str) 
     return merge(entries, weight.detach().to(torch.float32, copy=True), key, computation_dtype=torch.float32)
 
 
+def _entries_by_key(lora_patches: dict, guided_files: set) -> tuple[dict, set]:
+    """{key: [(guided, entry, online)]} in the host's merge order, and the guided files that patch
+    anything."""
+    by_key, files = {}, set()
+    for (filename, _strength_patch, _strength_model, online_mode), patches in lora_patches.items():
+        guided = filename in guided_files
+        for key, entries in patches.items():
+            by_key.setdefault(key, []).extend(
+                (guided, e, bool(e[5]) if len(e) > 5 else bool(online_mode)) for e in entries)
+            if guided and entries:
+                files.add(filename)
+    return by_key, files
+
+
+def _patched_module(model, key: str):
+    """(module, attribute, parameter, ModuleDelta) of a patch key, or a string saying why not."""
+    path, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+        param = getattr(module, attr)
+    except AttributeError:
+        return "no such parameter in the model"
+    if attr != "weight" or not isinstance(param, torch.Tensor):
+        return f"patches on '{attr}' are not supported"
+    delta = _module_delta(module, param)
+    if delta is None:
+        return f"{type(module).__name__} layers are not supported"
+    return module, attr, param, delta
+
+
+def _terms(key: str, param: torch.Tensor, kind: str, ordered: list, merge: Callable,
+           original: Callable) -> tuple[list, bool]:
+    """The guided patches' terms on one parameter (`ordered`: [(guided, entry, online)] in the
+    host's merge order), and whether they needed a dense delta."""
+    guided = [e for g, e, _ in ordered if g]
+    unguided = [e for g, e, _ in ordered if not g]
+    if all(_is_additive(e) for _, e, _ in ordered):
+        terms = [_low_rank_term(e, tuple(param.shape), kind, key) for e in guided]
+        if all(t is not None for t in terms):
+            return terms, False
+        # Additive but not low-rank (LoHa, LoKr, diff): the host's merge on a zero weight is the delta.
+        rest = [e for e, t in zip(guided, terms) if t is None]
+        dense = merged_copy(merge, rest, torch.zeros(param.shape, dtype=torch.float32), key)
+        return [t for t in terms if t is not None] + [DenseTerm(dense.float(), source=key)], True
+    # DoRA, OFT, GLoRA, functions, strength_model: merge(every patch) - merge(the unguided ones)
+    w0 = original(key, param)
+    full = merged_copy(merge, [e for _, e, _ in ordered], w0, key).float()
+    part = merged_copy(merge, unguided, w0, key).float() if unguided else w0.detach().float()
+    return [DenseTerm((full - part).to(w0.device), source=key)], True
+
+
 def read_factors(model: torch.nn.Module, lora_patches: dict, guided_files: Iterable[str], *,
                  merge: Callable, original: Optional[Callable] = None) -> ForgeFactors:
     """The guided LoRAs' deltas on `model` (a patcher's `.model`), from `patcher.patch_sets`.
@@ -175,66 +226,27 @@ def read_factors(model: torch.nn.Module, lora_patches: dict, guided_files: Itera
     `merge(patches, weight, key, computation_dtype=…)` is the host's `merge_lora_to_weight`;
     `original(key, current)` the weight before the LoRAs were merged (`patcher.originals`).
     """
-    guided_files = set(guided_files)
     original = original or (lambda _key, current: current)
-    by_key: dict = {}  # key -> [(guided, entry, online_mode)] in Forge's merge order
-    files = set()
-    for identity, patches in lora_patches.items():
-        filename, _strength_patch, _strength_model, online_mode = identity
-        guided = filename in guided_files
-        for key, entries in patches.items():
-            by_key.setdefault(key, []).extend(
-                (guided, e, bool(e[5]) if len(e) > 5 else bool(online_mode)) for e in entries)
-            if guided and entries:
-                files.add(filename)
+    by_key, files = _entries_by_key(lora_patches, set(guided_files))
     result = ForgeFactors(LoraFactors(), {}, False, [], [], files)
-    online = False
     for key, ordered in by_key.items():
-        guided = [e for g, e, _ in ordered if g]
-        if not guided:
+        if not any(g for g, _, _ in ordered):
             continue
-        unguided = [e for g, e, _ in ordered if not g]
-        everything = [e for _, e, _ in ordered]
-        modes = [m for g, _, m in ordered if g]
-        online = online or any(modes)
-        path, _, attr = key.rpartition(".")
-        try:
-            module = model.get_submodule(path)
-            param = getattr(module, attr)
-        except AttributeError:
-            result.skipped.append((key, "no such parameter in the model"))
+        found = _patched_module(model, key)
+        if isinstance(found, str):
+            result.skipped.append((key, found))
             continue
-        if attr != "weight" or not isinstance(param, torch.Tensor):
-            result.skipped.append((key, f"patches on '{attr}' are not supported"))
-            continue
-        delta = _module_delta(module, param)
-        if delta is None:
-            result.skipped.append((key, f"{type(module).__name__} layers are not supported"))
-            continue
-        source = key
-        terms = None
-        if all(_is_additive(e) for e in guided + unguided):
-            terms = [_low_rank_term(e, tuple(param.shape), delta.kind, source) for e in guided]
-            if any(t is None for t in terms):
-                # Additive but not low-rank (LoHa, LoKr, diff): Forge's merge on a zero weight is the delta.
-                zero = torch.zeros(param.shape, dtype=torch.float32)
-                low = [t for t in terms if t is not None]
-                rest = [e for e, t in zip(guided, terms) if t is None]
-                dense = merged_copy(merge, rest, zero, key)
-                terms = low + [DenseTerm(dense.float(), source=source)]
-                result.dense.append(key)
-        if terms is None:
-            w0 = original(key, param)
-            full = merged_copy(merge, everything, w0, key).float()
-            part = merged_copy(merge, unguided, w0, key).float() if unguided else w0.detach().float()
-            terms = [DenseTerm((full - part).to(w0.device), source=source)]
+        module, attr, param, delta = found
+        terms, dense = _terms(key, param, delta.kind, ordered, merge, original)
+        if dense:
             result.dense.append(key)
         for term in terms:
             delta.add(term)
-        result.factors.deltas[module] = delta
-        result.factors.names[module] = path
-        result.params[module] = PatchedParam(key, module, attr, guided, unguided, any(modes))
-    result.online = online
+        online = any(m for g, _, m in ordered if g)
+        result.online = result.online or online
+        result.factors.deltas[module], result.factors.names[module] = delta, key.rpartition(".")[0]
+        result.params[module] = PatchedParam(key, module, attr, [e for g, e, _ in ordered if g],
+                                             [e for g, e, _ in ordered if not g], online)
     return result
 
 
