@@ -43,7 +43,7 @@ STEPS = 3
 LONG_STEPS = 16  # the runs that get interrupted or skipped
 SOAK_LORA = "autolora_soak_deleted"  # a copy of the LoRA that is deleted while listed
 SOAK_CKPT_PREFIX = "autolora-soak-"  # a second checkpoint file for the switch
-STRATEGIES = ("auto", "batched", "dual", "sequential", "swap", "toggle")
+STRATEGIES = ("auto", "batched", "dual", "sequential", "swap")
 # The memory readings of GET /autolora/v1/residue (lib_autolora/memory_probe.py). Raw RSS is
 # reported but not judged: glibc keeps freed heap for reuse, so re-patching weights can step it by
 # a model's size at a random call (measured on Forge: at call 41 in one run, ~100 in the next, flat
@@ -303,8 +303,7 @@ class Soak:
 
     def report(self, started, before, after, end_images, warmup_calls) -> int:
         identical = {k: end_images[k] == self.start_images[k] and bool(end_images[k]) for k in end_images}
-        keys = ("callbacks_total", "callbacks_autolora", "module_hooks", "open_runs", "wrapped_denoisers",
-                "unet_pre_cfg_functions")
+        keys = ("callbacks_total", "callbacks_autolora", "module_hooks", "open_runs", "unet_pre_cfg_functions")
         residue_same = all(before.get(k) == after.get(k) for k in keys)
         lines = [f"AutoLoRA soak against {self.url}: {self.tally.calls} calls in {time.time() - started:.0f} s",
                  f"{'call kind':44s} {'calls':>5s}  outcomes"]

@@ -212,6 +212,16 @@ class Page:
             self.css("input[type=range]", self.by_id(elem_id)).get_attribute("value"), value),
             f"#{elem_id} did not take the value {value}")
 
+    def unset_box(self, name, tab="txt2img"):
+        return self.css("input[type=checkbox]", self.control(f"{name}_unset", tab))
+
+    def set_box(self, name, ticked: bool, tab="txt2img"):
+        """Tick or untick an optional control's "unset" box (follow CFG / no cap / first pass's γ)."""
+        box = self.scroll_to(self.unset_box(name, tab))
+        if box.is_selected() != ticked:
+            box.click()
+        self.wait(lambda d: self.unset_box(name, tab).is_selected() == ticked, f"{name}: the box did not change")
+
     def set_text(self, selector, text):
         box = self.css(selector)
         self.set_value(box, text)
@@ -374,15 +384,27 @@ def test_tooltips_from_the_parameter_table(page):
     assert page.d.execute_script(JS_HOVER_TITLE)[1] == page.table["w1"]["tooltip"]
 
 
+OPTIONAL = ("w1", "w2", "cap", "hr_gamma")  # a slider over the valid range with an "unset" box beside it
+
+
 def test_generate_from_the_ui_writes_the_infotext(page):
     page.open_autolora()
+    for name in OPTIONAL:
+        assert page.unset_box(name).is_selected() or name == "hr_gamma", f"{name}: unset by default"
+        rng = page.css("input[type=range]", page.control(name))
+        low, _high, _step = page.table[name]["slider"]
+        assert float(rng.get_attribute("min")) == low >= page.table[name]["bounds"][0], "no invalid position"
     for name, value in UI_VALUES.items():
+        if name in OPTIONAL:
+            page.set_box(name, False)
         page.set_slider(f"autolora_txt2img_{name}", value)
     advanced = page.css(".label-wrap", page.by_id("autolora_txt2img_advanced"))
     page.scroll_to(advanced).click()
     page.wait(lambda d: page.control("strategy").is_displayed(), "the Advanced accordion did not open")
     page.choose("#autolora_txt2img_strategy", STRATEGY)
     for name, value in ADVANCED_VALUES.items():
+        if name in OPTIONAL:
+            page.set_box(name, False)
         page.set_slider(f"autolora_txt2img_{name}", value)
     page.choose("#autolora_txt2img_schedule", SCHEDULE)
     page.screenshot(page.by_id("autolora_txt2img_enabled"), "accordion")
@@ -393,6 +415,8 @@ def test_generate_from_the_ui_writes_the_infotext(page):
     missing = [text for text in EXPECTED_INFOTEXT if text not in infotext]
     assert not missing, f"missing {missing} in the infotext:\n{infotext}"
     assert f"Steps: {STEPS}," in infotext and f"Size: {SIZE}x{SIZE}" in infotext, infotext
+    assert re.search(rf"AutoLoRA: {STEPS} of {STEPS} steps guided, base branch '{STRATEGY}'", infotext), \
+        f"the line under the image says what ran:\n{infotext}"
     stats = page.webui.stats()
     assert stats["active"] and stats["guided_steps"] > 0 and stats["strategy"] == STRATEGY, stats
     page.webui.browser_state["infotext"] = infotext
@@ -413,6 +437,8 @@ def test_paste_restores_every_control(page):
     shown = {name: page.number_input(name).get_attribute("value") for name in every}
     wrong = {name: v for name, v in shown.items() if not _same_number(v, every[name])}
     assert not wrong, f"pasted {every}, the sliders show {shown}"
+    ticked = [name for name in OPTIONAL if page.unset_box(name).is_selected()]
+    assert not ticked, f"pasted values for {OPTIONAL}, but the boxes of {ticked} say unset"
     assert page.css(page.host.dropdown_input, page.control("schedule")).get_attribute("value") == SCHEDULE
     page.wait(lambda d: page.accordion_checkbox().is_selected(), "AutoLoRA was not enabled by the paste")
     assert page.accordion_open("autolora_txt2img_enabled"), "the pasted (enabled) accordion stays closed"

@@ -379,12 +379,12 @@ def test_infotext_paste_round_trip_of_every_control(webui):
 
 def test_each_strategy(webui):
     ref = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "strategy": "batched"}))
-    for name in ("dual", "sequential", "swap", "toggle"):
+    for name in ("dual", "sequential", "swap"):
         out = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "strategy": name}))
         assert_close(out.image, ref.image, f"strategy {name} vs batched")
         if webui.mode == "merged" or name == "sequential":
             assert out.stats["strategy"] == name, out.stats
-        else:  # dual, swap and toggle need merged weights: batched, with a notice
+        else:  # dual and swap need merged weights: batched, with a notice
             assert out.stats["strategy"] == "batched" and out.stats["notices"], out.stats
 
 
