@@ -345,18 +345,35 @@ def _accepts(p: Param) -> str:
     return text + f" or -1 / `\"{p.unset}\"` ({p.unset_means})" if p.kind == "optional" else text
 
 
+def positional_example() -> list:
+    """The API's positional args of an enabled run with every other default, as JSON values."""
+    return [True if p.name == "enabled" else (UNSET if p.kind == "optional" else p.default) for p in PARAMS]
+
+
 def controls_markdown() -> str:
     """docs/controls.md: the controls table, generated from PARAMS (a test keeps the file equal)."""
+    import json
     lines = ["# AutoLoRA's controls", "",
              "Generated from the parameter table (`python -m lib_autolora.params > docs/controls.md`); the "
              "UI, the API, the infotext and the X/Y/Z axes all follow it. The API takes these in this "
-             "order as positional `args`, or as one object of named args.", "",
-             "| # | API name | UI label | default | accepted | infotext key | X/Y/Z | what it does |",
-             "|---|---|---|---|---|---|---|---|"]
+             "order as positional `args`, or as one object of named args (missing names take their "
+             "defaults). In the UI, w1, w2, the cap and hires γ are a slider over their range with a "
+             "box beside it for their unset meaning; the API says it with -1, `null` or the word.", "",
+             "| # | API name | UI label | where | default | accepted | infotext key | X/Y/Z | what it does |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for i, p in enumerate(PARAMS):
         default = f"-1 ({p.unset})" if p.kind == "optional" else (f"`{p.default}`" if p.default != "" else "(empty)")
-        lines.append(f"| {i} | `{p.name}` | {p.label} | {default} | {_accepts(p)} | `{p.infotext}` | "
+        where = "header" if p.name == "enabled" else ("Advanced" if p.advanced else "main")
+        label = f"{p.label} + box *{p.unset_label}*" if p.kind == "optional" else p.label
+        lines.append(f"| {i} | `{p.name}` | {label} | {where} | {default} | {_accepts(p)} | `{p.infotext}` | "
                      f"{'yes' if p.xyz else ''} | {p.tooltip} |")
+    lines += ["", "X/Y/Z axes, labelled as in the plot script: " +
+              ", ".join(xyz_label(p) for p in XYZ_PARAMS) + ".", "",
+              "Positional args of an enabled run with every default (the same as `[{\"enabled\": true}]`):", "",
+              f"    {json.dumps(positional_example(), ensure_ascii=False)}", "",
+              f"Every guided image's infotext holds `AutoLoRA: True`, `{VERSION_KEY}` and each setting that "
+              "differs from its default, the strategy as the one that ran; pasting restores every control "
+              "(a key that is missing is the default)."]
     return "\n".join(lines) + "\n"
 
 

@@ -151,6 +151,11 @@ def test_the_settings_class_is_the_table():
         AutoLoraSettings(enabled=True, end=0.5).with_overrides({"start": 0.7})
 
 
+def test_the_documented_positional_example_is_an_enabled_run_with_the_defaults():
+    assert settings_from_args(params.positional_example()) == AutoLoraSettings(enabled=True)
+    assert len(params.positional_example()) == len(ARG_ORDER)
+
+
 def test_docs_controls_table_is_generated_from_the_table():
     text = params.controls_markdown()
     for p in PARAMS:
