@@ -312,7 +312,10 @@ def test_ddim_cfg_pp_renoises_with_the_sampled_model(layout):
             torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
 
 
-def test_cfg_denoiser_interval_explicit_w_and_errors():
+@contextmanager
+def denoiser_bench():
+    """A LoRA'd model, its LoRA-free twin, the guided factors and a stand-in host with AutoLoRA's
+    denoiser callbacks registered; `c`/`uc` the LoRA'd text encoder's conditioning."""
     clean = make_model(0)
     lora_sd = lora_state_dict(clean, seed=1)
     merged = merged_copy(0, [(lora_sd, 1.0)])
@@ -321,8 +324,14 @@ def test_cfg_denoiser_interval_explicit_w_and_errors():
     with sti.installed(sti.standin_opts(), sd_model) as host:
         host.callbacks.on_cfg_denoiser(on_cfg_denoiser)
         host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
-        c = _cond(merged.text_encoder, [1])
-        uc = [t for t in merged.text_encoder(torch.tensor([10]))]
+        yield SimpleNamespace(clean=clean, merged=merged, factors=factors, sd_model=sd_model, host=host,
+                              c=_cond(merged.text_encoder, [1]),
+                              uc=[t for t in merged.text_encoder(torch.tensor([10]))])
+
+
+def test_cfg_denoiser_interval_explicit_w_and_errors():
+    with denoiser_bench() as b:
+        merged, factors, sd_model, host, c, uc = b.merged, b.factors, b.sd_model, b.host, b.c, b.uc
         plain, _ = _sample(host, merged.denoiser, c, uc)
 
         def run_with(settings, pair=None, checkpoint=None):
@@ -354,16 +363,8 @@ def test_cfg_denoiser_interval_explicit_w_and_errors():
 def test_an_error_of_autolora_inside_a_step_gives_the_plain_image_and_says_so():
     """The base branch raising (here the strategy itself) is not the WebUI's error: the step is the
     host's own, guidance stops for the generation, the stats and a notice name the error."""
-    clean = make_model(0)
-    lora_sd = lora_state_dict(clean, seed=1)
-    merged = merged_copy(0, [(lora_sd, 1.0)])
-    factors = factors_from_kohya(lora_sd, merged.kohya_modules())
-    sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
-    with sti.installed(sti.standin_opts(), sd_model) as host:
-        host.callbacks.on_cfg_denoiser(on_cfg_denoiser)
-        host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
-        c = _cond(merged.text_encoder, [1])
-        uc = [t for t in merged.text_encoder(torch.tensor([10]))]
+    with denoiser_bench() as b:
+        merged, factors, sd_model, host, c, uc = b.merged, b.factors, b.sd_model, b.host, b.c, b.uc
         plain, _ = _sample(host, merged.denoiser, c, uc)
         gen = standin_generation(AutoLoraSettings(enabled=True, gamma=1.5), host, sd_model, factors=factors)
         gen.host_state.pairs[id(c)] = (c, CondPair(base=None))
@@ -384,16 +385,8 @@ def test_a_guided_step_reads_no_tensor_value_on_the_host():
     """Nothing AutoLoRA does on A1111's step reads a tensor's value back to the host (a device sync
     on a GPU): a guided run makes as many such reads as the plain run."""
     from test_forge_adapter import CountSyncs
-    clean = make_model(0)
-    lora_sd = lora_state_dict(clean, seed=1)
-    merged = merged_copy(0, [(lora_sd, 1.0)])
-    factors = factors_from_kohya(lora_sd, merged.kohya_modules())
-    sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
-    with sti.installed(sti.standin_opts(), sd_model) as host:
-        host.callbacks.on_cfg_denoiser(on_cfg_denoiser)
-        host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
-        c = _cond(merged.text_encoder, [1])
-        uc = [t for t in merged.text_encoder(torch.tensor([10]))]
+    with denoiser_bench() as b:
+        clean, merged, factors, sd_model, host, c, uc = b.clean, b.merged, b.factors, b.sd_model, b.host, b.c, b.uc
         base = (_cond(clean.text_encoder, [1]), [t for t in clean.text_encoder(torch.tensor([10]))])
         with CountSyncs() as plain:
             _sample(host, merged.denoiser, c, uc)
@@ -408,16 +401,8 @@ def test_a_guided_step_reads_no_tensor_value_on_the_host():
 
 
 def test_model_exception_mid_step_leaves_the_denoiser_clean():
-    clean = make_model(0)
-    lora_sd = lora_state_dict(clean, seed=1)
-    merged = merged_copy(0, [(lora_sd, 1.0)])
-    factors = factors_from_kohya(lora_sd, merged.kohya_modules())
-    sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename="x", title="x"))
-    with sti.installed(sti.standin_opts(), sd_model) as host:
-        host.callbacks.on_cfg_denoiser(on_cfg_denoiser)
-        host.callbacks.on_cfg_denoised(binding.on_cfg_denoised)
-        c = _cond(merged.text_encoder, [1])
-        uc = [t for t in merged.text_encoder(torch.tensor([10]))]
+    with denoiser_bench() as b:
+        merged, factors, sd_model, host, c, uc = b.merged, b.factors, b.sd_model, b.host, b.c, b.uc
         gen = standin_generation(AutoLoraSettings(enabled=True), host, sd_model, factors=factors)
         gen.host_state.pairs[id(c)] = (c, CondPair(base=None))
         p = SimpleNamespace(comment=lambda text: None, **{GEN: gen})

@@ -19,12 +19,12 @@ from lib_autolora.hosts.forge.patcher import (
 from lib_autolora.hosts.forge.sampling import Sampling
 from lib_autolora.params import AutoLoraSettings
 from standins.forge import (
-    StandInForgeModelPatcher, StandInKModel, standin_api, standin_compile_conditions,
+    StandInForgeModelPatcher, StandInKModel, standin_api, standin_compile_conditions, standin_sampling_function_inner,
     standin_compile_weighted_conditions, schedules_of, standin_reconstruct_cond_batch,
     standin_reconstruct_multicond_batch)
 from standins.forge_neo2 import (
     StandInComfyModelPatcher, StandInContextHandler, join_dicts, lora_adapter, standin_get_learned_conditioning,
-    standin_load_lora_for_models, standin_merge_lora_to_weight, standin_sampling_function_inner)
+    standin_load_lora_for_models, standin_merge_lora_to_weight)
 
 CPU = torch.device("cpu")
 TOL = 2e-5

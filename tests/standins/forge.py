@@ -142,12 +142,17 @@ def standin_calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_op
     return out[0] / count[0], out[1] / count[1]
 
 
-def standin_sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options, calc):
+def standin_sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options,
+                                    calc=standin_calc_cond_uncond_batch, *, context_handler=None):
+    """`context_handler`: Forge Neo 2.x's branch for context windows (dynamic_args.context_handler)."""
     edit_strength = sum(item.get("strength", 1) for item in cond)
     uncond_ = None if math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization") else uncond
     for fn in model_options.get("sampler_pre_cfg_function", []):
         model, cond, uncond_, x, timestep, model_options = fn(model, cond, uncond_, x, timestep, model_options)
-    cond_pred, uncond_pred = calc(model, cond, uncond_, x, timestep, model_options)
+    if getattr(context_handler, "should_use_context", lambda *args: False)(x):
+        cond_pred, uncond_pred = context_handler.execute(calc, model, [cond, uncond_], x, timestep, model_options)
+    else:
+        cond_pred, uncond_pred = calc(model, cond, uncond_, x, timestep, model_options)
     if "sampler_cfg_function" in model_options:
         args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale, "timestep": timestep,
                 "input": x, "sigma": timestep, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,

@@ -14,20 +14,18 @@
   (in place: `weight[:] = weight_calc`);
 - `standin_load_lora_for_models` = extensions-builtin/sd_forge_lora/networks.py: one clone of the
   UNet and the CLIP patcher per LoRA, `add_patches(filename=...)` (the file is not kept);
-- `standin_sampling_function_inner` = backend/sampling/sampling_function.py: pre-CFG list, the
-  context-window branch (`dynamic_args.context_handler.should_use_context(x)` → `execute(calc, model,
-  [cond, uncond], x, timestep, model_options)`), `sampler_cfg_function`, post-CFG list; model options
-  of the sampler merged with `join_dicts` (nested dicts merged, lists concatenated);
+- backend/sampling/sampling_function.py's `sampling_function_inner` is Forge main's (standins/forge.py)
+  plus the context-window branch (`dynamic_args.context_handler.should_use_context(x)` →
+  `execute(calc, model, [cond, uncond], x, timestep, model_options)`); the sampler's model options
+  are merged into the patcher's with `join_dicts` (nested dicts merged, lists concatenated);
 - `standin_get_learned_conditioning(model, prompts, steps, hires_steps=None)`: 4 arguments.
 """
 from __future__ import annotations
 
 import collections
-import math
 
 import torch
 
-from standins.forge import standin_calc_cond_uncond_batch
 
 
 def standin_merge_lora_to_weight(patches, weight, key, computation_dtype=torch.float32):
@@ -177,32 +175,6 @@ def join_dicts(base_dict, update_dict):
             result[key] = result[key] + value
         else:
             result[key] = value
-    return result
-
-
-def standin_sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options, *,
-                                    context_handler=None, calc=standin_calc_cond_uncond_batch):
-    edit_strength = sum(item.get("strength", 1) for item in cond)
-    uncond_ = None if math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization") else uncond
-    for fn in model_options.get("sampler_pre_cfg_function", []):
-        model, cond, uncond_, x, timestep, model_options = fn(model, cond, uncond_, x, timestep, model_options)
-    if getattr(context_handler, "should_use_context", lambda *args: False)(x):
-        cond_pred, uncond_pred = context_handler.execute(calc, model, [cond, uncond_], x, timestep, model_options)
-    else:
-        cond_pred, uncond_pred = calc(model, cond, uncond_, x, timestep, model_options)
-    if "sampler_cfg_function" in model_options:
-        args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale, "timestep": timestep,
-                "input": x, "sigma": timestep, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
-                "model": model, "model_options": model_options}
-        result = x - model_options["sampler_cfg_function"](args)
-    elif not math.isclose(edit_strength, 1.0):
-        result = uncond_pred + (cond_pred - uncond_pred) * cond_scale * edit_strength
-    else:
-        result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
-    for fn in model_options.get("sampler_post_cfg_function", []):
-        result = fn({"denoised": result, "cond": cond, "uncond": uncond, "cond_scale": cond_scale, "model": model,
-                     "uncond_denoised": uncond_pred, "cond_denoised": cond_pred, "sigma": timestep,
-                     "model_options": model_options, "input": x})
     return result
 
 
