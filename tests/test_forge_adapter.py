@@ -24,8 +24,8 @@ from standins.forge import (
     standin_merge_lora_to_weight, standin_compile_conditions,
     standin_compile_weighted_conditions, standin_compute_cond_mark, standin_compute_cond_indices,
     standin_calc_cond_uncond_batch, standin_sampling_function_inner, StandInLinear, StandInKModel,
-    lora_patch, forge_lora_patches, merge_offline, standin_api, standin_merge_lora_to_weight_with_adapters,
-    as_adapter_patches, StandInForgeModelPatcher, schedules_of, standin_reconstruct_cond_batch,
+    lora_patch, forge_lora_patches, merge_offline, standin_api, StandInForgeModelPatcher, schedules_of,
+    standin_reconstruct_cond_batch,
     standin_reconstruct_multicond_batch)
 
 def originals_of(model):
@@ -653,35 +653,26 @@ def _delta_outputs(ff, seed=4):
     return out
 
 
-def test_neo_later_patch_shapes_give_the_same_factors():
-    """Neo's LoRA patches as weight_adapter objects in tuples (keyed by file), and later in the
-    ModelPatcher's `patches` without the file: the factors are the ones of Forge main's tuples."""
-    from lib_autolora.hosts.forge.patcher import UNKNOWN_FILE, guided_sources, patch_sets
+def test_weight_adapter_patches_give_the_same_factors_as_forge_mains_tuples():
+    """Forge Neo 2.x keeps each LoRA patch as a ComfyUI weight adapter in a 6-tuple (with the online
+    flag), merged by its in-place merge: the factors read from them are Forge main's."""
+    from standins.forge_neo2 import StandInLoRAAdapter, standin_merge_lora_to_weight as neo_merge
     bench = Bench()
-    merge = standin_merge_lora_to_weight_with_adapters
     want = _delta_outputs(read_factors(bench.model, bench.lora_patches, {"A.safetensors"},
                                        merge=standin_merge_lora_to_weight, original=originals_of(bench.model)))
-    keyed = as_adapter_patches(bench.lora_patches)
-    patcher = SimpleNamespace(lora_patches=keyed, patches={})
-    assert patch_sets(patcher) is keyed
-    got = _delta_outputs(read_factors(bench.model, keyed, {"A.safetensors"}, merge=merge,
+
+    def adapter_entry(entry):
+        strength, (_kind, (up, down, alpha, mid, dora)), strength_model, offset, function = entry
+        return strength, StandInLoRAAdapter(set(), (up, down, float(alpha), mid, dora, None)), strength_model, \
+            offset, function, False
+
+    neo = {identity: {k: [adapter_entry(e) for e in entries] for k, entries in patches.items()}
+           for identity, patches in bench.lora_patches.items()}
+    got = _delta_outputs(read_factors(bench.model, neo, {"A.safetensors"}, merge=neo_merge,
                                       original=originals_of(bench.model)))
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
-    # no file recorded: every patch is one set; it can be guided only when every LoRA is
-    unnamed = SimpleNamespace(lora_patches={}, patches=as_adapter_patches(bench.lora_patches, unnamed=True))
-    sets = patch_sets(unnamed)
-    assert list(sets) == [(UNKNOWN_FILE, 1.0, 1.0, False)]
-    loaded = {"A.safetensors", "B.safetensors"}
-    assert guided_sources(sets, {"A.safetensors"}, loaded) is None
-    sources = guided_sources(sets, loaded, loaded)
-    both = _delta_outputs(read_factors(bench.model, sets, sources, merge=merge, original=originals_of(bench.model)))
-    everything = _delta_outputs(read_factors(bench.model, bench.lora_patches, loaded, merge=standin_merge_lora_to_weight,
-                                             original=originals_of(bench.model)))
-    assert both.keys() == everything.keys()
-    for name in everything:
-        torch.testing.assert_close(both[name], everything[name], atol=1e-5, rtol=1e-5)
 
 
 def test_our_text_encodings_leave_no_infotext_on_forge_main_nor_on_later_neo(monkeypatch):

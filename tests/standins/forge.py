@@ -277,68 +277,6 @@ def standin_api(max_entries=99):
         lean_memory=lambda: False, free_memory=lambda device: 2 ** 40)
 
 
-# -- Forge Neo's later patch shapes --------------------------------------------------------------------
-
-class StandInLoRAAdapter:
-    """modules_forge/packages/comfy/weight_adapter/lora.py LoRAAdapter (Neo since December 2025, a port
-    of ComfyUI's): `name`, `weights = (up, down, alpha, mid, dora_scale, reshape)`, and
-    `calculate_weight(weight, key, strength, strength_model, offset, function, intermediate_dtype,
-    original_weight)` adding `function(strength * alpha / rank * up @ down)` (no mid, DoRA or reshape here)."""
-
-    name = "lora"
-
-    def __init__(self, loaded_keys, weights):
-        self.loaded_keys, self.weights = loaded_keys, weights
-
-    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
-                         intermediate_dtype=torch.float32, original_weight=None):
-        up, down, alpha, mid, dora_scale, reshape = self.weights
-        assert mid is None and dora_scale is None and reshape is None
-        scale = alpha / down.shape[0] if alpha is not None else 1.0
-        diff = torch.mm(up.flatten(1).to(intermediate_dtype), down.flatten(1).to(intermediate_dtype)).reshape(weight.shape)
-        weight += function(((strength * scale) * diff).type(weight.dtype))
-        return weight
-
-
-def standin_merge_lora_to_weight_with_adapters(patches, weight, key="online_lora", computation_dtype=torch.float32):
-    """backend/patcher/lora.py merge_lora_to_weight after Neo's PR #466: entries are tuples
-    (strength_patch, adapter, strength_model, offset, function[, online]); an adapter computes its own
-    delta on the (narrowed, strength_model-scaled) weight."""
-    weight = weight.clone() if weight.dtype == computation_dtype else weight.to(dtype=computation_dtype)
-    for entry in patches:
-        strength, v, strength_model, offset, function = entry[:5]
-        function = function or (lambda a: a)
-        old = None
-        if offset is not None:
-            old, weight = weight, weight.narrow(offset[0], offset[1], offset[2])
-        if strength_model != 1.0:
-            weight *= strength_model
-        weight = v.calculate_weight(weight, key, strength, strength_model, offset, function, computation_dtype)
-        if old is not None:
-            weight = old
-    return weight
-
-
-def as_adapter_patches(lora_patches, *, unnamed=False):
-    """Forge main's lora_patches as Neo keeps them later: entries as tuples holding LoRAAdapters
-    (`lora_patches` keyed by file, early 2026), or (`unnamed`) one `patches` dict {key: [6-tuples
-    ending in the online flag]} with no file recorded (its ComfyUI v0.27 ModelPatcher port)."""
-    def convert(entry):
-        strength, v, strength_model, offset, function = entry
-        up, down, alpha, mid, dora = v[1]
-        adapter = StandInLoRAAdapter(set(), (up, down, float(alpha), mid, dora, None))
-        return (strength, adapter, strength_model, offset, function) + ((False,) if unnamed else ())
-
-    if not unnamed:
-        return {identity: {k: [convert(e) for e in entries] for k, entries in patches.items()}
-                for identity, patches in lora_patches.items()}
-    merged = {}
-    for patches in lora_patches.values():
-        for key, entries in patches.items():
-            merged.setdefault(key, []).extend(convert(e) for e in entries)
-    return merged
-
-
 class StandInForgeModelPatcher:
     """backend/patcher/base.py ModelPatcher of Forge main: `lora_patches` keyed by file, the model's
     `lora_loader` (created on first use) keeping the originals in `backup`; clones copy the dict."""
