@@ -126,8 +126,10 @@ done
 [ -z "${CKPT_CPUS:-}" ] || wait_checkpoints
 
 # 4. Forge, API only. --disable-nan-check: random weights in fp16 may give NaN latents; time is measured.
+# AUTOLORA_DIAGNOSTICS=1: the bench resets torch's peak memory before each call (/autolora/v1/reset-peak),
+# which exists only with diagnostics on; without it every peak is the process's cumulative one.
 # shellcheck disable=SC2086
-nohup $PY launch.py --skip-prepare-environment --skip-python-version-check --skip-version-check \
+AUTOLORA_DIAGNOSTICS=1 nohup $PY launch.py --skip-prepare-environment --skip-python-version-check --skip-version-check \
   --api --nowebui --server-name 127.0.0.1 --port "$PORT" --disable-nan-check ${FORGE_DEVICE_ARGS:-} \
   > "$OUTDIR/forge.log" 2>&1 &
 FPID=$!

@@ -109,15 +109,17 @@ def check_model(req: dict, info) -> None:
 
 
 def run_one(url: str, req: dict):
-    """(seconds, sha256 of the first image, diagnostics of the extension or None, peak bytes or None)."""
-    _optional(f"{url}/autolora/v1/reset-peak", {})
+    """(seconds, sha256 of the first image, diagnostics of the extension or None, peak bytes or None).
+    The peak is this call's only when the extension could reset torch's counter first (its
+    diagnostic route, with AUTOLORA_DIAGNOSTICS=1): otherwise it is None, not the process's peak."""
+    reset = _optional(f"{url}/autolora/v1/reset-peak", {})
     t0 = time.perf_counter()
     out = _http(f"{url}/sdapi/v1/txt2img", req)
     seconds = time.perf_counter() - t0
     digest = hashlib.sha256(base64.b64decode(out["images"][0])).hexdigest()
     check_model(req, out.get("info"))
     stats = _optional(f"{url}/autolora/v1/stats") if "alwayson_scripts" in req else None
-    return seconds, digest, stats, peak_allocated(_optional(f"{url}/sdapi/v1/memory"))
+    return seconds, digest, stats, peak_allocated(_optional(f"{url}/sdapi/v1/memory")) if reset else None
 
 
 def paired_ratios(plain: list, other: list) -> list:

@@ -199,3 +199,16 @@ def test_py_profile_says_so_when_no_sample_was_in_the_sampler():
     summary = py_profile.summarize(py_profile.parse_raw(_RAW), within=r"^sample_heun ")
     assert summary["samples"] == 0
     assert "no samples inside the sampler" in py_profile.format_summary(summary, rate=100, steps=2)
+
+
+def test_a_peak_without_a_reset_before_the_call_is_not_reported(monkeypatch):
+    """Without the diagnostic reset route (a WebUI started without AUTOLORA_DIAGNOSTICS=1) the
+    WebUI's peak is the process's since it started: the bench reports none rather than that one."""
+    import base64
+    answers = {"/sdapi/v1/txt2img": {"images": [base64.b64encode(b"png").decode()], "info": "{}"},
+               "/sdapi/v1/memory": {"cuda": {"allocated": {"peak": 5 * 2 ** 30}}}}
+    for reset, want in ((None, None), ({"ok": True}, 5 * 2 ** 30)):
+        answers["/autolora/v1/reset-peak"] = reset
+        monkeypatch.setattr(wb, "_http", lambda url, payload=None, timeout=0: answers[url.split("127.0.0.1:1")[1]])
+        monkeypatch.setattr(wb, "_optional", lambda url, payload=None: answers[url.split("127.0.0.1:1")[1]])
+        assert wb.run_one("http://127.0.0.1:1", {"prompt": "p"})[3] == want
