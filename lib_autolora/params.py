@@ -115,6 +115,15 @@ PARAMS = (
           "AutoLoRA hires gamma", bounds=(-10.0, 10.0), slider=(-2.0, 5.0, 0.05), xyz=True, advanced=True,
           unset="same", unset_means="the first pass's γ", unset_label="Hires γ = first pass's γ", slider_default=1.5),
 )
+# Named starting points in the UI (a preset sets these controls and nothing else), each from a finding.
+PRESETS = {
+    "Paper: γ 1.5": ({"gamma": 1.5, "schedule": "constant"},
+                     "the paper's setting: γ 1.5 on every step, w1 = w2 = the CFG scale"),
+    "Middle ramp: γ 2": ({"gamma": 2.0, "schedule": "middle"},
+                         "γ 2 strongest halfway through the steps: in the demo, on a LoRA near the checkpoint, most of "
+                         "γ's extra variety with half the wrong subjects of a constant γ 2"),
+}
+
 BY_NAME = {p.name: p for p in PARAMS}
 ARG_ORDER = tuple(p.name for p in PARAMS)
 XYZ_PARAMS = tuple(p for p in PARAMS if p.xyz)

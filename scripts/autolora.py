@@ -25,6 +25,7 @@ if _EXTENSION_DIR not in sys.path:  # for `lib_autolora`; appended, so the folde
     sys.path.append(_EXTENSION_DIR)  # never shadow a module of the WebUI
 from lib_autolora import params, stats  # noqa: E402
 from lib_autolora.hosts import http, select_adapter, xyz  # noqa: E402
+from lib_autolora.hosts.prompts import lora_names_in_prompt  # noqa: E402
 from lib_autolora.params import AutoLoraArgumentError  # noqa: E402
 
 log = logging.getLogger("autolora")
@@ -87,7 +88,38 @@ def _strip_infotext(p) -> None:
         p.extra_generation_params.pop(key, None)
 
 
+def _lora_picker(tab, textbox, prompt) -> None:
+    """Beside the guided-LoRA names (the textbox the API and X/Y/Z use): pick from the LoRAs the
+    prompt names, read when ↻ is clicked."""
+    with gr.Row():
+        pick = gr.Dropdown(choices=[], value=[], multiselect=True, label="Pick from the prompt's LoRAs",
+                           elem_id=elem_id(tab, "guided_pick"))
+        refresh = gr.Button("↻", elem_id=elem_id(tab, "guided_refresh"))
+    refresh.click(fn=lambda text: gr.update(choices=lora_names_in_prompt(text)), inputs=[prompt], outputs=[pick])
+    pick.change(fn=lambda names: ", ".join(names or []), inputs=[pick], outputs=[textbox])
+
+
+def _presets(tab, controls: dict) -> None:
+    """A preset sets its controls (and leaves the others as they are)."""
+    names = sorted({name for values, _ in params.PRESETS.values() for name in values})
+    info = "; ".join(f"{label}: {why}" for label, (_values, why) in params.PRESETS.items())
+    preset = gr.Dropdown(choices=list(params.PRESETS), value=None, label="Preset", info=info,
+                         elem_id=elem_id(tab, "preset"))
+
+    def apply(label):
+        values = params.PRESETS[label][0] if label in params.PRESETS else {}
+        return [gr.update(value=values[name]) if name in values else gr.update() for name in names]
+
+    preset.change(fn=apply, inputs=[preset], outputs=[controls[name] for name in names])
+
+
 class AutoLoraScript(scripts.Script):
+    def __init__(self):
+        self.prompts = {}  # tab -> the WebUI's prompt box, for the guided-LoRA picker
+        for tab in ("txt2img", "img2img"):
+            self.on_after_component(lambda c, tab=tab: self.prompts.__setitem__(tab, c.component),
+                                    elem_id=f"{tab}_prompt")
+
     def title(self):
         return TITLE
 
@@ -115,6 +147,9 @@ class AutoLoraScript(scripts.Script):
             _controls([p for p in params.PARAMS if p.name != "enabled" and not p.advanced], tab, controls, unset_boxes)
             with gr.Accordion("Advanced", open=False, elem_id=elem_id(tab, "advanced")):
                 _controls([p for p in params.PARAMS if p.advanced], tab, controls, unset_boxes)
+                if self.prompts.get(tab) is not None:
+                    _lora_picker(tab, controls["guided_loras"], self.prompts[tab])
+            _presets(tab, controls)
             _tooltips(tab)
         self.infotext_fields = [(controls[p.name], _paste(p)) for p in params.PARAMS] + [
             (unset_boxes[p.name], _paste_unset(p)) for p in params.UNSET_BOXES]

@@ -327,3 +327,48 @@ def test_the_users_defaults_from_the_settings_page_open_the_ui():
         module.on_ui_settings()
         opts = sys.modules["modules.shared"].opts
         assert opts.autolora_enabled_by_default is False and opts.autolora_default_gamma == 1.5
+
+
+def _built(_kind, elem):
+    return next(c for c in reversed(sti.StandInComponent.created) if getattr(c, "elem_id", None) == elem)
+
+
+def test_the_guided_loras_can_be_picked_from_the_prompt():
+    with sti.installed():
+        module = _load_script()
+        script = module.AutoLoraScript()
+        prompt = sti.StandInComponent("", elem_id="txt2img_prompt")
+        for elem, callback in script.on_after_component_elem_id:  # what the runner does as it builds the page
+            if elem == "txt2img_prompt":
+                callback(SimpleNamespace(component=prompt))
+        controls = script.ui(False)
+        refresh = _built("Button", "autolora_txt2img_guided_refresh")
+        pick = _built("Dropdown", "autolora_txt2img_guided_pick")
+        fn, inputs, outputs = refresh.listeners["click"]
+        assert inputs == [prompt] and outputs == [pick]
+        assert fn("a cat <lora:style_a:0.8> AND a dog <lora:style b:1>")["choices"] == ["style_a", "style b"]
+        fn, inputs, outputs = pick.listeners["change"]
+        textbox = controls[params.ARG_ORDER.index("guided_loras")]
+        assert outputs == [textbox] and fn(["style b", "style_a"]) == "style b, style_a"
+        assert params.coerce(params.BY_NAME["guided_loras"], fn(["style b", "style_a"])) == ("style b", "style_a")
+        # a WebUI whose prompt box the runner did not hand over: no picker, the textbox alone
+        other = module.AutoLoraScript()
+        sti.StandInComponent.created.clear()
+        other.ui(True)
+        assert not any(getattr(c, "elem_id", "") == "autolora_img2img_guided_pick" for c in sti.StandInComponent.created)
+
+
+def test_a_preset_sets_its_controls_and_nothing_else():
+    with sti.installed():
+        module = _load_script()
+        controls = dict(zip(params.ARG_ORDER, module.AutoLoraScript().ui(False)))
+        preset = _built("Dropdown", "autolora_txt2img_preset")
+        fn, inputs, outputs = preset.listeners["change"]
+        assert inputs == [preset] and outputs == [controls["gamma"], controls["schedule"]]
+        assert set(preset.choices) == set(params.PRESETS) and all(why in preset.info for _, why in params.PRESETS.values())
+        for label, (values, _why) in params.PRESETS.items():
+            updates = fn(label)
+            assert [u["value"] for u in updates] == [values["gamma"], values["schedule"]]
+            for name, value in values.items():  # each preset's values are valid settings
+                params.coerce(params.BY_NAME[name], value)
+        assert fn(None) == [{"__type__": "update"}] * 2, "clearing the preset changes nothing"

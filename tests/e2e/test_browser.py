@@ -450,6 +450,33 @@ def test_paste_restores_every_control(page):
     assert _same_number(page.css("#txt2img_steps input[type=number]").get_attribute("value"), STEPS)
 
 
+def test_a_preset_and_the_guided_lora_picker(page):
+    """A preset sets γ and the schedule; ↻ offers the prompt's LoRAs and picking one writes its name
+    into the guided-LoRA box (the argument the API and X/Y/Z use)."""
+    page.open_autolora()
+    label = "Middle ramp: γ 2"
+    page.choose("#autolora_txt2img_preset", label)
+    page.wait(lambda d: _same_number(page.number_input("gamma").get_attribute("value"), 2),
+              "the preset did not set γ")
+    assert page.css(page.host.dropdown_input, page.control("schedule")).get_attribute("value") == "middle"
+    page.set_text("#txt2img_prompt textarea", f"a photo of a cat <lora:{page.lora}:1>")
+    advanced = page.css(".label-wrap", page.by_id("autolora_txt2img_advanced"))
+    if not page.accordion_open("autolora_txt2img_advanced"):
+        page.scroll_to(advanced).click()
+    page.scroll_to(page.control("guided_refresh")).click()  # gr.Button's elem_id is the <button>
+    root = page.control("guided_pick")
+    box = page.css(page.host.dropdown_input, root)
+
+    def option(d):
+        box.click()
+        return next((li for li in root.find_elements(By.CSS_SELECTOR, page.host.dropdown_option)
+                     if li.text.replace("✓", "").strip() == page.lora), False)
+    page.scroll_to(page.wait(option, f"the picker does not offer {page.lora!r}")).click()
+    guided = page.css("textarea, input", page.control("guided_loras"))
+    page.wait(lambda d: guided.get_attribute("value") == page.lora, "picking did not fill the guided-LoRA box")
+    page.screenshot(page.by_id("autolora_txt2img_enabled"), "accordion-advanced")
+
+
 def test_xyz_plot_with_an_autolora_axis_renders_a_grid(page):
     page.open_autolora()
     page.set_basics(f"a photo of a cat <lora:{page.lora}:1>")

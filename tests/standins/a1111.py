@@ -305,11 +305,20 @@ class StandInComponent:
     def __exit__(self, *exc):
         return False
 
+    # events: what a block's listener gets wired to (fn, inputs, outputs), per event
+    def click(self, fn, inputs=None, outputs=None, **kw):
+        self.listeners = getattr(self, "listeners", {}) | {"click": (fn, inputs, outputs)}
+
+    def change(self, fn, inputs=None, outputs=None, **kw):
+        self.listeners = getattr(self, "listeners", {}) | {"change": (fn, inputs, outputs)}
+
 
 def standin_gradio():
     gr = types.ModuleType("gradio")
-    for name in ("Slider", "Checkbox", "Dropdown", "Textbox", "Number", "Row", "Column", "Accordion", "Group", "HTML"):
+    for name in ("Slider", "Checkbox", "Dropdown", "Textbox", "Number", "Row", "Column", "Accordion", "Group", "HTML",
+                 "Button"):
         setattr(gr, name, type(name, (StandInComponent,), {}))
+    gr.update = lambda **kw: dict(kw, __type__="update")
     return gr
 
 
@@ -321,7 +330,9 @@ class StandInInputAccordion(StandInComponent):
 
 
 class StandInScript:
-    """modules.scripts.Script: the attributes the script runner sets and reads."""
+    """modules.scripts.Script: the attributes the script runner sets and reads, and
+    `on_after_component(callback, *, elem_id)`: the runner calls `callback(OnComponent(component))`
+    when the component with that elem_id has been built (the prompt box: before the scripts' UI)."""
 
     filename = None
     args_from = args_to = None
@@ -329,6 +340,12 @@ class StandInScript:
     is_txt2img = is_img2img = False
     infotext_fields = None
     paste_field_names = None
+    on_after_component_elem_id = None
+
+    def on_after_component(self, callback, *, elem_id):
+        if self.on_after_component_elem_id is None:
+            self.on_after_component_elem_id = []
+        self.on_after_component_elem_id.append((elem_id, callback))
 
 
 @contextmanager
