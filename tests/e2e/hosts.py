@@ -69,6 +69,7 @@ class HostSpec:
     archs: dict  # arch -> ArchSpec
     make_checkpoint: Callable  # (host, arch, out path) -> argv, run with the host's Python
     hires_fields: dict = field(default_factory=dict)  # fields a txt2img request with hires fix or infotext needs
+    hr_upscaler: str = "Latent"  # the hires upscaler the suite asks for (Forge Neo 2.x has no latent modes)
     family: str = ""  # "forge": Forge's built-in guidance extensions and conditioning cache are there
     gradio: str = "4.40"  # the UI's gradio version (tests/e2e/test_browser.py)
     supported: bool = True  # False: the suite proves AutoLoRA refuses honestly (test_unsupported_host.py)
@@ -231,7 +232,8 @@ HOSTS = {
                                 args=("--bf16-unet", "--fp16-text-enc"), ui_defaults=_ui("Euler a", "Automatic", 4.5))},
         make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge",
         reselect_after=("forge_unet_storage_dtype",), config_keys=_neo_config_keys,
-        network_types=("locon", "loha", "lokr", "dora", "oft"), for_tree=_forge_neo_for_tree, label="Forge Neo 2.x"),
+        network_types=("locon", "loha", "lokr", "dora", "oft"), for_tree=_forge_neo_for_tree, label="Forge Neo 2.x",
+        hr_upscaler="Lanczos"),
     # Hosts AutoLoRA does not support (yet): the suite proves the refusal is honest there
     # (test_unsupported_host.py). reForge main (ldm_patched backend) and Forge Classic (branch `classic`)
     # sample through their own backends from A1111's CFG denoiser.

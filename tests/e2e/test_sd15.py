@@ -184,7 +184,7 @@ def test_cfg_pp_samplers_renoise_with_the_sampled_model(webui):
 
 
 def test_hires_fix_guides_both_passes(webui):
-    kw = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6)
+    kw = dict(enable_hr=True, hr_scale=2, hr_upscaler=webui.hr_upscaler, hr_second_pass_steps=2, denoising_strength=0.6)
     plain = webui.txt2img(lora_req(webui, **kw))
     out = webui.txt2img(with_autolora(lora_req(webui, **kw), {"enabled": True, "gamma": 1.0}))
     assert out.image.shape[:2] == (128, 128)
@@ -336,7 +336,8 @@ def test_guidance_controls_through_the_api_and_xyz(webui, refs):
     assert diff(cap.image, g2.image)[0] > 0, "a tight cap changes the γ 2 image"
     weak = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True, "gamma": 2.0, "base_strength": 0.5}))
     assert diff(weak.image, g2.image)[0] > 0, "a weaker copy of the LoRA as the base guides otherwise"
-    hires = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6)
+    hires = dict(enable_hr=True, hr_scale=2, hr_upscaler=webui.hr_upscaler, hr_second_pass_steps=2,
+                 denoising_strength=0.6)
     same_gamma = webui.txt2img(with_autolora(lora_req(webui, **hires), {"enabled": True, "gamma": 1.5}))
     own_gamma = webui.txt2img(with_autolora(lora_req(webui, **hires), {"enabled": True, "gamma": 1.5, "hr_gamma": 1.0}))
     assert diff(own_gamma.image, same_gamma.image)[0] > 0, "the hires pass's own γ"
