@@ -291,16 +291,20 @@ def test_guidance_interval(webui, refs):
 
 def _xyz_args(webui, axis_label, values):
     """`values`: the text of a number axis, or the list of choices of a choice-valued axis (the
-    X/Y/Z script reads those from its dropdown, x_values_dropdown)."""
+    X/Y/Z script reads those from its dropdown, x_values_dropdown). Every other arg is the script's
+    UI default as `script-info` lists it (hosts add args: Forge Neo 2.x's row count), but the sub
+    images, which the cells are compared by."""
     info = webui.get("/sdapi/v1/script-info")
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     labels = xyz["args"][0]["choices"]
     assert axis_label in labels, f"{axis_label} not among the X/Y/Z axes"
     text, dropdown = (", ".join(values), list(values)) if isinstance(values, list) else (values, [])
-    # x_type, x_values, x_values_dropdown, y..., z..., draw_legend, include_lone_images,
-    # include_sub_grids, no_fixed_seeds, vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode
-    return [labels.index(axis_label), text, dropdown, 0, "", [], 0, "", [], True, True, False, False,
-            False, False, False, 0, False]
+    args = [a.get("value") for a in xyz["args"]]
+    args[0], args[1], args[2] = labels.index(axis_label), text, dropdown  # x_type, x_values, x_values_dropdown
+    for i, arg in enumerate(xyz["args"]):
+        if arg.get("label") == "Include Sub Images":
+            args[i] = True
+    return args
 
 
 def test_xyz_axis_cells_equal_single_calls(webui):
