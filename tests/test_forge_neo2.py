@@ -94,6 +94,7 @@ class NeoBench:
     def autolora(self, settings, cond_scale, sampler_options=None, context_handler=None):
         api = standin_api()
         api.merge_lora_to_weight = standin_merge_lora_to_weight
+        api.merge_for = lambda patcher: standin_merge_lora_to_weight
         api.context_handler = lambda: context_handler
         p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(step=0, total_steps=4)),
                             comment=lambda text: None)
@@ -238,18 +239,11 @@ def test_the_capability_check_reads_the_patcher_conventions():
     assert missing_convention(StandInComfyModelPatcher) is None
     assert missing_convention(StandInForgeModelPatcher) is None
 
-    class NoParent(StandInComfyModelPatcher):
-        def clone(self):
-            n = super().clone()
-            n.parent = None
-            return n
-
     class Moved(StandInComfyModelPatcher):  # a release that renames the backup
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.weight_backup = self.__dict__.pop("backup")
 
-    assert "parent" in missing_convention(NoParent)
     assert "ModelPatcher" in missing_convention(Moved)
 
     def sampling_step(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None):

@@ -84,7 +84,8 @@ class DualStrategy(BatchedStrategy):
     def __exit__(self, *exc):
         self._stacks = {}
         self._forwards = {}
-        self.rest_hooks.remove()
+        if getattr(self, "rest_hooks", None) is not None:  # absent when __enter__ failed before it
+            self.rest_hooks.remove()
         return super().__exit__(*exc)
 
     @property

@@ -10,7 +10,6 @@ built-in LoRA extension), memory.py (device memory readings).
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 from .adapter import Adapter, UnavailableAdapter
@@ -18,21 +17,19 @@ from .adapter import Adapter, UnavailableAdapter
 log = logging.getLogger("autolora")
 
 
-def _has(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
-
-
 def select_adapter() -> Adapter:
-    """The adapter whose capabilities this WebUI has, by what its code does, not by its name:
-    Forge's backend when it has one (Forge main and the trees that kept its sampling step), else
-    A1111's CFG denoiser. Anything else gets the UnavailableAdapter with the reason."""
+    """The adapter whose capabilities this WebUI has, by what its code does, not by its name: the
+    Forge family's binding when its backend has what it needs (api.py describes Forge main's and
+    Forge Neo's `backend`, and reForge's and Forge Classic's `ldm_patched`), else A1111's CFG
+    denoiser. Anything else gets the UnavailableAdapter with the reason."""
     reasons = []
     try:
-        if _has("modules_forge") and _has("backend"):
+        from .forge.api import host_api
+        api_cls, reason = host_api()
+        if api_cls is not None and reason is None:
             from . import forge
-            reason = forge.missing_capability()
-            if reason is None:
-                return forge.ForgeAdapter()
+            return forge.ForgeAdapter(api_cls())
+        if api_cls is not None:
             reasons.append(reason)
         else:
             from . import a1111

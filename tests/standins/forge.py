@@ -62,6 +62,9 @@ class StandInCondition:
     def can_concat(self, other):
         return self.cond.shape == other.cond.shape
 
+    def size(self):  # ldm_patched's CONDRegular.size(), which reForge's memory estimate reads
+        return list(self.cond.size())
+
     def concat(self, others):
         return torch.cat([self.cond] + [o.cond for o in others])
 
@@ -126,9 +129,10 @@ def standin_calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_op
         c = {k: picked[0][2][k].concat([r[2][k] for r in picked[1:]]) for k in first[2]}
         cou = [r[3] for r in picked]
         to = dict(model_options.get("transformer_options", {}))
-        to.update(cond_or_uncond=cou[:], sigmas=timestep,
-                  cond_mark=(compute_cond_mark or standin_compute_cond_mark)(cou, timestep))
-        to["cond_indices"], to["uncond_indices"] = standin_compute_cond_indices(cou, timestep)
+        to.update(cond_or_uncond=cou[:], sigmas=timestep)
+        if compute_cond_mark is not False:  # reForge marks no rows
+            to["cond_mark"] = (compute_cond_mark or standin_compute_cond_mark)(cou, timestep)
+            to["cond_indices"], to["uncond_indices"] = standin_compute_cond_indices(cou, timestep)
         c["transformer_options"] = to
         t = torch.cat([timestep] * len(cou))
         if "model_function_wrapper" in model_options:
@@ -274,7 +278,9 @@ def standin_api(max_entries=99):
         reconstruct_cond_batch=standin_reconstruct_cond_batch,
         merge_lora_to_weight=standin_merge_lora_to_weight,
         options=lambda: SimpleNamespace(autolora_default_strategy="auto", autolora_swap_budget_mb=0),
-        lean_memory=lambda: False, free_memory=lambda device: 2 ** 40)
+        lean_memory=lambda: False, free_memory=lambda device: 2 ** 40,
+        merge_for=lambda patcher: standin_merge_lora_to_weight, step_hook="sampler_pre_cfg_function",
+        corrects_last_noise_uncond=True, unsupported=lambda p: None)
 
 
 class StandInForgeModelPatcher:

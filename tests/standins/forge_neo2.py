@@ -111,10 +111,17 @@ class StandInComfyModelPatcher:
         self.model_options = {"transformer_options": {}}
         self.parent = None
         self.weight_inplace_update = weight_inplace_update
+        self.patches_uuid = object()
+        self.extra_preserved_memory_during_sampling = 0  # the UNet's patcher (UnetPatcher) adds this
+
+    def add_extra_preserved_memory_during_sampling(self, memory_in_bytes):
+        self.extra_preserved_memory_during_sampling += memory_in_bytes
 
     def clone(self):
         n = self.__class__(self.model, self.load_device, self.offload_device, self.size,
                            weight_inplace_update=self.weight_inplace_update)
+        n.patches_uuid = self.patches_uuid
+        n.extra_preserved_memory_during_sampling = self.extra_preserved_memory_during_sampling
         n.patches = {k: v[:] for k, v in self.patches.items()}
         n.model_options = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
                            for k, v in self.model_options.items()}
@@ -124,6 +131,7 @@ class StandInComfyModelPatcher:
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0, *, filename=None, online_mode=None):
         model_sd = self.model.state_dict()
+        self.patches_uuid = object()
         added = []
         for k, v in patches.items():
             key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)

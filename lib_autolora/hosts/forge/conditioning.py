@@ -122,7 +122,7 @@ class BaseConditioning:
         sources = guided_sources(sets, gen.guided, set(gen.loaded))
         if sources is None:
             return (None, None), 0, (UNTOLD_TEXT_NOTICE,)
-        guided = read_factors(patcher.model, sets, sources, merge=api.merge_lora_to_weight, original=originals(patcher))
+        guided = read_factors(patcher.model, sets, sources, merge=api.merge_for(patcher), original=originals(patcher))
         te_modules, message = len(guided.factors.nonzero()), guided.message("text-encoder")
         notices = [f"AutoLoRA: {message}"] if message else []
         if guided.empty:

@@ -96,14 +96,17 @@ def _patch_type(v) -> str:
 
 
 def _weights(v) -> tuple:
-    """A patch's factors: up, down, alpha, mid, dora_scale (and, for adapters, a reshape)."""
-    return tuple(v.weights) if _is_adapter(v) else tuple(v[1])
+    """A patch's factors: up, down, alpha, mid, dora_scale (and, for adapters, a reshape); older
+    ComfyUI ports (Forge Classic) keep a LoRA's first four only, the rest is None."""
+    weights = tuple(v.weights) if _is_adapter(v) else tuple(v[1])
+    return weights + (None,) * (6 - len(weights))
 
 
 def _fields(entry) -> tuple:
     """(strength_patch, v, strength_model, offset, function) of a patch entry: Forge main's 5-lists,
-    Neo's 5-tuples, or its later 6-tuples ending in the online flag."""
-    return tuple(entry[:5])
+    ComfyUI's 5-tuples or Forge Neo 2.x's 6-tuples ending in the online flag, or Forge Classic's
+    3-tuples (no offset, no function)."""
+    return (tuple(entry) + (None, None))[:5]
 
 
 def _is_additive(entry) -> bool:

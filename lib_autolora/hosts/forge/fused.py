@@ -42,6 +42,9 @@ class EntryTag:
     def concat(self, others):
         return sum((o.tags for o in others), self.tags)
 
+    def size(self):  # reForge sizes every condition for its memory estimate
+        return [len(self.tags)]
+
 
 def strip(c: dict) -> tuple[dict, dict]:
     """The model's conds without ours, and ours: nothing of AutoLoRA may reach the model."""
@@ -81,8 +84,11 @@ class Fusion:
         if TWIN_Y in ours:
             base_c["y"] = ours[TWIN_Y]
         both = list(cou) * 2
-        to2 = dict(to, cond_or_uncond=both)
-        to2["cond_mark"], to2["cond_indices"], to2["uncond_indices"] = self._marks(both, to.get("sigmas", t))
+        # What the host keeps per batch chunk (cond_or_uncond; reForge's uuids) covers twice the chunks.
+        to2 = {k: (list(v) * 2 if isinstance(v, list) and len(v) == len(cou) else v) for k, v in to.items()}
+        to2["cond_or_uncond"] = both
+        if self.api.compute_cond_mark is not None:  # hosts that mark rows (Forge, Neo, Classic; not reForge)
+            to2["cond_mark"], to2["cond_indices"], to2["uncond_indices"] = self._marks(both, to.get("sigmas", t))
 
         def forward2(x_, t_, c_):
             return call(apply_model, x_, t_, dict(c_, transformer_options=to2), both)

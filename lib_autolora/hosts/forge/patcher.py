@@ -5,12 +5,13 @@ Two layouts exist, told apart by what a patcher holds, never by the WebUI's name
 - **keyed by file** (Forge main, Forge Neo until early 2026): `patcher.lora_patches =
   {(filename, strength_patch, strength_model, online): {key: [entries]}}`, the originals of merged
   weights in `patcher.model.lora_loader.backup[key]`;
-- **ComfyUI's** (Forge Neo 2.x, a port of ComfyUI's ModelPatcher; reForge and Forge Classic
-  follow the same conventions): `patcher.patches = {key: [entries]}` without the file a patch came
-  from, the originals in `patcher.backup[key].weight` (shared by every clone, filled when a weight
-  is merged, emptied when the model is unpatched). Each LoRA is added on a fresh clone
-  (`load_lora_for_models`: `clone()` + `add_patches`), whose `parent` is the patcher before it, so
-  the links of the parent chain that added entries are the LoRAs, in the order they were loaded.
+- **ComfyUI's** (Forge Neo 2.x and reForge, ports of ComfyUI's ModelPatcher; Forge Classic an
+  older one): `patcher.patches = {key: [entries]}` without the file a patch came from, the
+  originals in `patcher.backup[key]` (a (weight, inplace_update) tuple, or the tensor; filled when
+  a weight is merged, emptied when the model is unpatched). Each LoRA is added on a fresh clone
+  (`load_lora_for_models`: `clone()` + `add_patches`); where a clone records its `parent` (not
+  Forge Classic), the links of the parent chain that added entries are the LoRAs, in the order
+  they were loaded, and the clones share one backup.
 
 An entry is (strength_patch, v, strength_model, offset, function[, online]) where `v` is a
 ("lora", (...)) tuple or a ComfyUI weight adapter. Nothing here merges: factors.py does, always on
@@ -108,6 +109,16 @@ def applied_per_call(module) -> bool:
     return bool(getattr(module, "forge_online_loras", None)) or bool(getattr(module, "weight_function", None))
 
 
+def clones_share_weights(patcher) -> bool:
+    """Whether a clone of `patcher` samples with the weights the host merged for it: Forge main's
+    clones share its lora_loader, ComfyUI's a backup and a patch version (`patches_uuid`). Forge
+    Classic's clones are new models to its memory manager, which unpatches and merges every LoRA
+    again for one: there the binding hooks the host's own patcher and takes its function off after."""
+    if isinstance(getattr(patcher, "lora_patches", None), dict):
+        return True
+    return hasattr(patcher, "patches_uuid") or getattr(patcher, "parent", None) is not None
+
+
 def missing_convention(patcher_cls) -> Optional[str]:
     """Why patchers of `patcher_cls` do not keep LoRAs in a layout read here, or None. Built on a
     one-layer model, as the host builds its own (model, load device, offload device)."""
@@ -123,6 +134,6 @@ def missing_convention(patcher_cls) -> Optional[str]:
         return None
     if not isinstance(getattr(patcher, "patches", None), dict) or not isinstance(getattr(patcher, "backup", None), dict):
         return "its ModelPatcher keeps neither lora_patches nor ComfyUI's patches and backup"
-    if getattr(clone, "parent", None) is not patcher or clone.backup is not patcher.backup:
-        return "its ModelPatcher clones do not record their parent or do not share the backup of original weights"
+    if not isinstance(getattr(clone, "patches", None), dict):
+        return "its ModelPatcher clones carry no patches"
     return None

@@ -35,6 +35,11 @@ from .patcher import applied_per_call, originals
 HOOK_MARK = "_autolora"  # on the functions AutoLoRA puts into model_options
 
 
+def _uncond_dropped(args: dict) -> bool:
+    """The host's CFG-1 rule (its sampling function): at scale 1 it evaluates no uncond."""
+    return math.isclose(args["cond_scale"], 1.0) and not args["model_options"].get("disable_cfg1_optimization", False)
+
+
 def schedule_position(conds, step: int) -> tuple:
     """Which prompt of each prompt schedule the host's reconstruct_(multi)cond_batch takes at
     `step` (modules/prompt_parser.py: the first whose end_at_step is at or after it), for a
@@ -104,26 +109,51 @@ class Sampling:
         self.compiled = {}
         self.last_guided = None
 
-    # -- the pre-CFG function: which steps are guided, and with what ------------------------------
+    # -- the step function: which steps are guided, and with what -----------------------------------
+    def step_function(self, hook: str):
+        """Our function for the host's model-options list `hook`: the pre-CFG list (Forge main, Forge
+        Neo), or the conditioning modifiers (reForge, Forge Classic)."""
+        function = self.pre_cfg_function() if hook == "sampler_pre_cfg_function" else self.conditioning_modifier()
+        setattr(function, HOOK_MARK, True)
+        return function
+
     def pre_cfg_function(self):
         def pre_cfg(model, cond, uncond, x, timestep, model_options):
-            try:
-                step = self.begin_step(model, cond, uncond, x)
-            except Exception as exc:  # never the WebUI's error: the host's plain step instead
-                self.fail(exc)
-                step = None
+            step = self._begin(model, cond, uncond, x)
             if step is None:
                 return model, cond, uncond, x, timestep, model_options
-            options = dict(model_options)
-            options["sampler_cfg_function"] = self.cfg_function(step, model_options.get("sampler_cfg_function"))
-            options["model_function_wrapper"] = self.wrapper(step, model_options.get("model_function_wrapper"))
-            if model_options.get("sampler_post_cfg_function"):
-                options["sampler_post_cfg_function"] = self.post_cfg_functions(
-                    step, model_options["sampler_post_cfg_function"])
-            return (model, *step.lora, x, timestep, options)
+            return (model, *step.lora, x, timestep, self._step_options(step, model_options))
 
         setattr(pre_cfg, HOOK_MARK, True)
         return pre_cfg
+
+    def conditioning_modifier(self):
+        """As the pre-CFG function, one hook earlier: before the host drops the uncond (CFG 1, a
+        skipped step), which the CFG function then learns from the step's CFG scale."""
+        def modifier(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+            step = self._begin(model, cond, uncond, x)
+            if step is None:
+                return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+            return model, x, timestep, step.lora[1], step.lora[0], cond_scale, self._step_options(step, model_options), seed
+
+        return modifier
+
+    def _begin(self, model, cond, uncond, x) -> Optional[Step]:
+        try:
+            return self.begin_step(model, cond, uncond, x)
+        except Exception as exc:  # never the WebUI's error: the host's plain step instead
+            self.fail(exc)
+            return None
+
+    def _step_options(self, step: Step, model_options: dict) -> dict:
+        """A copy of the step's model options with our CFG function and model function wrapper, each
+        wrapping what was there, and the sampler's post-CFG functions seeing the sampled model."""
+        options = dict(model_options)
+        options["sampler_cfg_function"] = self.cfg_function(step, model_options.get("sampler_cfg_function"))
+        options["model_function_wrapper"] = self.wrapper(step, model_options.get("model_function_wrapper"))
+        if model_options.get("sampler_post_cfg_function"):
+            options["sampler_post_cfg_function"] = self.post_cfg_functions(step, model_options["sampler_post_cfg_function"])
+        return options
 
     def begin_step(self, model, cond, uncond, x) -> Optional[Step]:
         gen = self.gen
@@ -199,7 +229,7 @@ class Sampling:
             free_bytes=api.free_memory(x.device), swap_budget_bytes=int(budget_mb * 2 ** 20) if budget_mb else None,
             # Exact: the host's pre-LoRA original with the unguided LoRAs merged back.
             base_weights=lambda module, _delta: (
-                base_weight(guided.params[module], merge=api.merge_lora_to_weight, original=original), None),
+                base_weight(guided.params[module], merge=api.merge_for(self.unet), original=original), None),
             comment=getattr(self.p, "comment", None))
 
     # -- the model function wrapper: what each host forward of the step runs ------------------------
@@ -248,6 +278,8 @@ class Sampling:
 
         def cfg(args):
             x, lora_c, lora_u = args["input"], args["cond_denoised"], args["uncond_denoised"]
+            if _uncond_dropped(args):  # at CFG 1 the host evaluated no uncond after our hook ran
+                step.lora, step.base = (step.lora[0], None), (step.base[0], None)
             if not self.gen.stopped:
                 try:
                     return x - self._guided(step, args, lambda pred, scale: cfg_of(args, x, *pred, scale))
@@ -276,8 +308,8 @@ class Sampling:
             step.predictions, step.sigma = (base_c, lora_c, base_u, lora_u), args["sigma"]
             self.last_guided = step
         return step_protocol.guide(self.gen, step.at, (lora_c, lora_u), (base_c, base_u), combine,
-                                   args["cond_scale"], uncond_evaluated=step.base[1] is not None,
-                                   lora_uncond=lora_u if step.lora[1] is not None else None)
+                                   args["cond_scale"], uncond_evaluated=has_uncond,
+                                   lora_uncond=lora_u if has_uncond else None)
 
     def calc_base(self, model, cond, uncond, x, timestep, model_options):
         """The base branch through the host's `calc_cond_uncond_batch`, or through its context
