@@ -234,25 +234,26 @@ HOSTS = {
         reselect_after=("forge_unet_storage_dtype",), config_keys=_neo_config_keys,
         network_types=("locon", "loha", "lokr", "dora", "oft"), for_tree=_forge_neo_for_tree, label="Forge Neo 2.x",
         hr_upscaler="Lanczos"),
-    # Hosts AutoLoRA does not support (yet): the suite proves the refusal is honest there
-    # (test_unsupported_host.py). reForge main (ldm_patched backend) and Forge Classic (branch `classic`)
-    # sample through their own backends from A1111's CFG denoiser.
+    # The ldm_patched WebUIs (lib_autolora/hosts/forge/api.py: LdmPatchedAPI): reForge main and Forge Classic
+    # (branch `classic`), A1111's checkpoints and kohya LoRAs; merged LoRAs only (neither applies LoRAs per call).
     "reforge": HostSpec(
         name="reforge", env_var="AUTOLORA_REFORGE",
         base_args=FORGE_FAMILY_ARGS,
         cpu_args=("--skip-torch-cuda-test", "--always-cpu"),
         lora_modes={"merged": {}}, sdxl_mode="merged",
-        archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15",
+        archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
                                 ui_defaults=_ui("Euler a", "Automatic", 7))},
-        make_checkpoint=_a1111_checkpoint_cmd, supported=False),
+        make_checkpoint=_a1111_checkpoint_cmd, family="forge",
+        network_types=("locon", "loha", "lokr", "dora", "oft"), label="reForge"),
     "forge-classic": HostSpec(
         name="forge-classic", env_var="AUTOLORA_FORGE_CLASSIC",
         base_args=FORGE_FAMILY_ARGS,
         cpu_args=("--skip-torch-cuda-test", "--always-cpu"),
         lora_modes={"merged": {}}, sdxl_mode="merged",
-        archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15",
+        archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
                                 ui_defaults=_ui("Euler a", "Automatic", 7))},
-        make_checkpoint=_a1111_checkpoint_cmd, supported=False),
+        make_checkpoint=_a1111_checkpoint_cmd, family="forge",
+        network_types=("locon", "loha", "lokr"), label="Forge Classic"),
 }
 
 # Forge Neo, the October-2025 tree (the Linux copy papaioannou-themistoklis/WebUI-Neo-Forge @ 7862a96 of
