@@ -95,3 +95,16 @@ def test_the_hires_pass_selects_again_or_runs_plain():
     host.loaded = []
     host.before_sampling(p, c=object(), uc=None)
     assert "AutoLoRA: no LoRA in the hires prompt; the hires pass runs without AutoLoRA" in p.notes
+
+
+def test_a_webui_the_binding_cannot_carry_gets_the_honest_refusal(monkeypatch):
+    """A Forge-family WebUI whose backend moved what the binding reads (here: its sampler runs no
+    conditioning modifiers): the adapter is the UnavailableAdapter with the reason, whatever its name."""
+    from lib_autolora import hosts
+    from lib_autolora.hosts.forge import api
+    reason = "its sampler does not run conditioning modifiers before it samples"
+    monkeypatch.setattr(api, "host_api", lambda: (api.LdmPatchedAPI, reason))
+    adapter = hosts.select_adapter()
+    assert not adapter.available and adapter.reason == reason
+    assert adapter.start_batch(job(), AutoLoraSettings(enabled=True)) == f"AutoLoRA is unavailable on this WebUI: {reason}"
+    assert adapter.generation(job()) is None
