@@ -245,7 +245,8 @@ def settings_from_args(args):
     else:
         if len(args) > len(ARG_ORDER) + len(UNSET_BOXES):
             raise AutoLoraArgumentError(
-                f"AutoLoRA: got {len(args)} positional args, expected at most {len(ARG_ORDER)}: {', '.join(ARG_ORDER)}")
+                f"AutoLoRA: got {len(args)} positional args, expected at most {len(ARG_ORDER)}: {', '.join(ARG_ORDER)} "
+                f"(the UI sends its {len(UNSET_BOXES)} unset boxes after them)")
         named = {name: coerce(BY_NAME[name], value) for name, value in zip(ARG_ORDER, args)}
         for param, ticked in zip(UNSET_BOXES, args[len(ARG_ORDER):]):
             if param.name in named:  # the UI's box decides; its slider's -1 is a number there

@@ -256,3 +256,21 @@ def test_the_capability_check_reads_the_patcher_conventions():
     assert missing_capability(sampling, StandInComfyModelPatcher) is None
     assert "ModelPatcher" in missing_capability(sampling, Moved)
 
+
+
+def test_a_lora_named_twice_is_removed_twice():
+    """`<lora:A:1> <lora:A:1>`: the host loads A twice (two links of the chain, one file): the
+    base branch must take out both copies, not the last one alone."""
+    torch.manual_seed(0)
+    model = StandInKModel().eval()
+    a, _ = neo_patches(model)
+    root = StandInComfyModelPatcher(model, CPU, CPU)
+    once, _ = standin_load_lora_for_models(root, None, a, None, 1.0, FILES[0])
+    twice, _ = standin_load_lora_for_models(once, None, a, None, 1.0, FILES[0])
+    sets = patch_sets(twice, (FILES[0], FILES[0]))
+    assert list(sets) == [(FILES[0], 1.0, 1.0, False)]
+    single = read_factors(model, patch_sets(once, (FILES[0],)), {FILES[0]}, merge=standin_merge_lora_to_weight)
+    double = read_factors(model, sets, {FILES[0]}, merge=standin_merge_lora_to_weight)
+    module = model.diffusion_model.to_k
+    torch.testing.assert_close(double.factors.deltas[module].delta_weight(CPU),
+                               2 * single.factors.deltas[module].delta_weight(CPU), atol=1e-5, rtol=0)

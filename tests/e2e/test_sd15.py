@@ -403,7 +403,7 @@ BAD = [
     ({"enabled": True, "start": 0.9, "end": 0.1}, "must not exceed"),
     ({"enabled": True, "strategy": "fastest"}, "must be one of"),
     ({"enabled": True, "guided_loras": "no_such_lora"}, "not in the prompt"),
-    ([True] * 17, "positional args, expected at most"),
+    ([True] * 21, "positional args, expected at most"),  # 16 args and the UI's 4 unset boxes are the most
     ({"enabled": True, "lora_scale": [1]}, "must be a number"),
 ]
 
@@ -449,6 +449,16 @@ def test_interrupt_mid_run_leaves_nothing_behind(webui, refs):
 PAG = "PerturbedAttentionGuidance Integrated"
 DYNTHRES = "DynamicThresholding (CFG-Fix) Integrated"
 FREEU = "FreeU Integrated (SD 1.x, SD 2.x, SDXL)"
+def test_a_lora_named_twice_is_removed_twice(webui):
+    """`<lora:x:1> <lora:x:1>`: a WebUI that applies the LoRA twice gets a base branch without either
+    copy (γ 0 = the image without the tag), and γ 1 is its own image of the doubled prompt."""
+    twice = lora_req(webui, prompt=f"a photo of a cat {lora_tag(webui)}")
+    g0 = webui.txt2img(with_autolora(twice, {"enabled": True, "gamma": 0.0}))
+    assert_close(g0.image, webui.txt2img(base_req(webui)).image, "LoRA named twice: γ=0 vs no LoRA")
+    g1 = webui.txt2img(with_autolora(twice, {"enabled": True, "gamma": 1.0}))
+    assert_close(g1.image, webui.txt2img(twice).image, "LoRA named twice: γ=1 vs the plain image of that prompt")
+
+
 def test_forge_reuses_the_base_conditioning_while_forge_reuses_its_own(webui):
     """Forge hands back its cached conditioning while prompt, steps, LoRAs, size... are unchanged;
     AutoLoRA then reuses its base conditioning instead of encoding both prompts again, and the image
@@ -456,7 +466,7 @@ def test_forge_reuses_the_base_conditioning_while_forge_reuses_its_own(webui):
     conditioning depends on) or another prompt encodes again."""
     if webui.host.spec.family != "forge":
         pytest.skip("A1111 encodes the base conditioning per generation")
-    prompt = f"a cat on a sofa {lora_tag(webui)}"  # a prompt no other test uses: a fresh Forge cache
+    prompt = "a cat on a sofa"  # a prompt no other test uses: a fresh Forge cache (lora_req adds the tag)
     g0 = {"enabled": True, "gamma": 0.0}
     first = webui.txt2img(with_autolora(lora_req(webui, prompt=prompt, seed=5), g0))
     assert first.stats["te_base_encodes"] >= 1 and first.stats["te_base_cached"] == 0, first.stats

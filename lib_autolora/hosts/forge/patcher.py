@@ -67,7 +67,12 @@ def patch_sets(patcher, loaded_files: tuple = ()) -> dict:
         return {}
     links = _added_links(patcher)
     if links and len(links) == len(loaded_files):
-        return {_identity(filename, link): link for filename, link in zip(loaded_files, links)}
+        sets: dict = {}
+        for filename, link in zip(loaded_files, links):  # a LoRA named twice is patched twice: keep both
+            merged = sets.setdefault(_identity(filename, link), {})
+            for key, entries in link.items():
+                merged.setdefault(key, []).extend(entries)
+        return sets
     if links:
         merged: dict = {}
         for link in links:
