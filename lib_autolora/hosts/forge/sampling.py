@@ -124,7 +124,6 @@ class Sampling:
                 return model, cond, uncond, x, timestep, model_options
             return (model, *step.lora, x, timestep, self._step_options(step, model_options))
 
-        setattr(pre_cfg, HOOK_MARK, True)
         return pre_cfg
 
     def conditioning_modifier(self):
