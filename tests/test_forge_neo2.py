@@ -274,3 +274,32 @@ def test_a_lora_named_twice_is_removed_twice():
     module = model.diffusion_model.to_k
     torch.testing.assert_close(double.factors.deltas[module].delta_weight(CPU),
                                2 * single.factors.deltas[module].delta_weight(CPU), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind, shape", [("loha", (24, 16)), ("loha", (12, 8, 3, 3)), ("lokr", (24, 16)),
+                                         ("lokr-w1-factored", (24, 16))])
+def test_loha_and_lokr_are_read_as_the_exact_low_rank_terms_they_are(kind, shape):
+    """A LoHa (Hadamard product of two low-rank matrices) and a LoKr with a factorised W2 (Kronecker
+    product) are low-rank, of rank r1·r2 and cols(W1)·r: read as such they cost what a LoRA costs,
+    instead of a dense delta as large as the layer, and equal what the host's merge adds."""
+    from standins.forge_neo2 import StandInLoHaAdapter, StandInLoKrAdapter
+    g = torch.Generator().manual_seed(7)
+
+    def r(*s):
+        return torch.randn(*s, generator=g) * 0.3
+
+    flat_in = int(torch.tensor(shape[1:]).prod())
+    if kind == "loha":
+        adapter = StandInLoHaAdapter((r(shape[0], 3), r(3, flat_in), 2.0, r(shape[0], 2), r(2, flat_in), None, None, None))
+    elif kind == "lokr":
+        adapter = StandInLoKrAdapter((r(4, 2), None, 3.0, None, None, r(6, 3), r(3, 8), None, None))
+    else:
+        adapter = StandInLoKrAdapter((None, None, 3.0, r(4, 2), r(2, 2), r(6, 3), r(3, 8), None, None))
+    module = torch.nn.Linear(shape[1], shape[0]) if len(shape) == 2 else torch.nn.Conv2d(shape[1], shape[0], 3, padding=1)
+    model = torch.nn.Sequential(module)
+    patches = {("X.safetensors", 0.8, 1.0, False): {"0.weight": [(0.8, adapter, 1.0, None, None, False)]}}
+    ff = read_factors(model, patches, {"X.safetensors"}, merge=standin_merge_lora_to_weight)
+    assert not ff.dense, "low-rank, not a layer-sized dense delta"
+    want = standin_merge_lora_to_weight(patches[("X.safetensors", 0.8, 1.0, False)]["0.weight"],
+                                        torch.zeros(shape), "0.weight")
+    torch.testing.assert_close(ff.factors.deltas[module].delta_weight(CPU), want, atol=1e-5, rtol=1e-5)

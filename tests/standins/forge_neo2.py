@@ -203,3 +203,48 @@ class StandInContextHandler:
 
 def standin_get_learned_conditioning(model, prompts, steps, hires_steps=None):
     return model.encode(prompts, steps, hires_steps)
+
+
+class StandInLoHaAdapter:
+    """comfy/weight_adapter/loha.py LoHaAdapter: weights (w1a, w1b, alpha, w2a, w2b, t1, t2, dora_scale);
+    adds strength · alpha / rank(w1b) · ((w1a @ w1b) ⊙ (w2a @ w2b)) reshaped (no CP, no DoRA here)."""
+
+    name = "loha"
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        w1a, w1b, alpha, w2a, w2b, t1, t2, dora_scale = self.weights
+        alpha = alpha / w1b.shape[0] if alpha is not None else 1.0
+        m1 = torch.mm(w1a.to(intermediate_dtype), w1b.to(intermediate_dtype))
+        m2 = torch.mm(w2a.to(intermediate_dtype), w2b.to(intermediate_dtype))
+        weight += function(((strength * alpha) * (m1 * m2).reshape(weight.shape)).type(weight.dtype))
+        return weight
+
+
+class StandInLoKrAdapter:
+    """comfy/weight_adapter/lokr.py LoKrAdapter: weights (w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2,
+    dora_scale); adds strength · alpha / dim · kron(w1, w2) (no Tucker, no DoRA here)."""
+
+    name = "lokr"
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2, dora_scale = self.weights
+        dim = None
+        if w1 is None:
+            dim = w1_b.shape[0]
+            w1 = torch.mm(w1_a.to(intermediate_dtype), w1_b.to(intermediate_dtype))
+        if w2 is None:
+            dim = w2_b.shape[0]
+            w2 = torch.mm(w2_a.to(intermediate_dtype), w2_b.to(intermediate_dtype))
+        if len(w2.shape) == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        alpha = alpha / dim if alpha is not None and dim is not None else 1.0
+        weight += function(((strength * alpha) * torch.kron(w1, w2).reshape(weight.shape)).type(weight.dtype))
+        return weight

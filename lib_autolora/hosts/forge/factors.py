@@ -99,7 +99,7 @@ def _weights(v) -> tuple:
     """A patch's factors: up, down, alpha, mid, dora_scale (and, for adapters, a reshape); older
     ComfyUI ports (Forge Classic) keep a LoRA's first four only, the rest is None."""
     weights = tuple(v.weights) if _is_adapter(v) else tuple(v[1])
-    return weights + (None,) * (6 - len(weights))
+    return weights + (None,) * (9 - len(weights))
 
 
 def _fields(entry) -> tuple:
@@ -127,10 +127,48 @@ def _is_additive(entry) -> bool:
     return True
 
 
+def _hadamard_term(v, strength: float, weight_shape, module_kind: str, source: str) -> Optional[LowRankTerm]:
+    """LoHa, (w1a·w1b) ⊙ (w2a·w2b) · α/r1, as the exact low-rank term it is: a Hadamard product of
+    ranks r1 and r2 has rank r1·r2, with the products of the factors' columns (and rows) pairwise
+    (Khatri-Rao) as its factors. Tucker (CP) LoHa and DoRA have no such form here."""
+    w1a, w1b, alpha, w2a, w2b, t1, _t2, dora = _weights(v)[:8]
+    if t1 is not None or dora is not None:
+        return None
+    r1, r2 = w1a.shape[1], w2a.shape[1]
+    up = (w1a.float()[:, :, None] * w2a.float()[:, None, :]).reshape(w1a.shape[0], r1 * r2)
+    down = (w1b.float()[:, None, :] * w2b.float()[None, :, :]).reshape(r1 * r2, -1)
+    if module_kind == "conv2d":
+        up, down = up[:, :, None, None], down.reshape(r1 * r2, *weight_shape[1:])
+    scale = float(strength) * (float(alpha) / w1b.shape[0] if alpha is not None else 1.0)
+    return LowRankTerm(down=down, up=up, scale=scale, source=source)
+
+
+def _kronecker_term(v, strength: float, module_kind: str, source: str) -> Optional[LowRankTerm]:
+    """LoKr on a Linear, kron(W1, A·B) · α/dim, as the exact low-rank term kron(W1, A) · kron(I, B)
+    (Kronecker products multiply blockwise): rank (columns of W1) · (rank of A·B). A full W2, a
+    Tucker W2, DoRA and convolutions stay dense."""
+    w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora = _weights(v)[:9]
+    if module_kind != "linear" or w2 is not None or w2a is None or t2 is not None or dora is not None:
+        return None
+    w1 = (w1a.float() @ w1b.float()) if w1 is None else w1.float()
+    dim = w2b.shape[0]  # the host takes the second factorisation's rank when both are factorised
+    up = torch.kron(w1, w2a.float())
+    down = torch.kron(torch.eye(w1.shape[1]), w2b.float())
+    scale = float(strength) * (float(alpha) / dim if alpha is not None else 1.0)
+    return LowRankTerm(down=down, up=up, scale=scale, source=source)
+
+
 def _low_rank_term(entry, weight_shape, module_kind: str, source: str) -> Optional[LowRankTerm]:
-    """A plain LoRA/LoCon patch as a low-rank term, or None when it has no such form."""
+    """A LoRA/LoCon, LoHa or LoKr patch as a low-rank term, or None when it has no such form."""
     strength, v, _strength_model, offset, _function = _fields(entry)
-    if _patch_type(v) != "lora":
+    kind = _patch_type(v)
+    if kind in ("loha", "lokr"):
+        if offset is not None:
+            return None
+        if kind == "loha":
+            return _hadamard_term(v, strength, weight_shape, module_kind, source)
+        return _kronecker_term(v, strength, module_kind, source)
+    if kind != "lora":
         return None
     up, down, alpha, mid, _dora = _weights(v)[:5]
     rank = down.shape[0]
