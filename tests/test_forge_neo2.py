@@ -277,7 +277,7 @@ def test_a_lora_named_twice_is_removed_twice():
 
 
 @pytest.mark.parametrize("kind, shape", [("loha", (24, 16)), ("loha", (12, 8, 3, 3)), ("lokr", (24, 16)),
-                                         ("lokr-w1-factored", (24, 16))])
+                                         ("lokr", (24, 16, 3, 3)), ("lokr-w1-factored", (24, 16))])
 def test_loha_and_lokr_are_read_as_the_exact_low_rank_terms_they_are(kind, shape):
     """A LoHa (Hadamard product of two low-rank matrices) and a LoKr with a factorised W2 (Kronecker
     product) are low-rank, of rank r1·r2 and cols(W1)·r: read as such they cost what a LoRA costs,
@@ -291,8 +291,8 @@ def test_loha_and_lokr_are_read_as_the_exact_low_rank_terms_they_are(kind, shape
     flat_in = int(torch.tensor(shape[1:]).prod())
     if kind == "loha":
         adapter = StandInLoHaAdapter((r(shape[0], 3), r(3, flat_in), 2.0, r(shape[0], 2), r(2, flat_in), None, None, None))
-    elif kind == "lokr":
-        adapter = StandInLoKrAdapter((r(4, 2), None, 3.0, None, None, r(6, 3), r(3, 8), None, None))
+    elif kind == "lokr":  # W1 4×2, W2 = A·B (6×3)(3×8·k·k): a 24×16 Linear, or a 3×3 convolution
+        adapter = StandInLoKrAdapter((r(4, 2), None, 3.0, None, None, r(6, 3), r(3, flat_in // 2), None, None))
     else:
         adapter = StandInLoKrAdapter((None, None, 3.0, r(4, 2), r(2, 2), r(6, 3), r(3, 8), None, None))
     module = torch.nn.Linear(shape[1], shape[0]) if len(shape) == 2 else torch.nn.Conv2d(shape[1], shape[0], 3, padding=1)

@@ -143,17 +143,20 @@ def _hadamard_term(v, strength: float, weight_shape, module_kind: str, source: s
     return LowRankTerm(down=down, up=up, scale=scale, source=source)
 
 
-def _kronecker_term(v, strength: float, module_kind: str, source: str) -> Optional[LowRankTerm]:
-    """LoKr on a Linear, kron(W1, A·B) · α/dim, as the exact low-rank term kron(W1, A) · kron(I, B)
-    (Kronecker products multiply blockwise): rank (columns of W1) · (rank of A·B). A full W2, a
-    Tucker W2, DoRA and convolutions stay dense."""
+def _kronecker_term(v, strength: float, weight_shape, module_kind: str, source: str) -> Optional[LowRankTerm]:
+    """LoKr, kron(W1, A·B) · α/dim, as the exact low-rank term kron(W1, A) · kron(I, B) (Kronecker
+    products multiply blockwise): rank (columns of W1) · (rank of A·B). On a convolution the host
+    computes the same on B's flattened kernels, so the down factor is a block-diagonal kernel. A
+    full or Tucker W2 and DoRA stay dense."""
     w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora = _weights(v)[:9]
-    if module_kind != "linear" or w2 is not None or w2a is None or t2 is not None or dora is not None:
+    if w2 is not None or w2a is None or t2 is not None or dora is not None:
         return None
     w1 = (w1a.float() @ w1b.float()) if w1 is None else w1.float()
     dim = w2b.shape[0]  # the host takes the second factorisation's rank when both are factorised
-    up = torch.kron(w1, w2a.float())
-    down = torch.kron(torch.eye(w1.shape[1]), w2b.float())
+    up = torch.kron(w1.flatten(1), w2a.float())
+    down = torch.kron(torch.eye(up.shape[1] // w2a.shape[1]), w2b.float().flatten(1))
+    if module_kind == "conv2d":
+        up, down = up[:, :, None, None], down.reshape(down.shape[0], *weight_shape[1:])
     scale = float(strength) * (float(alpha) / dim if alpha is not None else 1.0)
     return LowRankTerm(down=down, up=up, scale=scale, source=source)
 
@@ -167,7 +170,7 @@ def _low_rank_term(entry, weight_shape, module_kind: str, source: str) -> Option
             return None
         if kind == "loha":
             return _hadamard_term(v, strength, weight_shape, module_kind, source)
-        return _kronecker_term(v, strength, module_kind, source)
+        return _kronecker_term(v, strength, weight_shape, module_kind, source)
     if kind != "lora":
         return None
     up, down, alpha, mid, _dora = _weights(v)[:5]
