@@ -25,6 +25,7 @@ from standins.forge import (
 from standins.forge_neo2 import (
     StandInComfyModelPatcher, lora_adapter, standin_load_lora_for_models, standin_merge_lora_to_weight)
 from standins.ldm_patched import (
+    standin_script_callbacks,
     StandInClassicModelPatcher, classic_lora_patch, classic_step, reforge_step, run_modifiers)
 
 CPU = torch.device("cpu")
@@ -221,3 +222,18 @@ def test_the_modifier_passes_the_hosts_conds_through_on_an_unguided_step():
                         {**options, MODIFIERS: [sampling.step_function(MODIFIERS)]})
     assert out[3] is uncond and out[4] is cond and "sampler_cfg_function" not in out[6]
     assert gen.stats.plain_steps == 1
+
+
+@pytest.mark.parametrize("host", ["reforge", "classic"])
+def test_the_adapter_registers_its_step_callback_with_the_hosts_registrar(host, monkeypatch):
+    """Forge Classic's script_callbacks registrars take no `name` (a `name=` made the adapter fail
+    to load there, so every AutoLoRA request was refused); reForge's name it."""
+    import sys
+    import types
+    callbacks = standin_script_callbacks(host)
+    modules = types.ModuleType("modules")
+    modules.__path__, modules.script_callbacks = [], callbacks
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.script_callbacks", callbacks)
+    adapter = ForgeAdapter(HostBench(host).api(), register_callbacks=True)
+    assert callbacks.registered == [(adapter.after_cfg, None if host == "classic" else "autolora")]

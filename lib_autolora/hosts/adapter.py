@@ -20,6 +20,7 @@ A host adapter fills in only what differs between WebUIs:
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from ..generation import Generation
@@ -127,6 +128,16 @@ class Adapter:
 
     def close(self, gen: Generation, p) -> None:
         raise NotImplementedError
+
+
+def register_callback(register, callback) -> None:
+    """`register(callback)` through one of the host's script_callbacks.on_* functions, named
+    "autolora" where the host names callbacks (A1111 1.8+, Forge, reForge: the name orders and
+    replaces them on a reload); Forge Classic's registrars take the callback alone."""
+    if "name" in inspect.signature(register).parameters:
+        register(callback, name="autolora")
+    else:
+        register(callback)
 
 
 def model_changed(gen: Generation, comment) -> None:

@@ -148,3 +148,20 @@ def reforge_step(model, x, timestep, uncond, cond, cond_scale, model_options, sk
     if skip_uncond:  # NGMS / skip early CFG: decided before, applied after the modifiers
         return reforge_sampling_function(model, x, timestep, None, cond, 1.0, model_options, seed)
     return reforge_sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options, seed)
+
+
+def standin_script_callbacks(host: str):
+    """modules/script_callbacks.py's `on_cfg_after_cfg` registrar: reForge's (and A1111 1.8+'s)
+    takes `(callback, *, name=None)`, Forge Classic's `(callback)` alone; both append a
+    ScriptCallback(filename, callback[, name]) to `callback_map['cfg_after_cfg']`."""
+    import types
+    module = types.ModuleType("modules.script_callbacks")
+    module.registered = []
+    if host == "classic":
+        def on_cfg_after_cfg(callback):
+            module.registered.append((callback, None))
+    else:
+        def on_cfg_after_cfg(callback, *, name=None):
+            module.registered.append((callback, name))
+    module.on_cfg_after_cfg = on_cfg_after_cfg
+    return module

@@ -15,7 +15,7 @@ from typing import Optional
 from ...base_branch import DeltaHooks
 from ...generation import Generation
 from .. import memory, networks
-from ..adapter import Adapter
+from ..adapter import Adapter, register_callback
 from . import binding
 from .binding import checkpoint_key, unwrap
 from .conditioning import CondPair, encode_pass, pass_prompts
@@ -110,8 +110,8 @@ class A1111Adapter(Adapter):
         self.api = api or A1111API()
         if register_callbacks:
             from modules import script_callbacks
-            script_callbacks.on_cfg_denoiser(self.on_cfg_denoiser, name="autolora")
-            script_callbacks.on_cfg_denoised(binding.on_cfg_denoised, name="autolora")
+            register_callback(script_callbacks.on_cfg_denoiser, self.on_cfg_denoiser)
+            register_callback(script_callbacks.on_cfg_denoised, binding.on_cfg_denoised)
 
     def on_cfg_denoiser(self, params_) -> None:
         gen = self.generation(getattr(params_.denoiser, "p", None))

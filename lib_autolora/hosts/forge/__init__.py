@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...generation import Generation
-from ..adapter import Adapter
+from ..adapter import Adapter, register_callback
 from .api import MODIFIERS, PRE_CFG, ForgeAPI, LdmPatchedAPI, call_prompt_function  # noqa: F401 - the hosts' API
 from .conditioning import BaseCondCache, BaseConditioning
 from .factors import read_factors
@@ -69,7 +69,7 @@ class ForgeAdapter(Adapter):
         self.base_conditioning = BaseConditioning(self.api, BaseCondCache())
         if register_callbacks:
             from modules import script_callbacks
-            script_callbacks.on_cfg_after_cfg(self.after_cfg, name="autolora")
+            register_callback(script_callbacks.on_cfg_after_cfg, self.after_cfg)
 
     def loaded_loras(self) -> Optional[list]:
         return self.api.loaded_loras()
