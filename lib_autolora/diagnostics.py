@@ -20,15 +20,14 @@ otherwise. So three readings:
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import gc
 import os
 import time
 from typing import Callable, Iterable, Optional
 
 import torch
+
+from .heap import return_free_heap
 
 ENV = "AUTOLORA_DIAGNOSTICS"
 
@@ -46,25 +45,10 @@ def resident_bytes() -> Optional[int]:
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def _malloc_trim():
-    """glibc's malloc_trim, looked up once; None elsewhere (musl, macOS, Windows)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return getattr(libc, "malloc_trim", None)
-    except OSError:
-        return None
-
-
 def release_free_heap() -> bool:
     """Garbage-collects, then returns free heap memory to the OS where glibc can (True if it ran)."""
     gc.collect()
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
+    return return_free_heap()
 
 
 def trimmed_resident_bytes() -> Optional[int]:

@@ -286,6 +286,10 @@ class LoraFactors:
     def nonzero(self) -> dict:
         return {m: d for m, d in self.deltas.items() if not d.is_zero}
 
+    def dense_count(self) -> int:
+        """Modules carrying a dense delta: each as large as its layer."""
+        return sum(any(isinstance(t, DenseTerm) for t in d.terms) for d in self.deltas.values())
+
     def only(self, modules) -> "LoraFactors":
         keep = set(modules)
         sub = LoraFactors()

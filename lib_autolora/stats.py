@@ -28,6 +28,7 @@ class Stats:
     te_base_encodes: int = 0  # prompt batches encoded without the guided LoRAs
     te_base_cached: int = 0  # ... reused from an earlier generation (Forge)
     modules: dict = field(default_factory=lambda: {"text_encoder": 0, "unet": 0})  # guided LoRA'd layers
+    dense_layers: int = 0  # of them, those whose LoRA is a dense delta (DoRA, OFT, ...): layer-sized each
     notices: list = field(default_factory=list)
     failure: Optional[str] = None  # the error that stopped AutoLoRA during sampling, if one did
     peak_vram_bytes: Optional[int] = None

@@ -3,11 +3,12 @@ records what it is asked to do: refusals, the one generation slot, guided-LoRA s
 and for the hires pass, the CFG-1 notice, and a finish that always closes the stats record."""
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import pytest
 
-from lib_autolora import stats
+from lib_autolora import diagnostics, stats
 from lib_autolora.hosts.adapter import CFG_1, NO_LORA, NO_LORA_EXTENSION, Adapter
 from lib_autolora.params import AutoLoraArgumentError, AutoLoraSettings
 
@@ -108,3 +109,45 @@ def test_a_webui_the_binding_cannot_carry_gets_the_honest_refusal(monkeypatch):
     assert not adapter.available and adapter.reason == reason
     assert adapter.start_batch(job(), AutoLoraSettings(enabled=True)) == f"AutoLoRA is unavailable on this WebUI: {reason}"
     assert adapter.generation(job()) is None
+
+
+def _fragmented_heap(blocks=3000, size=64 * 1024):
+    """Allocates `blocks` heap blocks (below glibc's mmap threshold, so from the arena), touches
+    them, frees all but every tenth: ~170 MB free but pinned between live blocks, which glibc keeps
+    resident until malloc_trim hands the free pages back (what a dense-delta generation left)."""
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(size) for _ in range(blocks)]
+    for b in blocks:
+        ctypes.memset(b, 1, size)
+    kept = blocks[::10]
+    for i, b in enumerate(blocks):
+        if i % 10:
+            libc.free(b)
+    return lambda: [libc.free(b) for b in kept]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or diagnostics.trimmed_resident_bytes() is None,
+                    reason="glibc's malloc_trim")
+@pytest.mark.parametrize("dense_layers", [0, 12])
+def test_a_generation_with_dense_deltas_gives_its_freed_heap_back_to_the_os(dense_layers):
+    """Dense deltas (DoRA, OFT, ...) are layer-sized float32 copies freed at the end of the
+    generation; glibc keeps such freed memory resident, and a WebUI grew by gigabytes a call until
+    the machine ran out. finish() trims the heap after a generation that had them (only then: the
+    trim walks the whole heap)."""
+    diagnostics.release_free_heap()
+    host, p = RecordingHost(), job()
+    host.start_batch(p, AutoLoraSettings(enabled=True))
+    host.generation(p).stats.dense_layers = dense_layers
+    free_kept = _fragmented_heap()
+    before = diagnostics.resident_bytes()
+    host.finish(p)
+    returned = before - diagnostics.resident_bytes()
+    free_kept()
+    if dense_layers:
+        assert returned > 100 * 2**20, f"only {returned / 2**20:.0f} MiB of ~170 went back"
+    else:
+        assert returned < 50 * 2**20, f"{returned / 2**20:.0f} MiB went back without dense deltas"

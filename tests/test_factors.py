@@ -145,6 +145,7 @@ def test_kohya_reader_matches_merging_for_lora_loha_lokr_full():
     kinds = {factors.names[m]: type(d.terms[0]).__name__ for m, d in factors.deltas.items()}
     assert kinds["mid_attn.to_k"] == "DenseTerm" and kinds["mid_attn.to_out"] == "DenseTerm"
     assert kinds["time_1"] == "DenseTerm" and kinds["mid_attn.to_q"] == "LowRankTerm"
+    assert factors.dense_count() == sum(kind == "DenseTerm" for kind in kinds.values()) == 3
     for module, delta in factors.deltas.items():
         if isinstance(module, torch.nn.Linear):
             _check_module_delta(module, delta, torch.randn(2, 3, module.in_features), atol=1e-4)

@@ -24,6 +24,7 @@ import inspect
 from typing import Optional
 
 from ..generation import Generation
+from ..heap import return_free_heap
 from . import memory
 from .prompts import select_guided
 
@@ -89,6 +90,8 @@ class Adapter:
             self.close(gen, its_p)
         finally:
             gen.finish(memory.peak_bytes())
+            if gen.stats.dense_layers:  # gigabytes freed on the CPU: back to the OS, not kept by glibc
+                return_free_heap()
 
     # -- what every host shares --------------------------------------------------------------------
     def _refuse(self, gen: Generation, notice: str) -> str:

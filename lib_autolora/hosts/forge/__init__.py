@@ -94,6 +94,7 @@ class ForgeAdapter(Adapter):
             return
         guided = read_factors(unet.model, sets, sources, merge=self.api.merge_for(unet), original=originals(unet))
         gen.stats.modules["unet"] = len(guided.factors.nonzero())
+        gen.stats.dense_layers = max(gen.stats.dense_layers, guided.factors.dense_count())
         if guided.message("UNet"):
             gen.note(f"AutoLoRA: {guided.message('UNet')}", p.comment)
         conds = self._pass_conds(state, c, uc)
