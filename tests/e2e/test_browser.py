@@ -415,10 +415,12 @@ def test_generate_from_the_ui_writes_the_infotext(page):
     missing = [text for text in EXPECTED_INFOTEXT if text not in infotext]
     assert not missing, f"missing {missing} in the infotext:\n{infotext}"
     assert f"Steps: {STEPS}," in infotext and f"Size: {SIZE}x{SIZE}" in infotext, infotext
-    assert re.search(rf"AutoLoRA: {STEPS} of {STEPS} steps guided, base branch '{STRATEGY}'", infotext), \
-        f"the line under the image says what ran:\n{infotext}"
     stats = page.webui.stats()
     assert stats["active"] and stats["guided_steps"] > 0 and stats["strategy"] == STRATEGY, stats
+    # the WebUI shows processed.comments under the infotext, in the log box
+    line_under = page.css("#html_log_txt2img").text
+    assert f"AutoLoRA: {stats['guided_steps']} of {STEPS} steps guided, base branch '{STRATEGY}'" in line_under, \
+        f"the line under the image says what ran; it shows:\n{line_under}"
     page.webui.browser_state["infotext"] = infotext
 
 
