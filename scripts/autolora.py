@@ -19,6 +19,11 @@ try:
     from modules.ui_components import InputAccordion
 except ImportError:  # very old WebUIs
     InputAccordion = None
+try:
+    from modules.ui_components import ToolButton  # the WebUI's one-symbol button beside a dropdown
+except ImportError:
+    def ToolButton(*args, **kwargs):
+        return gr.Button(*args, elem_classes=["tool"], **kwargs)
 
 _EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _EXTENSION_DIR not in sys.path:  # for `lib_autolora`; appended, so the folder's demo/ and tests/
@@ -94,7 +99,7 @@ def _lora_picker(tab, textbox, prompt) -> None:
     with gr.Row():
         pick = gr.Dropdown(choices=[], value=[], multiselect=True, label="Pick from the prompt's LoRAs",
                            elem_id=elem_id(tab, "guided_pick"))
-        refresh = gr.Button("↻", elem_id=elem_id(tab, "guided_refresh"))
+        refresh = ToolButton("↻", elem_id=elem_id(tab, "guided_refresh"))
     refresh.click(fn=lambda text: gr.update(choices=lora_names_in_prompt(text)), inputs=[prompt], outputs=[pick])
     pick.change(fn=lambda names: ", ".join(names or []), inputs=[pick], outputs=[textbox])
 

@@ -329,6 +329,10 @@ class StandInInputAccordion(StandInComponent):
         super().__init__(value, **kwargs)
 
 
+class StandInToolButton(StandInComponent):
+    """ui_components.ToolButton(*args, **kwargs): a gr.Button with the "tool" class."""
+
+
 class StandInScript:
     """modules.scripts.Script: the attributes the script runner sets and reads, and
     `on_after_component(callback, *, elem_id)`: the runner calls `callback(OnComponent(component))`
@@ -367,6 +371,7 @@ def installed(opts=None, sd_model=None):
     scripts.scripts_data = []
     ui_components = types.ModuleType("modules.ui_components")
     ui_components.InputAccordion = StandInInputAccordion
+    ui_components.ToolButton = StandInToolButton
     script_callbacks = types.ModuleType("modules.script_callbacks")
     for kind in ("cfg_denoiser", "cfg_denoised", "ui_settings", "app_started", "before_ui"):
         setattr(script_callbacks, f"on_{kind}", getattr(callbacks, f"on_{kind}"))
