@@ -49,6 +49,7 @@ class Pool:
             self.webui = WebUI(server.url, host.name)
             self.webui.hires_fields = dict(host.spec.hires_fields)
             self.webui.hr_upscaler = host.spec.hr_upscaler
+            self.webui.tells_loras_apart = host.spec.tells_loras_apart
             self.webui.reselect_after = tuple(host.spec.reselect_after)
             self.webui.server = server
             self.webui.models = models

@@ -86,6 +86,9 @@ class HostSpec:
     # (spec, root) -> the spec for the tree installed at root (one env var, trees with different flags)
     for_tree: Optional[Callable] = None
     label: str = ""  # what the tree is, for messages (e.g. "Forge Neo 2.26")
+    # Whether the host's patcher tells which LoRA file each patch comes from (Forge Classic's clones
+    # record no parent): where not, naming only some LoRAs in "Guided LoRAs" gets a notice and the plain image.
+    tells_loras_apart: bool = True
 
 
 def _forge_checkpoint_cmd(host, arch, out):
@@ -253,7 +256,7 @@ HOSTS = {
         archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
                                 ui_defaults=_ui("Euler a", "Automatic", 7))},
         make_checkpoint=_a1111_checkpoint_cmd, family="forge",
-        network_types=("locon", "loha", "lokr"), label="Forge Classic"),
+        network_types=("locon", "loha", "lokr"), label="Forge Classic", tells_loras_apart=False),
 }
 
 # Forge Neo, the October-2025 tree (the Linux copy papaioannou-themistoklis/WebUI-Neo-Forge @ 7862a96 of
