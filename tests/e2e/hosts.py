@@ -236,7 +236,9 @@ HOSTS = {
         make_checkpoint=_forge_checkpoint_cmd, hires_fields=FORGE_HIRES_FIELDS, family="forge",
         reselect_after=("forge_unet_storage_dtype",), config_keys=_neo_config_keys,
         network_types=("locon", "loha", "lokr", "dora", "oft"), for_tree=_forge_neo_for_tree, label="Forge Neo 2.x",
-        hr_upscaler="Lanczos"),
+        # 2.26 lists no latent modes and no Lanczos upscaler (modules/modelloader.py: None + ESRGAN models);
+        # "None" resizes the image (modules/images.py resize_image), as its UI's default does.
+        hr_upscaler="None"),
     # The ldm_patched WebUIs (lib_autolora/hosts/forge/api.py: LdmPatchedAPI): reForge main and Forge Classic
     # (branch `classic`), A1111's checkpoints and kohya LoRAs; merged LoRAs only (neither applies LoRAs per call).
     "reforge": HostSpec(
