@@ -1,7 +1,9 @@
-"""On a WebUI AutoLoRA cannot bind to (reForge, Forge Classic, or any other it does not know), it is
+"""On a WebUI AutoLoRA cannot bind to (one whose backend lacks what the binding reads), it is
 honest: the accordion says it is not available and why, the API refuses an enabled request with that
 reason (HTTP 422), a disabled request and plain generation are the WebUI's own images byte for byte,
-and no image claims AutoLoRA. Supported hosts skip this module (their own suite runs instead)."""
+and no image claims AutoLoRA. Every WebUI the suite installs is supported now and skips this module
+(its own suite runs instead); the refusal itself runs on stand-ins of a host the binding cannot carry
+(tests/test_adapter_lifecycle.py, tests/test_api.py). A HostSpec with supported=False runs it."""
 from __future__ import annotations
 
 import json
