@@ -110,6 +110,8 @@ def test_by_default_adetailers_pass_runs_without_autolora(webui, face_png):
     st = on.stats
     assert st["generation"] == before + 1, ("the first pass alone is an AutoLoRA generation", st)
     assert st["finished"] and st["failure"] is None, st
+    # the record is the first pass's: its one step (ADetailer's "Skip img2img"), not the detailer pass's
+    assert 1 <= st["guided_steps"] < int(AD_DENOISE * STEPS), st
     assert diff(on.image, off.image) == (0.0, 0), \
         "the detailer pass without AutoLoRA in its allow-list is the image without AutoLoRA"
 
