@@ -5,7 +5,9 @@ The scheduler stores a queued API request and replays it later through the host'
 image the same request gives through `/sdapi/v1/txt2img` (same seed), and AutoLoRA must have run
 in the queued task: a generation of its own in `/autolora/v1/stats` with the same guided steps and
 base-branch evaluations, and the AutoLoRA keys in the task's infotext. The WebUI's defaults as in
-test_sd15.py: empty negative prompt, CFG 7, the UI's sampler, `<lora:name:1>`.
+test_sd15.py: empty negative prompt, CFG 7, the UI's sampler, `<lora:name:1>`. A queued request with
+a bad AutoLoRA value (which `/sdapi/v1/txt2img` answers with 422) runs without AutoLoRA: the plain
+LoRA image, no AutoLoRA generation, no AutoLoRA keys in its infotext, the reason in the WebUI's log.
 
 The extension: AUTOLORA_E2E_AGENT_SCHEDULER (tests/e2e/install/extension.sh agent-scheduler WEBUI),
 or a copy installed in the WebUI's extensions/ (extensions.py).
@@ -24,6 +26,7 @@ from webui import Result, assert_close, assert_differs, assert_drawn, diff, with
 ARCH = "sd15"
 STEPS = 4
 QUEUE_TIMEOUT = 600  # seconds a queued 4-step 64x64 task may take on a CPU
+REFUSED = "AutoLoRA: 'gamma' must be between"  # the script's message for the bad value below
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +114,20 @@ def test_a_queued_gamma_0_is_the_image_without_the_lora(webui):
     assert_close(queued.image, without.image, "queued γ 0 vs the prompt without the LoRA tag")
     assert queued.stats["guided_steps"] >= STEPS and queued.stats["settings"]["gamma"] == 0.0, queued.stats
     assert autolora_fields(queued.infotext).get("AutoLoRA gamma") == "0", queued.infotext
+
+
+def test_a_queued_task_with_a_bad_autolora_value_runs_without_autolora(webui):
+    """The queue's route is not the host's: AutoLoRA's argument check (422 on /sdapi/v1/txt2img) does
+    not see it. The task runs, the script refuses the value, and the image is the WebUI's own."""
+    bad = with_autolora(lora_req(webui), {"enabled": True, "gamma": 1e30})
+    status, body = webui.post("/sdapi/v1/txt2img", bad)
+    assert status == 422 and "gamma" in str(body), (status, str(body)[:300])
+    plain = webui.txt2img(lora_req(webui))
+    before = webui.stats()
+    said = webui.server.log_path.read_text(errors="replace").count(REFUSED)
+    queued = queue(webui, "txt2img", bad)
+    assert webui.server.log_path.read_text(errors="replace").count(REFUSED) == said + 1, \
+        f"the WebUI's console says why the task ran without AutoLoRA ({REFUSED!r})"
+    assert diff(queued.image, plain.image) == (0.0, 0), "the queued task with a refused value vs the plain LoRA image"
+    assert queued.stats.get("generation", 0) == before.get("generation", 0), ("no AutoLoRA generation", queued.stats)
+    assert not autolora_fields(queued.infotext), queued.infotext
