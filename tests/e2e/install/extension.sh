@@ -25,7 +25,7 @@
 #   a copy installed in WEBUI/extensions is found without it.
 # Env: MIRROR (default: the .mirror folder next to this repository), PYTHON (the WebUI's Python; default WEBUI/venv/bin/
 #   python, else WEBUI/../venv/bin/python), INTO.
-# Idempotent: a clone at the pinned commit is kept; pip leaves what is installed alone.
+# Idempotent: a clone at the pinned commit is kept; met requirements are not installed again.
 set -euo pipefail
 
 [ $# -ge 2 ] || { echo "usage: $0 agent-scheduler|agent-scheduler-forge|adetailer WEBUI" >&2; exit 2; }
@@ -86,8 +86,25 @@ CONSTRAINTS=$TMP/constraints.txt
   done < "$TMP/before.txt"
 } > "$CONSTRAINTS"
 PIP=("$PY" -m pip install -q -c "$CONSTRAINTS")
-log "pip install ${REQS[*]} (constraints: torch==2.13.0 and the venv's $(wc -l < "$TMP/before.txt") packages as they are)"
-"${PIP[@]}" "${REQS[@]}"
+# Requirements met already: no pip call (for ADetailer a pip call would upgrade protobuf again, then put it back).
+if "$PY" - "${REQS[@]}" <<'EOF'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from packaging.requirements import Requirement
+for req in map(Requirement, sys.argv[1:]):
+    try:
+        if not req.specifier.contains(version(req.name), prereleases=True):
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+EOF
+then
+  log "requirements met already: ${REQS[*]}"
+  UNPIN=()
+else
+  log "pip install ${REQS[*]} (constraints: torch==2.13.0 and the venv's $(wc -l < "$TMP/before.txt") packages as they are)"
+  "${PIP[@]}" "${REQS[@]}"
+fi
 
 for name in ${UNPIN[@]+"${UNPIN[@]}"}; do  # put back what the WebUI's launcher puts back (see above)
   pin=$(grep -i "^$name==" "$TMP/before.txt" || true)
