@@ -395,8 +395,12 @@ class Server:
     """One WebUI process with the extension linked in; stops only the process it started."""
 
     def __init__(self, host: Host, ckpt: Path, log_dir: Path, extra_args: tuple = (), env: Optional[dict] = None,
-                 auth: Optional[tuple] = None):
+                 auth: Optional[tuple] = None, extensions: Optional[dict] = None):
         self.host, self.ckpt, self.extra_args = host, ckpt, tuple(extra_args)
+        # other extensions this server runs beside AutoLoRA: {folder name in extensions/: checkout}; each one
+        # not installed there is linked in for this server only and unlinked at stop()
+        self.extensions = dict(extensions or {})
+        self._other_links = []
         self.env = {"AUTOLORA_DIAGNOSTICS": "1", **(env or {})}  # the soak's memory probes (/autolora/v1/residue)
         self.auth = auth  # (user, password) when the server runs with --api-auth
         self.port = free_port()
@@ -418,6 +422,16 @@ class Server:
         link.symlink_to(REPO, target_is_directory=True)
         self._link_created = True
 
+    def _link_other_extensions(self):
+        for name, source in self.extensions.items():
+            link = self.host.root / "extensions" / name
+            if link.is_symlink() or link.exists():
+                if link.resolve() != Path(source).resolve():
+                    raise RuntimeError(f"{link} exists and is not {source}; move it aside")
+                continue
+            link.symlink_to(Path(source).resolve(), target_is_directory=True)
+            self._other_links.append(link)
+
     def _ensure_config_keys(self):
         """Keys the host needs in config.json to start unattended (HostSpec.config_keys), added to an
         existing config.json before it is saved for stop(): what is put back holds them too."""
@@ -438,6 +452,7 @@ class Server:
             path = self.host.root / name
             self._saved[name] = path.read_bytes() if path.exists() else None
         self._link_extension()
+        self._link_other_extensions()
         return self._launch(timeout, "w")
 
     def restart(self, timeout: float = 600):
@@ -449,6 +464,7 @@ class Server:
         if getattr(self, "log", None):
             self.log.close()
         self._link_extension()
+        self._link_other_extensions()
         return self._launch(timeout, "a")
 
     def _launch(self, timeout: float, log_mode: str):
@@ -544,6 +560,9 @@ class Server:
             self.log.close()
         if self._link_created:
             (self.host.root / "extensions" / EXTENSION_LINK).unlink(missing_ok=True)
+        for link in self._other_links:
+            link.unlink(missing_ok=True)
+        self._other_links = []
         for name, data in self._saved.items():
             path = self.host.root / name
             current = path.read_bytes() if path.exists() else None
