@@ -36,6 +36,10 @@ from lib_autolora.params import AutoLoraArgumentError  # noqa: E402
 log = logging.getLogger("autolora")
 ADAPTER = select_adapter()
 SETTINGS_ATTR = "_autolora_settings"
+# ADetailer marks the img2img pass it runs per detected face (with AutoLoRA when the user lists it);
+# that pass's infotext is dropped, so the image's own infotext says the pass was guided.
+DETAILER_PASS_ATTR = "_ad_inner"
+DETAILER_KEY = "AutoLoRA ADetailer"
 TITLE = "AutoLoRA"
 
 
@@ -121,6 +125,7 @@ def _presets(tab, controls: dict) -> None:
 class AutoLoraScript(scripts.Script):
     def __init__(self):
         self.prompts = {}  # tab -> the WebUI's prompt box, for the guided-LoRA picker
+        self.outer = None  # the generation whose postprocess_image may run a detailer pass
         for tab in ("txt2img", "img2img"):
             self.on_after_component(lambda c, tab=tab: self.prompts.__setitem__(tab, c.component),
                                     elem_id=f"{tab}_prompt")
@@ -163,6 +168,8 @@ class AutoLoraScript(scripts.Script):
 
     def process(self, p, *args):
         ADAPTER.finish(None)  # a previous generation that raised (its postprocess never ran)
+        if not getattr(p, DETAILER_PASS_ATTR, False):
+            self.outer = p
         setattr(p, SETTINGS_ATTR, None)
         try:
             settings = xyz.settings_for(p, args)
@@ -202,6 +209,8 @@ class AutoLoraScript(scripts.Script):
             return
         if gen.batch_was_guided():
             p.extra_generation_params.update(gen.infotext_fields())
+            if getattr(p, DETAILER_PASS_ATTR, False) and self.outer is not None:
+                self.outer.extra_generation_params[DETAILER_KEY] = "guided"
         else:
             _strip_infotext(p)
             gen.note("AutoLoRA: no step of this batch was guided; generated without AutoLoRA", p.comment)
@@ -210,6 +219,8 @@ class AutoLoraScript(scripts.Script):
         """The generation ends; one line under the images says what AutoLoRA did."""
         gen = ADAPTER.generation(p)
         ADAPTER.finish(p)
+        if p is self.outer:
+            self.outer = None
         if gen is not None and gen.stats.active and processed is not None:
             processed.comments = f"{getattr(processed, 'comments', '') or ''}{gen.stats.summary()}\n"
 

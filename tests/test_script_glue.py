@@ -372,3 +372,32 @@ def test_a_preset_sets_its_controls_and_nothing_else():
             for name, value in values.items():  # each preset's values are valid settings
                 params.coerce(params.BY_NAME[name], value)
         assert fn(None) == [{"__type__": "update"}] * 2, "clearing the preset changes nothing"
+
+
+def test_a_guided_adetailer_pass_is_named_in_the_images_infotext():
+    """ADetailer's order (scripts/!adetailer.py): the outer batch is written, then in its
+    postprocess_image an inner img2img marked `_ad_inner`, with a copy of the outer infotext params
+    and the same script objects, runs its own process .. postprocess; the image's infotext is the
+    outer's, made after postprocess_image."""
+    with sti.installed():
+        module = _load_script()
+        script = module.AutoLoraScript()
+        for inner_guided, expected in ((2, "guided"), (0, None)):
+            module.ADAPTER = adapter = StandInAdapter(guided=1)
+            outer = _p()
+            script.process(outer, True, 1.5)
+            script.process_batch(outer, True, 1.5)
+            script.process_before_every_sampling(outer, True, 1.5, c=1, uc=2)
+            script.postprocess_batch(outer, True, 1.5)
+            adapter.guided = inner_guided
+            inner = _p(_ad_inner=True)
+            inner.extra_generation_params.update(outer.extra_generation_params)
+            _generate(script, inner, True, 1.5)
+            assert outer.extra_generation_params.get(module.DETAILER_KEY) == expected, outer.extra_generation_params
+            assert outer.extra_generation_params["AutoLoRA"] == "True", "the first pass's own claim stays"
+            script.postprocess(outer, None, True, 1.5)
+            assert script.outer is None, "the finished generation is not kept"
+        # a plain generation after: nothing carried over
+        module.ADAPTER = StandInAdapter(guided=1)
+        (info,) = _generate(script, _p(), True, 1.5)
+        assert module.DETAILER_KEY not in info

@@ -114,6 +114,7 @@ def test_by_default_adetailers_pass_runs_without_autolora(webui, face_png):
     assert 1 <= st["guided_steps"] < int(AD_DENOISE * STEPS), st
     assert diff(on.image, off.image) == (0.0, 0), \
         "the detailer pass without AutoLoRA in its allow-list is the image without AutoLoRA"
+    assert "AutoLoRA ADetailer" not in on.infotext, ("no claim for a pass AutoLoRA did not run in", on.infotext)
 
 
 def test_with_autolora_in_adetailers_script_names_its_pass_is_guided(webui, face_png):
@@ -129,6 +130,7 @@ def test_with_autolora_in_adetailers_script_names_its_pass_is_guided(webui, face
     assert_differs(on.image[FACE], off.image[FACE], "γ 1.5 in the detailer pass vs without AutoLoRA")
     assert diff(on.image[FAR], off.image[FAR])[0] < 0.5, "far from the face nothing changes"
     assert "AutoLoRA: True" in on.infotext and "ADetailer model: mediapipe_face_full" in on.infotext, on.infotext
+    assert "AutoLoRA ADetailer: guided" in on.infotext, ("the image says its detailer pass was guided", on.infotext)
 
     g1 = webui.img2img(ad_req(webui, face_png, {"enabled": True, "gamma": 1.0}))
     assert_close(g1.image, off.image, "detailer pass at γ 1 vs without AutoLoRA")
