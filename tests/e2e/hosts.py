@@ -474,6 +474,7 @@ class Server:
         args += list(self.extra_args)
         args += shlex.split(os.environ.get("AUTOLORA_WEBUI_ARGS", ""))
         self.log = open(self.log_path, log_mode)
+        self.log_start = self.log.tell()  # where this launch's lines begin (a restart appends)
         env = dict(os.environ, **self.env)
         # stdin: a console prompt at launch fails at once instead of waiting for a key; unbuffered: the log
         # has each line when it is printed (test_network_types.py reads the LoRA loader's lines)
@@ -489,10 +490,23 @@ class Server:
             self.stop()  # a server that never became ready must not outlive the test (nor hold 6 GB)
             raise
 
+    def _started(self) -> bool:
+        """The WebUI printed its startup time: its API, middleware and app_started callbacks are in.
+        A request before that line can break the host: A1111-style webui.py serves the app while it
+        still adds the API's middleware, and Starlette refuses middleware once a request has built the
+        stack (Forge Classic's API was never created: "Cannot add middleware after an application has
+        started")."""
+        with open(self.log_path, errors="replace") as log:
+            log.seek(self.log_start)
+            return "Startup time:" in log.read()
+
     def _wait_until_ready(self, deadline: float):
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the WebUI exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
+            if not self._started():
+                time.sleep(2)
+                continue
             try:
                 get_json(f"{self.url}/sdapi/v1/options", timeout=5, auth=self.auth)
                 return self._wait_for_extension_routes(deadline)
