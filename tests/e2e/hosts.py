@@ -72,6 +72,7 @@ class HostSpec:
     hr_upscaler: str = "Latent"  # the hires upscaler the suite asks for (Forge Neo 2.x has no latent modes)
     family: str = ""  # "forge": Forge's built-in guidance extensions and conditioning cache are there
     gradio: str = "4.40"  # the UI's gradio version (tests/e2e/test_browser.py)
+    xyz_title: str = "X/Y/Z plot"  # the X/Y/Z script's title in the Script dropdown (Forge Classic: "X/Y/Z Plot")
     supported: bool = True  # False: the suite proves AutoLoRA refuses honestly (test_unsupported_host.py)
     # Options that the host applies only when a checkpoint is selected (Forge Neo 2.x reads its UNet
     # storage dtype, and so its LoRA mode, in refresh_model_loading_parameters()): after setting one,
@@ -258,7 +259,8 @@ HOSTS = {
         archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
                                 ui_defaults=_ui("Euler a", "Automatic", 7))},
         make_checkpoint=_a1111_checkpoint_cmd, family="forge",
-        network_types=("locon", "loha", "lokr"), label="Forge Classic", tells_loras_apart=False),
+        network_types=("locon", "loha", "lokr"), label="Forge Classic", tells_loras_apart=False,
+        xyz_title="X/Y/Z Plot"),  # extensions-builtin/xyz/scripts/xyz_grid.py
 }
 
 # Forge Neo, the October-2025 tree (the Linux copy papaioannou-themistoklis/WebUI-Neo-Forge @ 7862a96 of

@@ -482,7 +482,7 @@ def test_a_preset_and_the_guided_lora_picker(page):
 def test_xyz_plot_with_an_autolora_axis_renders_a_grid(page):
     page.open_autolora()
     page.set_basics(f"a photo of a cat <lora:{page.lora}:1>")
-    page.choose("#txt2img_script_container #script_list", "X/Y/Z plot")
+    page.choose("#txt2img_script_container #script_list", page.webui.host.spec.xyz_title)
     x_type = "script_txt2img_xyz_plot_x_type"
     page.wait(lambda d: page.by_id(x_type).is_displayed(), "the X/Y/Z plot's controls did not show")
     page.choose(f"#{x_type}", GAMMA_AXIS)
