@@ -43,6 +43,21 @@ DETAILER_KEY = "AutoLoRA ADetailer"
 TITLE = "AutoLoRA"
 
 
+class DetailedImages:
+    """The value of DETAILER_KEY in the outer generation's infotext params: the host calls it with
+    create_infotext's locals as it writes each image's infotext (right after that image's
+    postprocess_image ran the detailer pass), so only the images whose pass was guided say so."""
+
+    def __init__(self):
+        self.guided = set()  # (batch number, position in the batch)
+
+    def add(self, p) -> None:
+        self.guided.add((getattr(p, "iteration", 0), getattr(p, "batch_index", 0)))
+
+    def __call__(self, p, index=0, **_locals):
+        return "guided" if (getattr(p, "iteration", 0), index) in self.guided else None
+
+
 def elem_id(tab: str, name: str) -> str:
     """DOM id of a control; javascript/autolora.js finds the controls by it."""
     return f"autolora_{tab}_{name}"
@@ -210,7 +225,7 @@ class AutoLoraScript(scripts.Script):
         if gen.batch_was_guided():
             p.extra_generation_params.update(gen.infotext_fields())
             if getattr(p, DETAILER_PASS_ATTR, False) and self.outer is not None:
-                self.outer.extra_generation_params[DETAILER_KEY] = "guided"
+                self.outer.extra_generation_params.setdefault(DETAILER_KEY, DetailedImages()).add(self.outer)
         else:
             _strip_infotext(p)
             gen.note("AutoLoRA: no step of this batch was guided; generated without AutoLoRA", p.comment)

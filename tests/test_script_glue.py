@@ -374,29 +374,45 @@ def test_a_preset_sets_its_controls_and_nothing_else():
         assert fn(None) == [{"__type__": "update"}] * 2, "clearing the preset changes nothing"
 
 
-def test_a_guided_adetailer_pass_is_named_in_the_images_infotext():
-    """ADetailer's order (scripts/!adetailer.py): the outer batch is written, then in its
-    postprocess_image an inner img2img marked `_ad_inner`, with a copy of the outer infotext params
-    and the same script objects, runs its own process .. postprocess; the image's infotext is the
-    outer's, made after postprocess_image."""
+def _image_infotext(p, index):
+    """processing.create_infotext's handling of the extra params (A1111 v1.10.1 and the Forge family):
+    a callable value is called with the function's locals, `index` the image's position in its
+    batch when the image loop writes it; a None value is left out."""
+    values = {key: value(p=p, index=index, iteration=0, position_in_batch=0) if callable(value) else value
+              for key, value in p.extra_generation_params.items()}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def test_a_guided_adetailer_pass_is_named_in_the_infotext_of_its_image_only():
+    """ADetailer's order (scripts/!adetailer.py) inside processing's image loop: per batch
+    (`p.iteration`) the outer batch is sampled and its postprocess_batch runs; then per image
+    (`p.batch_index`) postprocess_image runs an inner img2img marked `_ad_inner`, with a copy of the
+    outer infotext params and the same script objects, through its own process .. postprocess; then
+    that image's infotext is written from the outer's params."""
     with sti.installed():
         module = _load_script()
         script = module.AutoLoraScript()
-        for inner_guided, expected in ((2, "guided"), (0, None)):
-            module.ADAPTER = adapter = StandInAdapter(guided=1)
-            outer = _p()
-            script.process(outer, True, 1.5)
+        module.ADAPTER = adapter = StandInAdapter(guided=1)
+        outer = _p(batch_size=2)
+        script.process(outer, True, 1.5)
+        infotexts = {}
+        guided_passes = {(0, 0): 2, (0, 1): 0, (1, 0): 0, (1, 1): 3}  # steps the detailer pass guided
+        for outer.iteration in range(2):
+            adapter.guided = 1
             script.process_batch(outer, True, 1.5)
             script.process_before_every_sampling(outer, True, 1.5, c=1, uc=2)
             script.postprocess_batch(outer, True, 1.5)
-            adapter.guided = inner_guided
-            inner = _p(_ad_inner=True)
-            inner.extra_generation_params.update(outer.extra_generation_params)
-            _generate(script, inner, True, 1.5)
-            assert outer.extra_generation_params.get(module.DETAILER_KEY) == expected, outer.extra_generation_params
-            assert outer.extra_generation_params["AutoLoRA"] == "True", "the first pass's own claim stays"
-            script.postprocess(outer, None, True, 1.5)
-            assert script.outer is None, "the finished generation is not kept"
+            for outer.batch_index in range(2):
+                adapter.guided = guided_passes[outer.iteration, outer.batch_index]
+                inner = _p(_ad_inner=True)
+                inner.extra_generation_params.update(outer.extra_generation_params)
+                _generate(script, inner, True, 1.5)
+                infotexts[outer.iteration, outer.batch_index] = _image_infotext(outer, outer.batch_index)
+        for image, guided in guided_passes.items():
+            assert infotexts[image]["AutoLoRA"] == "True", "the first pass's own claim stays"
+            assert infotexts[image].get(module.DETAILER_KEY) == ("guided" if guided else None), (image, infotexts[image])
+        script.postprocess(outer, None, True, 1.5)
+        assert script.outer is None, "the finished generation is not kept"
         # a plain generation after: nothing carried over
         module.ADAPTER = StandInAdapter(guided=1)
         (info,) = _generate(script, _p(), True, 1.5)
