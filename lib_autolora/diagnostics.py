@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .heap import return_free_heap
+from .memory import return_free_heap
 
 ENV = "AUTOLORA_DIAGNOSTICS"
 

@@ -30,7 +30,7 @@ if _EXTENSION_DIR not in sys.path:  # for `lib_autolora`; appended, so the folde
     sys.path.append(_EXTENSION_DIR)  # never shadow a module of the WebUI
 from lib_autolora import params, stats  # noqa: E402
 from lib_autolora.hosts import http, select_adapter, xyz  # noqa: E402
-from lib_autolora.hosts.prompts import lora_names_in_prompt  # noqa: E402
+from lib_autolora.prompts import lora_names_in_prompt  # noqa: E402
 from lib_autolora.params import AutoLoraArgumentError  # noqa: E402
 
 log = logging.getLogger("autolora")

@@ -20,7 +20,8 @@ from pydantic import BaseModel
 
 from lib_autolora import diagnostics as diagnostics_module
 from lib_autolora import params
-from lib_autolora.hosts import api_args, http
+from lib_autolora import api_args
+from lib_autolora.hosts import http
 
 
 class StandInTxt2ImgRequest(BaseModel):

@@ -18,7 +18,8 @@ from standins import a1111 as sti
 from helpers import settings_from_infotext
 from lib_autolora import params
 from lib_autolora.generation import Generation
-from lib_autolora.hosts import prompts, xyz
+from lib_autolora import prompts
+from lib_autolora.hosts import xyz
 from lib_autolora.params import AutoLoraArgumentError, AutoLoraSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

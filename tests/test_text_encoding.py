@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from lib_autolora.hosts.text_encoding import encode_finite, is_finite, not_finite_notice
+from lib_autolora.text_encoding import encode_finite, is_finite, not_finite_notice
 
 
 class StandInEmphasisOriginal:

@@ -4,9 +4,8 @@
 whose API is missing gets an adapter that explains why AutoLoRA is unavailable.
 
 Besides the adapters (hosts/a1111/, hosts/forge/), the glue both share lives in modules named for
-their job: prompts.py (the LoRAs a prompt names), api_args.py and http.py (the API check and the
-routes), xyz.py (X/Y/Z axes), text_encoding.py (finite base conditionings), networks.py (the
-built-in LoRA extension), memory.py (device memory readings).
+their job: adapter.py (the lifecycle), http.py (the routes and the API check), xyz.py (X/Y/Z
+axes), networks.py (the built-in LoRA extension).
 """
 from __future__ import annotations
 

@@ -24,9 +24,8 @@ import inspect
 from typing import Optional
 
 from ..generation import Generation
-from ..heap import return_free_heap
-from . import memory
-from .prompts import select_guided
+from .. import memory
+from ..prompts import select_guided
 
 NO_LORA_EXTENSION = "AutoLoRA: the built-in LoRA extension is not loaded; AutoLoRA is off"
 NO_LORA = "AutoLoRA: no LoRA in the prompt, nothing to guide; generated without AutoLoRA"
@@ -91,7 +90,7 @@ class Adapter:
         finally:
             gen.finish(memory.peak_bytes())
             if gen.stats.dense_layers:  # gigabytes freed on the CPU: back to the OS, not kept by glibc
-                return_free_heap()
+                memory.return_free_heap()
 
     # -- what every host shares --------------------------------------------------------------------
     def _refuse(self, gen: Generation, notice: str) -> str:

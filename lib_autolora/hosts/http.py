@@ -24,7 +24,7 @@ from typing import Callable, Optional
 from fastapi import Depends, HTTPException, Request
 from fastapi.dependencies.utils import get_parameterless_sub_dependant
 
-from . import api_args
+from .. import api_args
 
 ROUTE_PREFIX = "/autolora/v1"
 GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")

@@ -14,7 +14,8 @@ from typing import Optional
 
 from ...base_branch import DeltaHooks
 from ...generation import Generation
-from .. import memory, networks
+from ... import memory
+from .. import networks
 from ..adapter import Adapter, register_callback
 from . import binding
 from .binding import checkpoint_key, unwrap

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..text_encoding import branch_encodings, encode_finite, not_finite_notice
+from ...text_encoding import branch_encodings, encode_finite, not_finite_notice
 from .factors import MhaSwap
 
 

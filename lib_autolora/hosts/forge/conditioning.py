@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from ...base_branch import DeltaHooks
 from ...generation import Generation
-from ..text_encoding import branch_encodings, encode_finite, not_finite_notice
+from ...text_encoding import branch_encodings, encode_finite, not_finite_notice
 from .factors import read_factors
 from .patcher import guided_sources, originals, patch_sets
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from ..factors import base_branch_coef, lora_branch_coef
+from .factors import base_branch_coef, lora_branch_coef
 
 EMPHASIS_SYNTAX = ("(", "[")  # the hosts' own test for "this prompt uses emphasis"
 

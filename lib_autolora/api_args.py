@@ -1,12 +1,12 @@
 """The `alwayson_scripts["AutoLoRA"]` entry of a txt2img/img2img request, checked before the host
 runs it: the hosts' script runner logs and swallows a script's exceptions, so a bad value would
-otherwise be ignored silently. Host-free; lib_autolora/hosts/http.py binds it to the routes."""
+otherwise be ignored silently. lib_autolora/hosts/http.py binds it to the routes."""
 from __future__ import annotations
 
 from typing import Optional
 
-from .. import params
-from ..params import AutoLoraArgumentError
+from . import params
+from .params import AutoLoraArgumentError
 from .prompts import lora_names_in_prompt, not_in_prompt
 
 SCRIPT_TITLE = "AutoLoRA"

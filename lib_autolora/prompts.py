@@ -1,10 +1,10 @@
-"""The LoRAs a prompt names, and which of the loaded ones AutoLoRA guides. Host-free."""
+"""The LoRAs a prompt names, and which of the loaded ones AutoLoRA guides."""
 from __future__ import annotations
 
 import re
 from typing import Sequence
 
-from ..params import AutoLoraArgumentError
+from .params import AutoLoraArgumentError
 
 # The extra-network syntax both hosts parse: <lora:name>, <lora:name:0.8>, <lora:name:te=1:unet=0.5>.
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
