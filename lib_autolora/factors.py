@@ -55,6 +55,17 @@ class LowRankTerm:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    def embedded(self, weight_shape, dim: int, start: int) -> "LowRankTerm":
+        """This term of a slice of a fused Linear (QKV), on the whole weight: its up factor's rows
+        (dim 0) or its down factor's columns (dim 1) placed from `start`, zeros elsewhere."""
+        if dim == 0:
+            up = self.up.new_zeros((weight_shape[0], self.up.shape[1]))
+            up[start:start + self.up.shape[0]] = self.up
+            return LowRankTerm(down=self.down, up=up, scale=self.scale, mid=self.mid, source=self.source)
+        down = self.down.new_zeros((self.down.shape[0], weight_shape[1]))
+        down[:, start:start + self.down.shape[1]] = self.down
+        return LowRankTerm(down=down, up=self.up, scale=self.scale, mid=self.mid, source=self.source)
+
     def delta_weight(self, device=None) -> torch.Tensor:
         down, up = self.down.to(device=device, dtype=torch.float32), self.up.to(device=device, dtype=torch.float32)
         if down.ndim == 2:
@@ -66,6 +77,32 @@ class LowRankTerm:
         else:
             delta = (up2 @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
         return delta * self.scale
+
+
+def hadamard_term(w1a, w1b, w2a, w2b, alpha, strength: float, weight_shape) -> LowRankTerm:
+    """LoHa, (w1a·w1b) ⊙ (w2a·w2b) · α/r1, as the exact low-rank term it is: a Hadamard product of
+    ranks r1 and r2 has rank r1·r2, with the products of the factors' columns (and rows) pairwise
+    (Khatri-Rao) as its factors."""
+    r1, r2 = w1a.shape[1], w2a.shape[1]
+    up = (w1a.float()[:, :, None] * w2a.float()[:, None, :]).reshape(w1a.shape[0], r1 * r2)
+    down = (w1b.float()[:, None, :] * w2b.float()[None, :, :]).reshape(r1 * r2, -1)
+    if len(weight_shape) == 4:
+        up, down = up[:, :, None, None], down.reshape(r1 * r2, *weight_shape[1:])
+    scale = float(strength) * (float(alpha) / w1b.shape[0] if alpha is not None else 1.0)
+    return LowRankTerm(down=down, up=up, scale=scale)
+
+
+def kronecker_term(w1, w2a, w2b, alpha, strength: float, weight_shape) -> LowRankTerm:
+    """LoKr, kron(W1, A·B) · α/dim, as the exact low-rank term kron(W1, A) · kron(I, B) (Kronecker
+    products multiply blockwise): rank (columns of W1) · (rank of A·B). On a convolution the hosts
+    compute the same on B's flattened kernels, so the down factor is a block-diagonal kernel."""
+    dim = w2b.shape[0]  # the hosts take the second factorisation's rank when both are factorised
+    up = torch.kron(w1.float().flatten(1), w2a.float())
+    down = torch.kron(torch.eye(up.shape[1] // w2a.shape[1]), w2b.float().flatten(1))
+    if len(weight_shape) == 4:
+        up, down = up[:, :, None, None], down.reshape(down.shape[0], *weight_shape[1:])
+    scale = float(strength) * (float(alpha) / dim if alpha is not None else 1.0)
+    return LowRankTerm(down=down, up=up, scale=scale)
 
 
 @dataclass
@@ -285,6 +322,12 @@ class LoraFactors:
 
     def nonzero(self) -> dict:
         return {m: d for m, d in self.deltas.items() if not d.is_zero}
+
+    def nbytes(self) -> int:
+        """The factors' size in float32, as prepared on the device."""
+        return sum(t.numel() * 4 for delta in self.deltas.values() for term in delta.terms
+                   for t in (getattr(term, name, None) for name in ("down", "up", "mid", "weight", "bias"))
+                   if isinstance(t, torch.Tensor))
 
     def dense_count(self) -> int:
         """Modules carrying a dense delta: each as large as its layer."""

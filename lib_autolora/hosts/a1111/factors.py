@@ -158,10 +158,8 @@ def _qkv_terms(parts: dict, sd_module, weights_merged: bool, source: str) -> lis
             dense[i * rows:(i + 1) * rows] = nm.calc_updown(third)[0].reshape(third.shape).float()
             terms.append(DenseTerm(dense.detach(), source=source))
             continue
-        full = up.new_zeros((3 * rows, up.shape[1]))
-        full[i * rows:(i + 1) * rows] = up
-        terms.append(LowRankTerm(down=down, up=full, scale=float(nm.calc_scale()) * float(nm.multiplier()),
-                                 source=source))
+        term = LowRankTerm(down=down, up=up, scale=float(nm.calc_scale()) * float(nm.multiplier()), source=source)
+        terms.append(term.embedded(sd_module.weight.shape, 0, i * rows))
     return terms
 
 

@@ -107,7 +107,7 @@ class ForgeAdapter(Adapter):
         state.sampling = Sampling(self.api, gen, p, ours, guided, conds, fused=self.fused)
         ours.model_options[self.api.step_hook] = ours.model_options.get(self.api.step_hook, []) + [
             state.sampling.step_function(self.api.step_hook)]
-        ours.add_extra_preserved_memory_during_sampling(guided.nbytes())
+        ours.add_extra_preserved_memory_during_sampling(guided.factors.nbytes())
         p.sd_model.forge_objects.unet = ours
 
     @staticmethod

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from ...factors import DenseTerm, LoraFactors, LowRankTerm, ModuleDelta
+from ...factors import DenseTerm, LoraFactors, LowRankTerm, ModuleDelta, hadamard_term, kronecker_term
 
 ADDITIVE_TYPES = ("lora", "loha", "lokr", "diff")
 
@@ -57,16 +57,6 @@ class ForgeFactors:
     @property
     def empty(self) -> bool:
         return not self.factors.nonzero()
-
-    def nbytes(self) -> int:
-        total = 0
-        for delta in self.factors.deltas.values():
-            for term in delta.terms:
-                for t in (getattr(term, "down", None), getattr(term, "up", None), getattr(term, "mid", None),
-                          getattr(term, "weight", None), getattr(term, "bias", None)):
-                    if isinstance(t, torch.Tensor):
-                        total += t.numel() * 4
-        return total
 
     def message(self, model_label: str) -> Optional[str]:
         parts = []
@@ -127,38 +117,18 @@ def _is_additive(entry) -> bool:
     return True
 
 
-def _hadamard_term(v, strength: float, weight_shape, module_kind: str, source: str) -> Optional[LowRankTerm]:
-    """LoHa, (w1a·w1b) ⊙ (w2a·w2b) · α/r1, as the exact low-rank term it is: a Hadamard product of
-    ranks r1 and r2 has rank r1·r2, with the products of the factors' columns (and rows) pairwise
-    (Khatri-Rao) as its factors. Tucker (CP) LoHa and DoRA have no such form here."""
-    w1a, w1b, alpha, w2a, w2b, t1, _t2, dora = _weights(v)[:8]
-    if t1 is not None or dora is not None:
-        return None
-    r1, r2 = w1a.shape[1], w2a.shape[1]
-    up = (w1a.float()[:, :, None] * w2a.float()[:, None, :]).reshape(w1a.shape[0], r1 * r2)
-    down = (w1b.float()[:, None, :] * w2b.float()[None, :, :]).reshape(r1 * r2, -1)
-    if module_kind == "conv2d":
-        up, down = up[:, :, None, None], down.reshape(r1 * r2, *weight_shape[1:])
-    scale = float(strength) * (float(alpha) / w1b.shape[0] if alpha is not None else 1.0)
-    return LowRankTerm(down=down, up=up, scale=scale, source=source)
-
-
-def _kronecker_term(v, strength: float, weight_shape, module_kind: str, source: str) -> Optional[LowRankTerm]:
-    """LoKr, kron(W1, A·B) · α/dim, as the exact low-rank term kron(W1, A) · kron(I, B) (Kronecker
-    products multiply blockwise): rank (columns of W1) · (rank of A·B). On a convolution the host
-    computes the same on B's flattened kernels, so the down factor is a block-diagonal kernel. A
-    full or Tucker W2 and DoRA stay dense."""
+def _low_rank_lycoris(kind: str, v, strength: float, weight_shape) -> Optional[LowRankTerm]:
+    """A LoHa or LoKr patch as its exact low-rank term (factors.hadamard_term / kronecker_term), or
+    None where it has none (Tucker factors, a full W2, DoRA)."""
+    if kind == "loha":
+        w1a, w1b, alpha, w2a, w2b, t1, _t2, dora = _weights(v)[:8]
+        if t1 is not None or dora is not None:
+            return None
+        return hadamard_term(w1a, w1b, w2a, w2b, alpha, strength, weight_shape)
     w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora = _weights(v)[:9]
     if w2 is not None or w2a is None or t2 is not None or dora is not None:
         return None
-    w1 = (w1a.float() @ w1b.float()) if w1 is None else w1.float()
-    dim = w2b.shape[0]  # the host takes the second factorisation's rank when both are factorised
-    up = torch.kron(w1.flatten(1), w2a.float())
-    down = torch.kron(torch.eye(up.shape[1] // w2a.shape[1]), w2b.float().flatten(1))
-    if module_kind == "conv2d":
-        up, down = up[:, :, None, None], down.reshape(down.shape[0], *weight_shape[1:])
-    scale = float(strength) * (float(alpha) / dim if alpha is not None else 1.0)
-    return LowRankTerm(down=down, up=up, scale=scale, source=source)
+    return kronecker_term((w1a.float() @ w1b.float()) if w1 is None else w1, w2a, w2b, alpha, strength, weight_shape)
 
 
 def _low_rank_term(entry, weight_shape, module_kind: str, source: str) -> Optional[LowRankTerm]:
@@ -166,11 +136,10 @@ def _low_rank_term(entry, weight_shape, module_kind: str, source: str) -> Option
     strength, v, _strength_model, offset, _function = _fields(entry)
     kind = _patch_type(v)
     if kind in ("loha", "lokr"):
-        if offset is not None:
-            return None
-        if kind == "loha":
-            return _hadamard_term(v, strength, weight_shape, module_kind, source)
-        return _kronecker_term(v, strength, weight_shape, module_kind, source)
+        term = _low_rank_lycoris(kind, v, strength, weight_shape) if offset is None else None
+        if term is not None:
+            term.source = source
+        return term
     if kind != "lora":
         return None
     up, down, alpha, mid, _dora = _weights(v)[:5]
@@ -180,19 +149,13 @@ def _low_rank_term(entry, weight_shape, module_kind: str, source: str) -> Option
         up, down = up.flatten(1), down.flatten(1)
         if mid is not None:
             return None
-    if offset is not None:
-        dim, start, length = offset
+    term = LowRankTerm(down=down, up=up, mid=mid, scale=scale, source=source)
+    if offset is not None:  # a slice of a fused layer (QKV): the factor padded with zeros
+        dim, start, _length = offset
         if module_kind != "linear" or dim not in (0, 1):
             return None
-        if dim == 0:
-            full = up.new_zeros((weight_shape[0], up.shape[1]))
-            full[start:start + length] = up
-            up = full
-        else:
-            full = down.new_zeros((down.shape[0], weight_shape[1]))
-            full[:, start:start + length] = down
-            down = full
-    return LowRankTerm(down=down, up=up, mid=mid, scale=scale, source=source)
+        return term.embedded(weight_shape, dim, start)
+    return term
 
 
 def _module_delta(module: torch.nn.Module, weight: torch.Tensor) -> Optional[ModuleDelta]:
