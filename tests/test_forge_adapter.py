@@ -633,13 +633,13 @@ def test_the_forge_binding_needs_forge_mains_sampling_step():
             return x - model_options["sampler_cfg_function"]({})
         return uncond_pred + (cond_pred - uncond_pred) * cond_scale
 
-    assert forge.missing_capability(SimpleNamespace(sampling_function_inner=forge_main), StandInForgeModelPatcher) is None
+    assert forge.ForgeAPI.missing(SimpleNamespace(sampling_function_inner=forge_main), StandInForgeModelPatcher) is None
 
     def comfy_style(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None):
         out = calc_cond_batch(model, [cond, uncond], x, timestep, model_options)  # noqa: F821
         return cfg_function(model, out[0], out[1], cond_scale, x, timestep, model_options)  # noqa: F821
 
-    reason = forge.missing_capability(SimpleNamespace(sampling_function_inner=comfy_style), StandInForgeModelPatcher)
+    reason = forge.ForgeAPI.missing(SimpleNamespace(sampling_function_inner=comfy_style), StandInForgeModelPatcher)
     assert "sampler_pre_cfg_function" in reason and "calc_cond_uncond_batch" in reason
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lib_autolora.generation import Generation
-from lib_autolora.hosts.forge import ForgeState, call_prompt_function, missing_capability
+from lib_autolora.hosts.forge import ForgeState
+from lib_autolora.hosts.forge.api import ForgeAPI, call_prompt_function
 from lib_autolora.hosts.forge.factors import read_factors
 from lib_autolora.hosts.forge.patcher import (
     UNKNOWN_FILE, guided_sources, missing_convention, originals, patch_sets)
@@ -253,8 +254,8 @@ def test_the_capability_check_reads_the_patcher_conventions():
         return model_options["sampler_cfg_function"]
 
     sampling = SimpleNamespace(sampling_function_inner=sampling_step)
-    assert missing_capability(sampling, StandInComfyModelPatcher) is None
-    assert "ModelPatcher" in missing_capability(sampling, Moved)
+    assert ForgeAPI.missing(sampling, StandInComfyModelPatcher) is None
+    assert "ModelPatcher" in ForgeAPI.missing(sampling, Moved)
 
 
 

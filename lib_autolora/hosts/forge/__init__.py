@@ -17,18 +17,13 @@ from typing import Optional
 
 from ...generation import Generation
 from ..adapter import Adapter, register_callback
-from .api import MODIFIERS, PRE_CFG, ForgeAPI, LdmPatchedAPI, call_prompt_function  # noqa: F401 - the hosts' API
+from .api import MODIFIERS, PRE_CFG, ForgeAPI
 from .conditioning import BaseCondCache, BaseConditioning
 from .factors import read_factors
 from .patcher import UNTOLD_NOTICE, clones_share_weights, guided_sources, originals, patch_sets
 from .sampling import HOOK_MARK, Sampling
 
 NAME = "forge"
-
-
-def missing_capability(sampling_function_module=None, patcher_cls=None) -> Optional[str]:
-    """Forge main's and Forge Neo's check (api.ForgeAPI.missing), kept under its old name."""
-    return ForgeAPI.missing(sampling_function_module, patcher_cls)
 
 
 @dataclass
