@@ -142,6 +142,15 @@ def register_callback(register, callback) -> None:
         register(callback)
 
 
+def open_strategy(gen: Generation, opts, factors, p, **measured):
+    """The pass's base-branch strategy, with the user's settings entries (the strategy `auto`
+    stands for, the swap budget) and what the host measured (`Generation.open_strategy`)."""
+    budget_mb = getattr(opts, "autolora_swap_budget_mb", 0) or 0
+    return gen.open_strategy(factors, default=getattr(opts, "autolora_default_strategy", "auto"),
+                             swap_budget_bytes=int(budget_mb * 2 ** 20) if budget_mb > 0 else None,
+                             comment=getattr(p, "comment", None), **measured)
+
+
 def model_changed(gen: Generation, comment) -> None:
     """The host switched models mid-sampling (a refiner): the rest runs without AutoLoRA."""
     gen.stopped = "model changed"

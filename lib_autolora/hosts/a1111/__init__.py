@@ -16,7 +16,7 @@ from ...base_branch import DeltaHooks
 from ...generation import Generation
 from ... import memory
 from .. import networks
-from ..adapter import Adapter, register_callback
+from ..adapter import Adapter, open_strategy, register_callback
 from . import binding
 from .binding import checkpoint_key, unwrap
 from .conditioning import CondPair, encode_pass, pass_prompts
@@ -83,14 +83,10 @@ class A1111State:
 
     def open_strategy(self, gen: Generation, p, x) -> None:
         """At the first guided step of a pass: `auto` judges by this step's latent size."""
-        opts = self.api.shared.opts
-        budget_mb = getattr(opts, "autolora_swap_budget_mb", 0) or 0
-        gen.open_strategy(
-            self.factors.unet, default=getattr(opts, "autolora_default_strategy", "auto"),
-            weights_merged=self.weights_merged,
+        open_strategy(
+            gen, self.api.shared.opts, self.factors.unet, p, weights_merged=self.weights_merged,
             latent_pixels_per_branch=int(getattr(p, "batch_size", 1)) * int(x.shape[-1]) * int(x.shape[-2]),
-            free_bytes=memory.free_bytes(), swap_budget_bytes=int(budget_mb) * 2 ** 20 if budget_mb > 0 else None,
-            base_weights=base_weights_fn(self.factors, networks.networks_module()), comment=p.comment)
+            free_bytes=memory.free_bytes(), base_weights=base_weights_fn(self.factors, networks.networks_module()))
 
     def close_pass(self, gen: Generation):
         for denoiser in list(self.wrapped):

@@ -27,7 +27,7 @@ import torch
 from ... import step as step_protocol
 from ...generation import Generation
 from ...step import StepPosition
-from ..adapter import model_changed
+from ..adapter import model_changed, open_strategy
 from .factors import base_weight
 from .fused import Fusion, strip
 from .patcher import applied_per_call, originals
@@ -216,20 +216,17 @@ class Sampling:
 
     def _open_strategy(self, x: torch.Tensor):
         """At the first guided step: the host has loaded and merged the model by then."""
-        api, opts, guided = self.api, self.api.options(), self.guided
-        budget_mb = getattr(opts, "autolora_swap_budget_mb", 0) or 0
+        api, guided = self.api, self.guided
         original = originals(self.unet)
         # Whether every guided layer holds its merged weight (online LoRAs and low-VRAM layers get
         # their patches applied in each forward): known only now that the host loaded the model.
         merged = not guided.online and not any(applied_per_call(module) for module in guided.factors.nonzero())
-        self.gen.open_strategy(
-            guided.factors, default=getattr(opts, "autolora_default_strategy", "auto"), weights_merged=merged,
-            lean_memory=api.lean_memory(), latent_pixels_per_branch=int(x.shape[0] * x.shape[-1] * x.shape[-2]),
-            free_bytes=api.free_memory(x.device), swap_budget_bytes=int(budget_mb * 2 ** 20) if budget_mb else None,
+        open_strategy(
+            self.gen, api.options(), guided.factors, self.p, weights_merged=merged, lean_memory=api.lean_memory(),
+            latent_pixels_per_branch=int(x.shape[0] * x.shape[-1] * x.shape[-2]), free_bytes=api.free_memory(x.device),
             # Exact: the host's pre-LoRA original with the unguided LoRAs merged back.
             base_weights=lambda module, _delta: (
-                base_weight(guided.params[module], merge=api.merge_for(self.unet), original=original), None),
-            comment=getattr(self.p, "comment", None))
+                base_weight(guided.params[module], merge=api.merge_for(self.unet), original=original), None))
 
     # -- the model function wrapper: what each host forward of the step runs ------------------------
     def wrapper(self, step: Step, previous):
