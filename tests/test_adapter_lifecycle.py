@@ -151,3 +151,33 @@ def test_a_generation_with_dense_deltas_gives_its_freed_heap_back_to_the_os(dens
         assert returned > 100 * 2**20, f"only {returned / 2**20:.0f} MiB of ~170 went back"
     else:
         assert returned < 50 * 2**20, f"{returned / 2**20:.0f} MiB went back without dense deltas"
+
+
+def test_the_users_strategy_settings_reach_the_strategy_choice():
+    """Settings → AutoLoRA: the strategy 'auto' stands for, and the swap budget in MB (0: free
+    memory), as both bindings pass them (adapter.open_strategy)."""
+    import torch
+
+    from lib_autolora.factors import LoraFactors, LowRankTerm
+    from lib_autolora.generation import Generation
+    from lib_autolora.hosts.adapter import open_strategy
+
+    layer = torch.nn.Linear(1024, 1024)  # 4 MiB of weight: what 'swap' would keep a copy of
+    factors = LoraFactors()
+    factors.add(layer, "layer", LowRankTerm(down=torch.randn(4, 1024), up=torch.randn(1024, 4), scale=0.5))
+    compute_bound = dict(weights_merged=True, latent_pixels_per_branch=10 ** 6, free_bytes=2 ** 34)
+
+    def chosen(**opts):
+        gen = Generation(AutoLoraSettings(), "stand-in host")
+        p = SimpleNamespace(comment=lambda _text: None)
+        try:
+            open_strategy(gen, SimpleNamespace(**opts), factors, p, **compute_bound)
+            return gen.stats.strategy
+        finally:
+            gen.close_strategy()
+
+    assert chosen() == "swap", "no settings: 'auto' by the rule, the free memory the budget"
+    assert chosen(autolora_default_strategy="sequential") == "sequential"
+    assert chosen(autolora_swap_budget_mb=0) == "swap", "0 MB: the free memory"
+    assert chosen(autolora_swap_budget_mb=1) == "batched", "a 1 MB budget holds no 4 MiB copy"
+    assert chosen(autolora_swap_budget_mb=8) == "swap"
