@@ -46,16 +46,19 @@ TITLE = "AutoLoRA"
 class DetailedImages:
     """The value of DETAILER_KEY in the outer generation's infotext params: the host calls it with
     create_infotext's locals as it writes each image's infotext (right after that image's
-    postprocess_image ran the detailer pass), so only the images whose pass was guided say so."""
+    postprocess_image ran the detailer pass), so only the images whose pass was guided say so. It
+    answers only for its own generation: X/Y/Z cells and other scripts' copies of `p` share the
+    params dict."""
 
-    def __init__(self):
+    def __init__(self, owner):
+        self.owner = owner
         self.guided = set()  # (batch number, position in the batch)
 
     def add(self, p) -> None:
         self.guided.add((getattr(p, "iteration", 0), getattr(p, "batch_index", 0)))
 
     def __call__(self, p, index=0, **_locals):
-        return "guided" if (getattr(p, "iteration", 0), index) in self.guided else None
+        return "guided" if p is self.owner and (getattr(p, "iteration", 0), index) in self.guided else None
 
 
 def elem_id(tab: str, name: str) -> str:
@@ -141,6 +144,9 @@ class AutoLoraScript(scripts.Script):
     def __init__(self):
         self.prompts = {}  # tab -> the WebUI's prompt box, for the guided-LoRA picker
         self.outer = None  # the generation whose postprocess_image may run a detailer pass
+        # Its AutoLoRA generations: a detailer pass finishes the one that ran before it (one
+        # generation at a time), and the outer's next batch opens another; the line sums them.
+        self.outer_parts = []
         for tab in ("txt2img", "img2img"):
             self.on_after_component(lambda c, tab=tab: self.prompts.__setitem__(tab, c.component),
                                     elem_id=f"{tab}_prompt")
@@ -184,7 +190,8 @@ class AutoLoraScript(scripts.Script):
     def process(self, p, *args):
         ADAPTER.finish(None)  # a previous generation that raised (its postprocess never ran)
         if not getattr(p, DETAILER_PASS_ATTR, False):
-            self.outer = p
+            self.outer, self.outer_parts = p, []
+            p.extra_generation_params.pop(DETAILER_KEY, None)  # an earlier job's, in a shared dict
         setattr(p, SETTINGS_ATTR, None)
         try:
             settings = xyz.settings_for(p, args)
@@ -222,22 +229,34 @@ class AutoLoraScript(scripts.Script):
         gen = ADAPTER.generation(p)
         if gen is None:
             return
+        if p is self.outer and not any(part is gen.stats for part in self.outer_parts):
+            self.outer_parts.append(gen.stats)
         if gen.batch_was_guided():
             p.extra_generation_params.update(gen.infotext_fields())
             if getattr(p, DETAILER_PASS_ATTR, False) and self.outer is not None:
-                self.outer.extra_generation_params.setdefault(DETAILER_KEY, DetailedImages()).add(self.outer)
+                self._note_detailer_pass(self.outer)
         else:
             _strip_infotext(p)
             gen.note("AutoLoRA: no step of this batch was guided; generated without AutoLoRA", p.comment)
+
+    @staticmethod
+    def _note_detailer_pass(outer) -> None:
+        value = outer.extra_generation_params.get(DETAILER_KEY)
+        if not isinstance(value, DetailedImages) or value.owner is not outer:
+            value = outer.extra_generation_params[DETAILER_KEY] = DetailedImages(outer)
+        value.add(outer)
 
     def postprocess(self, p, processed, *args):
         """The generation ends; one line under the images says what AutoLoRA did."""
         gen = ADAPTER.generation(p)
         ADAPTER.finish(p)
+        parts = [gen.stats] if gen is not None else []
         if p is self.outer:
-            self.outer = None
-        if gen is not None and gen.stats.active and processed is not None:
-            processed.comments = f"{getattr(processed, 'comments', '') or ''}{gen.stats.summary()}\n"
+            parts = [part for part in self.outer_parts if not any(part is s for s in parts)] + parts
+            self.outer, self.outer_parts = None, []
+        active = [part for part in parts if part.active]
+        if active and processed is not None:
+            processed.comments = f"{getattr(processed, 'comments', '') or ''}{stats.summary(active)}\n"
 
     def _fail(self, p, exc):
         if isinstance(exc, AutoLoraArgumentError):

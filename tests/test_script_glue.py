@@ -16,10 +16,10 @@ import pytest
 
 from standins import a1111 as sti
 from helpers import settings_from_infotext
-from lib_autolora import params
+from lib_autolora import params, prompts
 from lib_autolora.generation import Generation
-from lib_autolora import prompts
 from lib_autolora.hosts import xyz
+from lib_autolora.hosts.adapter import Adapter
 from lib_autolora.params import AutoLoraArgumentError, AutoLoraSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -382,6 +382,86 @@ def _image_infotext(p, index):
     values = {key: value(p=p, index=index, iteration=0, position_in_batch=0) if callable(value) else value
               for key, value in p.extra_generation_params.items()}
     return {key: value for key, value in values.items() if value is not None}
+
+
+class OneSlotHost(Adapter):
+    """The real adapter lifecycle (one generation at a time: a generation that starts finishes the
+    one before it), with a host whose every pass guides `steps` steps."""
+
+    name = "one-slot stand-in"
+
+    def __init__(self, steps=3):
+        super().__init__()
+        self.steps = steps
+
+    def loaded_loras(self):
+        return [("style.safetensors", "style")]
+
+    def open_batch(self, p, gen):
+        return None
+
+    def bind_pass(self, p, gen, c, uc):
+        gen.stats.guided_steps += self.steps
+
+    def close(self, gen, p):
+        return None
+
+
+def _job(**kw):
+    return _p(batch_size=1, cfg_scale=7.0, is_hr_pass=False, **kw)
+
+
+def test_a_detailer_pass_between_batches_keeps_the_line_under_the_images_whole():
+    """The detailer pass is a generation of its own, so it finishes the outer job's AutoLoRA
+    generation (one at a time) and the outer's next batch opens another: the line under the job's
+    images still counts every guided step of the job's own batches, and only those."""
+    with sti.installed():
+        module = _load_script()
+        script = module.AutoLoraScript()
+        module.ADAPTER = OneSlotHost(steps=3)
+        outer = _job()
+        script.process(outer, True, 1.5)
+        for outer.iteration in range(2):
+            script.process_batch(outer, True, 1.5)
+            script.process_before_every_sampling(outer, True, 1.5, c=1, uc=2)
+            script.postprocess_batch(outer, True, 1.5)
+            outer.batch_index = 0
+            inner = _job(_ad_inner=True)
+            _generate(script, inner, True, 1.5)
+            assert _image_infotext(outer, 0)[module.DETAILER_KEY] == "guided"
+        processed = SimpleNamespace(comments="")
+        script.postprocess(outer, processed, True, 1.5)
+        assert processed.comments.startswith("AutoLoRA: 6 of 6 steps guided, base branch 'none', "), processed.comments
+
+
+def test_a_detailer_claim_stays_with_its_own_job_when_jobs_share_the_params_dict():
+    """X/Y/Z (and other scripts) run each cell on a shallow copy of `p`: the cells share one
+    extra_generation_params dict. A cell whose detailer pass was guided must not make a later
+    cell's images say so."""
+    with sti.installed():
+        module = _load_script()
+        script = module.AutoLoraScript()
+        module.ADAPTER = OneSlotHost(steps=3)
+        shared = {}
+        infotexts = []
+        for detailer_guides in (True, False):
+            cell = _job(iteration=0, batch_index=0)
+            cell.extra_generation_params = shared
+            script.process(cell, True, 1.5)
+            script.process_batch(cell, True, 1.5)
+            script.process_before_every_sampling(cell, True, 1.5, c=1, uc=2)
+            script.postprocess_batch(cell, True, 1.5)
+            module.ADAPTER.steps = 3 if detailer_guides else 0
+            _generate(script, _job(_ad_inner=True), True, 1.5)
+            module.ADAPTER.steps = 3
+            infotexts.append(_image_infotext(cell, 0))
+            script.postprocess(cell, None, True, 1.5)
+        assert infotexts[0].get(module.DETAILER_KEY) == "guided"
+        assert module.DETAILER_KEY not in infotexts[1], infotexts[1]
+        # a copy of the first cell's value left in the dict answers for its own job only
+        stale = module.DetailedImages(object())
+        stale.guided.add((0, 0))
+        assert stale(p=_job(iteration=0), index=0) is None
 
 
 def test_a_guided_adetailer_pass_is_named_in_the_infotext_of_its_image_only():
