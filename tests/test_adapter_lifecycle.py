@@ -181,3 +181,30 @@ def test_the_users_strategy_settings_reach_the_strategy_choice():
     assert chosen(autolora_swap_budget_mb=0) == "swap", "0 MB: the free memory"
     assert chosen(autolora_swap_budget_mb=1) == "batched", "a 1 MB budget holds no 4 MiB copy"
     assert chosen(autolora_swap_budget_mb=8) == "swap"
+
+
+def test_the_generations_own_objects_are_gone_when_the_heap_is_trimmed(monkeypatch):
+    """The trim hands back only memory that is free: the host's per-generation objects (factors,
+    dense deltas) must be released before it runs, though the caller still holds the Generation
+    (the script keeps it for the line under the images)."""
+    import weakref
+
+    import torch
+
+    from lib_autolora import memory
+
+    class DenseHost(RecordingHost):
+        def open_batch(self, p, gen):
+            dense = torch.zeros(64, 64)
+            self.dense = weakref.ref(dense)
+            gen.host_state = SimpleNamespace(factors={"layer": dense})
+            gen.stats.dense_layers = 1
+
+    alive_at_trim = []
+    monkeypatch.setattr(memory, "return_free_heap", lambda: alive_at_trim.append(host.dense() is not None))
+    host, p = DenseHost(), job()
+    host.start_batch(p, AutoLoraSettings(enabled=True))
+    gen = host.generation(p)
+    host.finish(p)
+    assert alive_at_trim == [False], "the dense delta was still held when the heap was trimmed"
+    assert gen.stats.finished

@@ -88,6 +88,7 @@ class Adapter:
         try:
             self.close(gen, its_p)
         finally:
+            gen.host_state = None  # the factors go now, before the trim (the caller may keep `gen`)
             gen.finish(memory.peak_bytes())
             if gen.stats.dense_layers:  # gigabytes freed on the CPU: back to the OS, not kept by glibc
                 memory.return_free_heap()

@@ -163,7 +163,8 @@ class A1111Adapter(Adapter):
         state.mha_swap = MhaSwap(state.factors, getattr(networks.networks_module(), "network_apply_weights", None))
         gen.stats.modules = {"text_encoder": len(state.factors.te.nonzero()) + len(state.factors.mha),
                              "unet": len(state.factors.unet.nonzero())}
-        gen.stats.dense_layers = state.factors.te.dense_count() + state.factors.unet.dense_count()
+        gen.stats.dense_layers = max(gen.stats.dense_layers,  # the hires pass may read other LoRAs
+                                     state.factors.te.dense_count() + state.factors.unet.dense_count())
 
     def _base_conds(self, p, gen: Generation) -> CondPair:
         """Base (and LoRA-scale) conditioning of this pass's prompts, as p.setup_conds encodes them."""
