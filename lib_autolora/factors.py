@@ -57,7 +57,10 @@ class LowRankTerm:
 
     def embedded(self, weight_shape, dim: int, start: int) -> "LowRankTerm":
         """This term of a slice of a fused Linear (QKV), on the whole weight: its up factor's rows
-        (dim 0) or its down factor's columns (dim 1) placed from `start`, zeros elsewhere."""
+        (dim 0) or its down factor's columns (dim 1) placed from `start`, zeros elsewhere. A Linear's
+        term only (2-D factors, no Tucker mid)."""
+        if self.mid is not None or self.up.ndim != 2 or self.down.ndim != 2:
+            raise ValueError("only a Linear's low-rank term without a mid is embedded in a fused layer")
         if dim == 0:
             up = self.up.new_zeros((weight_shape[0], self.up.shape[1]))
             up[start:start + self.up.shape[0]] = self.up
@@ -98,7 +101,7 @@ def kronecker_term(w1, w2a, w2b, alpha, strength: float, weight_shape) -> LowRan
     compute the same on B's flattened kernels, so the down factor is a block-diagonal kernel."""
     dim = w2b.shape[0]  # the hosts take the second factorisation's rank when both are factorised
     up = torch.kron(w1.float().flatten(1), w2a.float())
-    down = torch.kron(torch.eye(up.shape[1] // w2a.shape[1]), w2b.float().flatten(1))
+    down = torch.kron(torch.eye(up.shape[1] // w2a.shape[1], device=w2b.device), w2b.float().flatten(1))
     if len(weight_shape) == 4:
         up, down = up[:, :, None, None], down.reshape(down.shape[0], *weight_shape[1:])
     scale = float(strength) * (float(alpha) / dim if alpha is not None else 1.0)
