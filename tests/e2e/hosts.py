@@ -247,7 +247,11 @@ HOSTS = {
         base_args=FORGE_FAMILY_ARGS,
         cpu_args=("--skip-torch-cuda-test", "--always-cpu"),
         lora_modes={"merged": {}}, sdxl_mode="merged",
+        # no presets: the UI's defaults are one for every model (modules/ui.py: CFG 7)
         archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
+                                ui_defaults=_ui("Euler a", "Automatic", 7)),
+               # SDXL: made by the installer with MAKE_SDXL=1
+               "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
                                 ui_defaults=_ui("Euler a", "Automatic", 7))},
         make_checkpoint=_a1111_checkpoint_cmd, family="forge",
         network_types=("locon", "loha", "lokr", "dora", "oft"), label="reForge"),
@@ -256,7 +260,11 @@ HOSTS = {
         base_args=FORGE_FAMILY_ARGS,
         cpu_args=("--skip-torch-cuda-test", "--always-cpu"),
         lora_modes={"merged": {}}, sdxl_mode="merged",
+        # no presets: the UI's defaults are one for every model (modules/ui.py: CFG 7)
         archs={"sd15": ArchSpec("sd15", "rand_sd15.safetensors", "rand_lora_sd15", "autolora_e2e_lora_b",
+                                ui_defaults=_ui("Euler a", "Automatic", 7)),
+               # SDXL: made by the installer with MAKE_SDXL=1
+               "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl",
                                 ui_defaults=_ui("Euler a", "Automatic", 7))},
         make_checkpoint=_a1111_checkpoint_cmd, family="forge",
         network_types=("locon", "loha", "lokr"), label="Forge Classic", tells_loras_apart=False,
