@@ -43,22 +43,9 @@ DETAILER_KEY = "AutoLoRA ADetailer"
 TITLE = "AutoLoRA"
 
 
-class DetailedImages:
-    """The value of DETAILER_KEY in the outer generation's infotext params: the host calls it with
-    create_infotext's locals as it writes each image's infotext (right after that image's
-    postprocess_image ran the detailer pass), so only the images whose pass was guided say so. It
-    answers only for its own generation: X/Y/Z cells and other scripts' copies of `p` share the
-    params dict."""
-
-    def __init__(self, owner):
-        self.owner = owner
-        self.guided = set()  # (batch number, position in the batch)
-
-    def add(self, p) -> None:
-        self.guided.add((getattr(p, "iteration", 0), getattr(p, "batch_index", 0)))
-
-    def __call__(self, p, index=0, **_locals):
-        return "guided" if p is self.owner and (getattr(p, "iteration", 0), index) in self.guided else None
+def _image_of(p) -> tuple:
+    """The image the host's image loop is at: (batch number, position in the batch)."""
+    return getattr(p, "iteration", 0), getattr(p, "batch_index", 0)
 
 
 def elem_id(tab: str, name: str) -> str:
@@ -147,6 +134,7 @@ class AutoLoraScript(scripts.Script):
         # Its AutoLoRA generations: a detailer pass finishes the one that ran before it (one
         # generation at a time), and the outer's next batch opens another; the line sums them.
         self.outer_parts = []
+        self.detailed = set()  # the outer's images whose detailer pass was guided (_image_of)
         for tab in ("txt2img", "img2img"):
             self.on_after_component(lambda c, tab=tab: self.prompts.__setitem__(tab, c.component),
                                     elem_id=f"{tab}_prompt")
@@ -190,7 +178,7 @@ class AutoLoraScript(scripts.Script):
     def process(self, p, *args):
         ADAPTER.finish(None)  # a previous generation that raised (its postprocess never ran)
         if not getattr(p, DETAILER_PASS_ATTR, False):
-            self.outer, self.outer_parts = p, []
+            self.outer, self.outer_parts, self.detailed = p, [], set()
             p.extra_generation_params.pop(DETAILER_KEY, None)  # an earlier job's, in a shared dict
         setattr(p, SETTINGS_ATTR, None)
         try:
@@ -234,17 +222,22 @@ class AutoLoraScript(scripts.Script):
         if gen.batch_was_guided():
             p.extra_generation_params.update(gen.infotext_fields())
             if getattr(p, DETAILER_PASS_ATTR, False) and self.outer is not None:
-                self._note_detailer_pass(self.outer)
+                self.detailed.add(_image_of(self.outer))
+                self.outer.extra_generation_params[DETAILER_KEY] = "guided"
         else:
             _strip_infotext(p)
             gen.note("AutoLoRA: no step of this batch was guided; generated without AutoLoRA", p.comment)
 
-    @staticmethod
-    def _note_detailer_pass(outer) -> None:
-        value = outer.extra_generation_params.get(DETAILER_KEY)
-        if not isinstance(value, DetailedImages) or value.owner is not outer:
-            value = outer.extra_generation_params[DETAILER_KEY] = DetailedImages(outer)
-        value.add(outer)
+    def postprocess_image(self, p, pp, *args):
+        """The host writes each image's infotext from the outer params after every script's
+        postprocess_image: it names the detailer pass only if this image's was guided, whether
+        ADetailer's postprocess_image (which runs the pass) came before this one or comes after."""
+        if p is not self.outer or getattr(p, DETAILER_PASS_ATTR, False):
+            return
+        if _image_of(p) in self.detailed:
+            p.extra_generation_params[DETAILER_KEY] = "guided"
+        else:
+            p.extra_generation_params.pop(DETAILER_KEY, None)
 
     def postprocess(self, p, processed, *args):
         """The generation ends; one line under the images says what AutoLoRA did."""

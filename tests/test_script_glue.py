@@ -375,13 +375,17 @@ def test_a_preset_sets_its_controls_and_nothing_else():
         assert fn(None) == [{"__type__": "update"}] * 2, "clearing the preset changes nothing"
 
 
-def _image_infotext(p, index):
-    """processing.create_infotext's handling of the extra params (A1111 v1.10.1 and the Forge family):
-    a callable value is called with the function's locals, `index` the image's position in its
-    batch when the image loop writes it; a None value is left out."""
-    values = {key: value(p=p, index=index, iteration=0, position_in_batch=0) if callable(value) else value
-              for key, value in p.extra_generation_params.items()}
-    return {key: value for key, value in values.items() if value is not None}
+def _image(script, outer, detailer_pass, ours_first: bool) -> dict:
+    """processing's image loop for the image at (outer.iteration, outer.batch_index): every script's
+    postprocess_image (ADetailer's runs the detailer pass, `detailer_pass()`; which of the two
+    scripts comes first depends on the extensions' order), then the image's infotext params."""
+    pp = SimpleNamespace(image=None)
+    if ours_first:
+        script.postprocess_image(outer, pp, True, 1.5)
+    detailer_pass()
+    if not ours_first:
+        script.postprocess_image(outer, pp, True, 1.5)
+    return {k: v for k, v in outer.extra_generation_params.items() if v is not None}
 
 
 class OneSlotHost(Adapter):
@@ -411,7 +415,8 @@ def _job(**kw):
     return _p(batch_size=1, cfg_scale=7.0, is_hr_pass=False, **kw)
 
 
-def test_a_detailer_pass_between_batches_keeps_the_line_under_the_images_whole():
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_a_detailer_pass_between_batches_keeps_the_line_under_the_images_whole(ours_first):
     """The detailer pass is a generation of its own, so it finishes the outer job's AutoLoRA
     generation (one at a time) and the outer's next batch opens another: the line under the job's
     images still counts every guided step of the job's own batches, and only those."""
@@ -426,15 +431,15 @@ def test_a_detailer_pass_between_batches_keeps_the_line_under_the_images_whole()
             script.process_before_every_sampling(outer, True, 1.5, c=1, uc=2)
             script.postprocess_batch(outer, True, 1.5)
             outer.batch_index = 0
-            inner = _job(_ad_inner=True)
-            _generate(script, inner, True, 1.5)
-            assert _image_infotext(outer, 0)[module.DETAILER_KEY] == "guided"
+            info = _image(script, outer, lambda: _generate(script, _job(_ad_inner=True), True, 1.5), ours_first)
+            assert info[module.DETAILER_KEY] == "guided"
         processed = SimpleNamespace(comments="")
         script.postprocess(outer, processed, True, 1.5)
         assert processed.comments.startswith("AutoLoRA: 6 of 6 steps guided, base branch 'none', "), processed.comments
 
 
-def test_a_detailer_claim_stays_with_its_own_job_when_jobs_share_the_params_dict():
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_a_detailer_claim_stays_with_its_own_job_when_jobs_share_the_params_dict(ours_first):
     """X/Y/Z (and other scripts) run each cell on a shallow copy of `p`: the cells share one
     extra_generation_params dict. A cell whose detailer pass was guided must not make a later
     cell's images say so."""
@@ -452,19 +457,16 @@ def test_a_detailer_claim_stays_with_its_own_job_when_jobs_share_the_params_dict
             script.process_before_every_sampling(cell, True, 1.5, c=1, uc=2)
             script.postprocess_batch(cell, True, 1.5)
             module.ADAPTER.steps = 3 if detailer_guides else 0
-            _generate(script, _job(_ad_inner=True), True, 1.5)
+            infotexts.append(_image(script, cell, lambda: _generate(script, _job(_ad_inner=True), True, 1.5),
+                                    ours_first))
             module.ADAPTER.steps = 3
-            infotexts.append(_image_infotext(cell, 0))
             script.postprocess(cell, None, True, 1.5)
         assert infotexts[0].get(module.DETAILER_KEY) == "guided"
         assert module.DETAILER_KEY not in infotexts[1], infotexts[1]
-        # a copy of the first cell's value left in the dict answers for its own job only
-        stale = module.DetailedImages(object())
-        stale.guided.add((0, 0))
-        assert stale(p=_job(iteration=0), index=0) is None
 
 
-def test_a_guided_adetailer_pass_is_named_in_the_infotext_of_its_image_only():
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_a_guided_adetailer_pass_is_named_in_the_infotext_of_its_image_only(ours_first):
     """ADetailer's order (scripts/!adetailer.py) inside processing's image loop: per batch
     (`p.iteration`) the outer batch is sampled and its postprocess_batch runs; then per image
     (`p.batch_index`) postprocess_image runs an inner img2img marked `_ad_inner`, with a copy of the
@@ -485,10 +487,13 @@ def test_a_guided_adetailer_pass_is_named_in_the_infotext_of_its_image_only():
             script.postprocess_batch(outer, True, 1.5)
             for outer.batch_index in range(2):
                 adapter.guided = guided_passes[outer.iteration, outer.batch_index]
-                inner = _p(_ad_inner=True)
-                inner.extra_generation_params.update(outer.extra_generation_params)
-                _generate(script, inner, True, 1.5)
-                infotexts[outer.iteration, outer.batch_index] = _image_infotext(outer, outer.batch_index)
+
+                def detailer_pass():
+                    inner = _p(_ad_inner=True)
+                    inner.extra_generation_params.update(outer.extra_generation_params)
+                    _generate(script, inner, True, 1.5)
+
+                infotexts[outer.iteration, outer.batch_index] = _image(script, outer, detailer_pass, ours_first)
         for image, guided in guided_passes.items():
             assert infotexts[image]["AutoLoRA"] == "True", "the first pass's own claim stays"
             assert infotexts[image].get(module.DETAILER_KEY) == ("guided" if guided else None), (image, infotexts[image])

@@ -131,6 +131,8 @@ def test_with_autolora_in_adetailers_script_names_its_pass_is_guided(webui, face
     assert diff(on.image[FAR], off.image[FAR])[0] < 0.5, "far from the face nothing changes"
     assert "AutoLoRA: True" in on.infotext and "ADetailer model: mediapipe_face_full" in on.infotext, on.infotext
     assert "AutoLoRA ADetailer: guided" in on.infotext, ("the image says its detailer pass was guided", on.infotext)
+    # the API's info carries the outer params as JSON (Forge Classic serialises them without a fallback)
+    assert on.info["extra_generation_params"].get("AutoLoRA ADetailer") == "guided", on.info["extra_generation_params"]
 
     g1 = webui.img2img(ad_req(webui, face_png, {"enabled": True, "gamma": 1.0}))
     assert_close(g1.image, off.image, "detailer pass at γ 1 vs without AutoLoRA")
