@@ -177,7 +177,7 @@ class AutoLoraScript(scripts.Script):
 
     def process(self, p, *args):
         ADAPTER.finish(None)  # a previous generation that raised (its postprocess never ran)
-        if not getattr(p, DETAILER_PASS_ATTR, False):
+        if not getattr(p, DETAILER_PASS_ATTR, False) and not self._reprocess_of_outer(p):
             self.outer, self.outer_parts, self.detailed = p, [], set()
             p.extra_generation_params.pop(DETAILER_KEY, None)  # an earlier job's, in a shared dict
         setattr(p, SETTINGS_ATTR, None)
@@ -189,6 +189,14 @@ class AutoLoraScript(scripts.Script):
             return
         if settings.enabled:
             setattr(p, SETTINGS_ATTR, settings)
+
+    def _reprocess_of_outer(self, p) -> bool:
+        """ADetailer calls every script's process again on a shallow copy of the running job after its
+        batch's last image (so that scripts set up the job's next batch): that is the same job. A new
+        job (an X/Y/Z cell, also a copy sharing the params dict) starts after the last one's
+        postprocess and before its own image loop, so without a batch_index."""
+        return (self.outer is not None and p is not self.outer and hasattr(p, "batch_index")
+                and p.extra_generation_params is self.outer.extra_generation_params)
 
     def process_batch(self, p, *args, **kwargs):
         settings = getattr(p, SETTINGS_ATTR, None)

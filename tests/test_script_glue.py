@@ -382,7 +382,13 @@ def _image(script, outer, detailer_pass, ours_first: bool) -> dict:
     pp = SimpleNamespace(image=None)
     if ours_first:
         script.postprocess_image(outer, pp, True, 1.5)
+    # ADetailer's postprocess_image: every script's postprocess on a copy of the job at the batch's
+    # first image, the pass, every script's process on a copy at its last (to set up the next batch)
+    if outer.batch_index == 0:
+        script.postprocess(copy.copy(outer), SimpleNamespace(comments=""), True, 1.5)
     detailer_pass()
+    if outer.batch_index == outer.batch_size - 1:
+        script.process(copy.copy(outer), True, 1.5)
     if not ours_first:
         script.postprocess_image(outer, pp, True, 1.5)
     return {k: v for k, v in outer.extra_generation_params.items() if v is not None}
