@@ -43,10 +43,6 @@ class Stats:
     def add_setup_time(self, seconds: float) -> None:
         self.strategy_setup_ms = round(1000.0 * seconds + (self.strategy_setup_ms or 0), 1)
 
-    def summary(self) -> str:
-        """One line for users, under the images: what ran and what it took."""
-        return summary([self])
-
     def end(self, peak_vram_bytes: Optional[int]) -> None:
         """Closes the record; with diagnostics on, what the garbage collector took since the
         generation began (the host's work included)."""
