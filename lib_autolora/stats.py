@@ -55,26 +55,19 @@ class Stats:
             self.gc_ms = round(1000.0 * (seconds - seconds0), 1)
             self.gc_full_collections = full - full0
 
+    def summary(self) -> str:
+        """One line for users, under the images: what ran and what it took."""
+        steps = self.guided_steps + self.plain_steps
+        setup = f", set-up {self.strategy_setup_ms / 1000:.1f} s" if self.strategy_setup_ms else ""
+        failed = f"; stopped by an error ({self.failure})" if self.failure else ""
+        return (f"AutoLoRA: {self.guided_steps} of {steps} steps guided, base branch '{self.strategy or 'none'}', "
+                f"{self.seconds:.1f} s for the whole generation{setup}{failed}")
+
     def as_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
         out["modules"], out["notices"], out["guided_loras"] = dict(self.modules), list(self.notices), list(self.guided_loras)
         out["settings"] = dict(self.settings)
         return out
-
-
-def summary(parts: list) -> str:
-    """The line under a job's images, over the generations it ran in parts (a detailer pass between
-    its batches closes one and the next batch opens another)."""
-    guided = sum(s.guided_steps for s in parts)
-    steps = guided + sum(s.plain_steps for s in parts)
-    strategies = list(dict.fromkeys(s.strategy or "none" for s in parts))
-    setup_ms = sum(s.strategy_setup_ms or 0 for s in parts)
-    setup = f", set-up {setup_ms / 1000:.1f} s" if setup_ms else ""
-    failures = [s.failure for s in parts if s.failure]
-    failed = f"; stopped by an error ({failures[0]})" if failures else ""
-    return (f"AutoLoRA: {guided} of {steps} steps guided, base branch "
-            f"{', '.join(repr(name) for name in strategies)}, "
-            f"{sum(s.seconds for s in parts):.1f} s for the whole generation{setup}{failed}")
 
 
 class StatsBoard:

@@ -130,11 +130,8 @@ def _presets(tab, controls: dict) -> None:
 class AutoLoraScript(scripts.Script):
     def __init__(self):
         self.prompts = {}  # tab -> the WebUI's prompt box, for the guided-LoRA picker
-        self.outer = None  # the generation whose postprocess_image may run a detailer pass
-        # Its AutoLoRA generations: a detailer pass finishes the one that ran before it (one
-        # generation at a time), and the outer's next batch opens another; the line sums them.
-        self.outer_parts = []
-        self.detailed = set()  # the outer's images whose detailer pass was guided (_image_of)
+        self.job = None  # the running job (`p`), whose images' postprocessing may run a detailer pass
+        self.detailed = set()  # the job's images whose detailer pass was guided (_image_of)
         for tab in ("txt2img", "img2img"):
             self.on_after_component(lambda c, tab=tab: self.prompts.__setitem__(tab, c.component),
                                     elem_id=f"{tab}_prompt")
@@ -176,9 +173,11 @@ class AutoLoraScript(scripts.Script):
         return [controls[name] for name in params.ARG_ORDER] + [unset_boxes[p.name] for p in params.UNSET_BOXES]
 
     def process(self, p, *args):
-        ADAPTER.finish(None)  # a previous generation that raised (its postprocess never ran)
-        if not getattr(p, DETAILER_PASS_ATTR, False) and not self._reprocess_of_outer(p):
-            self.outer, self.outer_parts, self.detailed = p, [], set()
+        if getattr(p, DETAILER_PASS_ATTR, False):
+            ADAPTER.suspend()  # the job's generation waits while the detailer pass runs its own
+        elif not self._reprocess_of_job(p):
+            ADAPTER.finish(None)  # earlier generations whose postprocess never ran (they raised)
+            self.job, self.detailed = p, set()
             p.extra_generation_params.pop(DETAILER_KEY, None)  # an earlier job's, in a shared dict
         setattr(p, SETTINGS_ATTR, None)
         try:
@@ -190,13 +189,13 @@ class AutoLoraScript(scripts.Script):
         if settings.enabled:
             setattr(p, SETTINGS_ATTR, settings)
 
-    def _reprocess_of_outer(self, p) -> bool:
+    def _reprocess_of_job(self, p) -> bool:
         """ADetailer calls every script's process again on a shallow copy of the running job after its
         batch's last image (so that scripts set up the job's next batch): that is the same job. A new
         job (an X/Y/Z cell, also a copy sharing the params dict) starts after the last one's
         postprocess and before its own image loop, so without a batch_index."""
-        return (self.outer is not None and p is not self.outer and hasattr(p, "batch_index")
-                and p.extra_generation_params is self.outer.extra_generation_params)
+        return (self.job is not None and p is not self.job and hasattr(p, "batch_index")
+                and p.extra_generation_params is self.job.extra_generation_params)
 
     def process_batch(self, p, *args, **kwargs):
         settings = getattr(p, SETTINGS_ATTR, None)
@@ -225,13 +224,11 @@ class AutoLoraScript(scripts.Script):
         gen = ADAPTER.generation(p)
         if gen is None:
             return
-        if p is self.outer and not any(part is gen.stats for part in self.outer_parts):
-            self.outer_parts.append(gen.stats)
         if gen.batch_was_guided():
             p.extra_generation_params.update(gen.infotext_fields())
-            if getattr(p, DETAILER_PASS_ATTR, False) and self.outer is not None:
-                self.detailed.add(_image_of(self.outer))
-                self.outer.extra_generation_params[DETAILER_KEY] = "guided"
+            if getattr(p, DETAILER_PASS_ATTR, False) and self.job is not None:
+                self.detailed.add(_image_of(self.job))
+                self.job.extra_generation_params[DETAILER_KEY] = "guided"
         else:
             _strip_infotext(p)
             gen.note("AutoLoRA: no step of this batch was guided; generated without AutoLoRA", p.comment)
@@ -240,7 +237,7 @@ class AutoLoraScript(scripts.Script):
         """The host writes each image's infotext from the outer params after every script's
         postprocess_image: it names the detailer pass only if this image's was guided, whether
         ADetailer's postprocess_image (which runs the pass) came before this one or comes after."""
-        if p is not self.outer or getattr(p, DETAILER_PASS_ATTR, False):
+        if p is not self.job or getattr(p, DETAILER_PASS_ATTR, False):
             return
         if _image_of(p) in self.detailed:
             p.extra_generation_params[DETAILER_KEY] = "guided"
@@ -251,13 +248,10 @@ class AutoLoraScript(scripts.Script):
         """The generation ends; one line under the images says what AutoLoRA did."""
         gen = ADAPTER.generation(p)
         ADAPTER.finish(p)
-        parts = [gen.stats] if gen is not None else []
-        if p is self.outer:
-            parts = [part for part in self.outer_parts if not any(part is s for s in parts)] + parts
-            self.outer, self.outer_parts = None, []
-        active = [part for part in parts if part.active]
-        if active and processed is not None:
-            processed.comments = f"{getattr(processed, 'comments', '') or ''}{stats.summary(active)}\n"
+        if p is self.job:
+            self.job = None
+        if gen is not None and gen.stats.active and processed is not None:
+            processed.comments = f"{getattr(processed, 'comments', '') or ''}{gen.stats.summary()}\n"
 
     def _fail(self, p, exc):
         if isinstance(exc, AutoLoraArgumentError):

@@ -75,6 +75,64 @@ def test_a_generation_whose_postprocess_never_ran_is_finished_by_the_next():
     assert stale.stats.finished and ("close", first) in host.calls and host.generation(second) is not None
 
 
+class StatefulHost(RecordingHost):
+    """Holds per-generation host state as the real bindings do (their pass bound until close)."""
+
+    def open_batch(self, p, gen):
+        if gen.host_state is None:
+            gen.host_state = SimpleNamespace(bound=False, opened_for=p)
+        self.calls.append(("open_batch", p))
+
+    def bind_pass(self, p, gen, c, uc):
+        assert all(g.host_state is None for _, g in self.waiting), "a waiting generation still holds the host"
+        gen.host_state.bound = True
+        self.calls.append(("bind_pass", p))
+
+    def close(self, gen, p):
+        if gen.host_state is not None:
+            gen.host_state.bound = False
+        self.calls.append(("close", p))
+
+
+def test_a_nested_job_makes_the_running_generation_wait_and_it_binds_again_after():
+    """ADetailer runs a whole job (its inpainting pass) inside an image's postprocessing: the job's
+    generation lets go of the host for it and, at its next batch, binds again as the same
+    generation."""
+    host, outer, inner = StatefulHost(), job(), job()
+    host.start_batch(outer, AutoLoraSettings(enabled=True))
+    host.before_sampling(outer, c=object(), uc=object())
+    gen = host.generation(outer)
+    gen.stats.guided_steps += 4
+    host.suspend()
+    assert gen.host_state is None and host.calls[-1] == ("close", outer) and host.generation(outer) is gen
+    host.start_batch(inner, AutoLoraSettings(enabled=True, gamma=0.5))
+    host.before_sampling(inner, c=object(), uc=object())
+    nested = host.generation(inner)
+    host.before_sampling(outer, c=object(), uc=object())  # not its turn: nothing is bound for it
+    assert host.calls[-1] == ("bind_pass", inner)
+    host.finish(inner)
+    assert nested.stats.finished and not gen.stats.finished
+    host.start_batch(outer, AutoLoraSettings(enabled=True))
+    host.before_sampling(outer, c=object(), uc=object())
+    assert host.generation(outer) is gen and gen.host_state.bound and host.calls[-2:] == [
+        ("open_batch", outer), ("bind_pass", outer)]
+    assert gen.stats.guided_steps == 4, "the job's record goes on"
+    host.finish(outer)
+    assert gen.stats.finished and gen.host_state is None and host.generation(outer) is None
+
+
+def test_generations_a_raised_job_left_waiting_are_finished_with_the_next_job():
+    host, outer, inner = StatefulHost(), job(), job()
+    host.start_batch(outer, AutoLoraSettings(enabled=True))
+    outer_gen = host.generation(outer)
+    host.suspend()
+    host.start_batch(inner, AutoLoraSettings(enabled=True))
+    inner_gen = host.generation(inner)
+    host.finish(None)  # the script, at the next job's process
+    assert outer_gen.stats.finished and inner_gen.stats.finished
+    assert host.generation(outer) is None and host.generation(inner) is None and not host.waiting
+
+
 def test_unknown_guided_names_raise_for_the_script_to_report():
     host = RecordingHost()
     with pytest.raises(AutoLoraArgumentError, match="'x'"):

@@ -16,7 +16,7 @@ import pytest
 
 from standins import a1111 as sti
 from helpers import settings_from_infotext
-from lib_autolora import params, prompts
+from lib_autolora import params, prompts, stats
 from lib_autolora.generation import Generation
 from lib_autolora.hosts import xyz
 from lib_autolora.hosts.adapter import Adapter
@@ -185,6 +185,9 @@ class StandInAdapter:
     def finish(self, p):
         self.calls.append(("finish",))
         self.gens.pop(id(p), None)
+
+    def suspend(self):
+        self.calls.append(("suspend",))
 
 
 def _p(**kw):
@@ -394,11 +397,11 @@ def _image(script, outer, detailer_pass, ours_first: bool) -> dict:
     return {k: v for k, v in outer.extra_generation_params.items() if v is not None}
 
 
-class OneSlotHost(Adapter):
-    """The real adapter lifecycle (one generation at a time: a generation that starts finishes the
-    one before it), with a host whose every pass guides `steps` steps."""
+class OneHost(Adapter):
+    """The real adapter lifecycle (one generation holds the host at a time; a nested one makes the
+    running one wait), with a host whose every pass guides `steps` steps."""
 
-    name = "one-slot stand-in"
+    name = "lifecycle stand-in"
 
     def __init__(self, steps=3):
         super().__init__()
@@ -423,25 +426,29 @@ def _job(**kw):
 
 @pytest.mark.parametrize("ours_first", [True, False])
 def test_a_detailer_pass_between_batches_keeps_the_line_under_the_images_whole(ours_first):
-    """The detailer pass is a generation of its own, so it finishes the outer job's AutoLoRA
-    generation (one at a time) and the outer's next batch opens another: the line under the job's
-    images still counts every guided step of the job's own batches, and only those."""
+    """The detailer pass is a generation of its own, nested in the job's: the job's generation
+    waits through it and goes on with its next batch, so the line under the job's images counts
+    every guided step of the job's own batches, and only those."""
     with sti.installed():
         module = _load_script()
         script = module.AutoLoraScript()
-        module.ADAPTER = OneSlotHost(steps=3)
+        module.ADAPTER = OneHost(steps=3)
         outer = _job()
         script.process(outer, True, 1.5)
+        records = []
         for outer.iteration in range(2):
             script.process_batch(outer, True, 1.5)
+            records.append(module.ADAPTER.generation(outer).stats)
             script.process_before_every_sampling(outer, True, 1.5, c=1, uc=2)
             script.postprocess_batch(outer, True, 1.5)
             outer.batch_index = 0
             info = _image(script, outer, lambda: _generate(script, _job(_ad_inner=True), True, 1.5), ours_first)
             assert info[module.DETAILER_KEY] == "guided"
+        assert records[0] is records[1], "the job is one AutoLoRA generation"
         processed = SimpleNamespace(comments="")
         script.postprocess(outer, processed, True, 1.5)
         assert processed.comments.startswith("AutoLoRA: 6 of 6 steps guided, base branch 'none', "), processed.comments
+        assert records[0].finished and stats.BOARD.open_runs() == 0
 
 
 @pytest.mark.parametrize("ours_first", [True, False])
@@ -452,7 +459,7 @@ def test_a_detailer_claim_stays_with_its_own_job_when_jobs_share_the_params_dict
     with sti.installed():
         module = _load_script()
         script = module.AutoLoraScript()
-        module.ADAPTER = OneSlotHost(steps=3)
+        module.ADAPTER = OneHost(steps=3)
         shared = {}
         infotexts = []
         for detailer_guides in (True, False):
@@ -504,7 +511,7 @@ def test_a_guided_adetailer_pass_is_named_in_the_infotext_of_its_image_only(ours
             assert infotexts[image]["AutoLoRA"] == "True", "the first pass's own claim stays"
             assert infotexts[image].get(module.DETAILER_KEY) == ("guided" if guided else None), (image, infotexts[image])
         script.postprocess(outer, None, True, 1.5)
-        assert script.outer is None, "the finished generation is not kept"
+        assert script.job is None, "the finished job is not kept"
         # a plain generation after: nothing carried over
         module.ADAPTER = StandInAdapter(guided=1)
         (info,) = _generate(script, _p(), True, 1.5)

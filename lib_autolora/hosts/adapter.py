@@ -5,10 +5,14 @@ The AlwaysOn script calls, for each generation `p`:
     start_batch(p, settings)        each batch, after the host activated its LoRAs
     before_sampling(p, c=.., uc=..) before each sampling pass (the first, the hires one)
     generation(p)                   the Generation running for `p` (infotext, stats)
-    finish(p)                       at postprocess; and for a generation whose postprocess never ran
+    suspend()                       a job nested in the running one starts (a detailer pass)
+    finish(p)                       at postprocess; finish(None): every generation whose postprocess
+                                    never ran (it raised)
 
-and the host's sampler calls the step hook a host adapter installs, which runs `step.py`. The
-generation lives in one slot of the adapter: WebUIs generate one image job at a time.
+and the host's sampler calls the step hook a host adapter installs, which runs `step.py`. WebUIs
+generate one image job at a time, so one generation holds the host (`gen`, `p`); a job may run
+another inside its own (ADetailer's inpainting pass, from an image's postprocessing): its
+generation lets go of the host and waits (`waiting`) until its next batch binds again.
 
 A host adapter fills in only what differs between WebUIs:
 
@@ -39,22 +43,28 @@ class Adapter:
     reason: Optional[str] = None
 
     def __init__(self):
-        self.gen: Optional[Generation] = None
+        self.gen: Optional[Generation] = None  # the generation bound to the host, for job `p`
         self.p = None
+        self.waiting: list = []  # (p, Generation) of the jobs a nested job interrupted, outermost first
 
     # -- what the script calls ---------------------------------------------------------------------
     def generation(self, p) -> Optional[Generation]:
-        return self.gen if self.gen is not None and self.p is p else None
+        return next((gen for its_p, gen in [(self.p, self.gen), *self.waiting] if gen is not None and its_p is p),
+                    None)
 
     def start_batch(self, p, settings) -> Optional[str]:
         """Returns a notice when AutoLoRA cannot run (the generation goes on without it)."""
         gen = self.generation(p)
-        if gen is None:
-            self.finish(None)  # one whose postprocess never ran (it raised)
-            gen = Generation(settings, self.name)
-            refusal = self.refusal(p)
-            if refusal:
-                return self._refuse(gen, refusal)
+        if gen is None or gen is not self.gen:
+            if self.gen is not None:
+                self.finish(self.p)  # one whose postprocess never ran (it raised)
+            if gen is None:
+                gen = Generation(settings, self.name)
+                refusal = self.refusal(p)
+                if refusal:
+                    return self._refuse(gen, refusal)
+            else:  # the next batch of a job a nested one interrupted: it binds again
+                self.waiting = [entry for entry in self.waiting if entry[1] is not gen]
             self.gen, self.p = gen, p
         loaded = self.loaded_loras()
         if not loaded:
@@ -69,7 +79,7 @@ class Adapter:
         return None
 
     def before_sampling(self, p, c=None, uc=None, **_) -> None:
-        gen = self.generation(p)
+        gen = self.gen if self.p is p else None
         if gen is None or gen.stopped or c is None:
             return
         gen.hires = bool(getattr(p, "is_hr_pass", False))
@@ -79,17 +89,35 @@ class Adapter:
             gen.note(CFG_1, p.comment)
         self.bind_pass(p, gen, c, uc)
 
+    def suspend(self) -> None:
+        """A job nested in the running one starts: the running generation lets go of the host (its
+        pass closed, its strategy and host state released) and waits for its job's next batch."""
+        if self.gen is not None:
+            gen, p = self.gen, self.p
+            self.gen = self.p = None
+            self.waiting.append((p, gen))
+            self._release(gen, p)
+
     def finish(self, p) -> None:
-        """Idempotent; also after an exception or an interrupt."""
-        gen, its_p = self.gen, self.p
-        if gen is None or (p is not None and its_p is not p):
-            return
-        self.gen = self.p = None
+        """Finishes `p`'s generation (None: every one). Idempotent; also after an exception or an
+        interrupt."""
+        running = [(its_p, gen) for its_p, gen in [*self.waiting, (self.p, self.gen)]
+                   if gen is not None and (p is None or its_p is p)]
+        for its_p, gen in running:
+            if gen is self.gen:
+                self.gen = self.p = None
+            else:
+                self.waiting = [entry for entry in self.waiting if entry[1] is not gen]
+            try:
+                self._release(gen, its_p)
+            finally:
+                gen.finish(memory.peak_bytes())
+
+    def _release(self, gen: Generation, p) -> None:
         try:
-            self.close(gen, its_p)
+            self.close(gen, p)
         finally:
             gen.host_state = None  # the factors go now, before the trim (the caller may keep `gen`)
-            gen.finish(memory.peak_bytes())
             if gen.stats.dense_layers:  # gigabytes freed on the CPU: back to the OS, not kept by glibc
                 memory.return_free_heap()
 

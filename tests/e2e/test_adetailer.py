@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import subprocess
 
 import numpy as np
@@ -141,3 +142,21 @@ def test_with_autolora_in_adetailers_script_names_its_pass_is_guided(webui, face
     assert_differs(without.image[FACE], off.image[FACE], "the LoRA must change the detailer pass")
     g0 = webui.img2img(ad_req(webui, face_png, {"enabled": True, "gamma": 0.0}))
     assert_close(g0.image, without.image, "detailer pass at γ 0 vs the prompt without the LoRA")
+
+
+def test_a_job_of_two_batches_stays_one_autolora_generation_through_its_detailer_passes(webui, face_png):
+    """ADetailer runs its pass after each batch's image, inside the job: the job's AutoLoRA
+    generation waits through each pass and binds again for its next batch. γ 1 keeps each detailer
+    pass the one without AutoLoRA; each image names its guided pass; one line counts the job's steps."""
+    webui.set_options({"ad_script_names": AD_SCRIPT_DEFAULT + ",autolora"})
+    off = webui.img2img(dict(ad_req(webui, face_png, {"enabled": False}), n_iter=2))
+    before = webui.stats().get("generation", 0)
+    on = webui.img2img(dict(ad_req(webui, face_png, {"enabled": True, "gamma": 1.0}), n_iter=2))
+    assert on.stats["generation"] == before + 3, ("the job's generation and one per detailer pass", on.stats)
+    assert on.stats["finished"] and on.stats["failure"] is None, on.stats
+    images, infotexts = on.images[-2:], on.info["infotexts"][-2:]  # after the grid, where the host returns one
+    for image, want, infotext in zip(images, off.images[-2:], infotexts):
+        assert_close(image, want, "detailer pass at γ 1 vs without AutoLoRA")
+        assert "AutoLoRA ADetailer: guided" in infotext, infotext
+    lines = re.findall(r"AutoLoRA: (\d+) of (\d+) steps guided", on.info.get("comments", ""))
+    assert len(lines) == 1 and int(lines[0][0]) >= 2, ("one line for the job, counting both batches", on.info)
