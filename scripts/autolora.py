@@ -258,11 +258,12 @@ class AutoLoraScript(scripts.Script):
             log.error("%s", exc)
         else:
             log.exception("AutoLoRA failed")
+        gen = ADAPTER.generation(p)
         ADAPTER.finish(p)
         setattr(p, SETTINGS_ATTR, None)
         _strip_infotext(p)
-        if stats.BOARD.last is not None:
-            stats.BOARD.last.active = False
+        if gen is not None:  # its record, not the last one begun (a detailer pass's, inside this job)
+            gen.stats.active = False
         p.comment(f"{exc if isinstance(exc, AutoLoraArgumentError) else f'AutoLoRA failed: {exc}'}; "
                   f"generated without AutoLoRA")
 

@@ -451,6 +451,30 @@ def test_a_detailer_pass_between_batches_keeps_the_line_under_the_images_whole(o
         assert records[0].finished and stats.BOARD.open_runs() == 0
 
 
+def test_a_job_that_fails_after_its_detailer_pass_marks_its_own_record():
+    """The job's next batch raises (its prompt lost the guided LoRA): the job's record says AutoLoRA
+    stopped, the detailer pass's record (the last one begun) is left as it was."""
+    with sti.installed():
+        module = _load_script()
+        script = module.AutoLoraScript()
+        module.ADAPTER = host = OneHost(steps=3)
+        outer = _job(iteration=0, batch_index=0)
+        xyz.apply_override(outer, "guided_loras", ("style",))
+        script.process(outer, True, 1.5)
+        script.process_batch(outer, True, 1.5)
+        job_record = host.generation(outer).stats
+        script.process_before_every_sampling(outer, True, 1.5, c=1, uc=2)
+        script.postprocess_batch(outer, True, 1.5)
+        _image(script, outer, lambda: _generate(script, _job(_ad_inner=True), True, 1.5), True)
+        detailer_record = stats.BOARD.last
+        host.loaded_loras = lambda: [("other.safetensors", "other")]
+        outer.iteration = 1
+        script.process_batch(outer, True, 1.5)
+        assert "'style' not in the prompt" in outer.comments[-1], outer.comments
+        assert detailer_record is not job_record and detailer_record.active and detailer_record.finished
+        assert not job_record.active and job_record.finished and host.generation(outer) is None
+
+
 @pytest.mark.parametrize("ours_first", [True, False])
 def test_a_detailer_claim_stays_with_its_own_job_when_jobs_share_the_params_dict(ours_first):
     """X/Y/Z (and other scripts) run each cell on a shallow copy of `p`: the cells share one
