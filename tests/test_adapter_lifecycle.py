@@ -241,28 +241,48 @@ def test_the_users_strategy_settings_reach_the_strategy_choice():
     assert chosen(autolora_swap_budget_mb=8) == "swap"
 
 
-def test_the_generations_own_objects_are_gone_when_the_heap_is_trimmed(monkeypatch):
-    """The trim hands back only memory that is free: the host's per-generation objects (factors,
-    dense deltas) must be released before it runs, though the caller still holds the Generation
-    (the script keeps it for the line under the images)."""
+@pytest.mark.parametrize("held_by", ["host state", "strategy"])
+def test_the_generations_own_objects_are_gone_when_the_heap_is_trimmed(monkeypatch, held_by):
+    """The trim hands back only memory that is free: the generation's objects (the host's factors,
+    the strategy's dense deltas) must be released before it runs, though the caller still holds the
+    Generation (the script keeps it for the line under the images). A dense delta held past the
+    trim stays in glibc's heap: the WebUI grew by a layer-sized copy per call (OFT on Forge Neo)."""
+    import gc
     import weakref
 
     import torch
 
     from lib_autolora import memory
+    from lib_autolora.factors import DenseTerm, LoraFactors, ModuleDelta
 
     class DenseHost(RecordingHost):
         def open_batch(self, p, gen):
             dense = torch.zeros(64, 64)
             self.dense = weakref.ref(dense)
-            gen.host_state = SimpleNamespace(factors={"layer": dense})
             gen.stats.dense_layers = 1
+            if held_by == "host state":
+                gen.host_state = SimpleNamespace(factors={"layer": dense})
+                return
+            layer = torch.nn.Linear(64, 64)
+            delta = ModuleDelta.for_module(layer)
+            delta.add(DenseTerm(dense))
+            factors = LoraFactors()
+            factors.deltas[layer], factors.names[layer] = delta, "layer"
+            x = torch.randn(2, 64)
+            gen.open_strategy(factors).evaluate(layer, (x,), (x,))  # builds its hooks on the layer
 
     alive_at_trim = []
     monkeypatch.setattr(memory, "return_free_heap", lambda: alive_at_trim.append(host.dense() is not None))
     host, p = DenseHost(), job()
-    host.start_batch(p, AutoLoraSettings(enabled=True))
-    gen = host.generation(p)
-    host.finish(p)
+    collecting = gc.isenabled()
+    gc.disable()  # what is released must go by reference counting: a collection may run only much later
+    try:
+        host.start_batch(p, AutoLoraSettings(enabled=True, strategy="sequential"))
+        gen = host.generation(p)
+        assert (gen.strategy is not None) == (held_by == "strategy")
+        host.finish(p)
+    finally:
+        if collecting:
+            gc.enable()
     assert alive_at_trim == [False], "the dense delta was still held when the heap was trimmed"
     assert gen.stats.finished

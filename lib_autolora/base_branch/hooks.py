@@ -13,6 +13,7 @@ by tensor identity on every call, so a guess that does not hold only costs the s
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -136,8 +137,12 @@ class DeltaHooks:
     def _make_hook(self, module, delta, group: Optional[SharedDown]):
         name = self.factors.names.get(module, type(module).__name__)
         cache = self._down_cache
+        # The hooks reach this object through a weak reference: a strong one would make a cycle
+        # (self._hook_fns -> hook -> self) that keeps the factors, gigabytes of dense deltas among
+        # them, alive after the generation until the next full garbage collection.
+        owner = weakref.ref(self)
 
-        def correct(out, x_full, x, rows, coef):
+        def correct(hooks, out, x_full, x, rows, coef):
             if group is None:
                 delta.add_into(out, x, coef)
                 return
@@ -147,14 +152,15 @@ class DeltaHooks:
             hit = cache.get(key)
             if hit is not None and hit[0] is x_full:
                 h = hit[1]
-                self.shared_hits += 1
+                hooks.shared_hits += 1
             else:
                 h = torch.mm(x.reshape(-1, x.shape[-1]), group.down_t)
                 cache[key] = (x_full, h)
             delta.add_into(out, x, coef, down_out=h[:, group.slices[module]])
 
         def hook(_module, args, output):
-            plan = self.plan
+            hooks = owner()
+            plan = hooks.plan if hooks is not None else None
             if plan is None:
                 return None
             x = args[0]
@@ -164,8 +170,8 @@ class DeltaHooks:
                     f"the host split the batch in a way the base branch cannot follow")
             for start, stop, coef in plan.groups:
                 rows = slice(start, stop)
-                correct(output[rows], x, x[rows], rows, coef)
-            self.calls += 1
+                correct(hooks, output[rows], x, x[rows], rows, coef)
+            hooks.calls += 1
             return output
 
         return hook

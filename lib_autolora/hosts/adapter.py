@@ -117,9 +117,12 @@ class Adapter:
         try:
             self.close(gen, p)
         finally:
-            gen.host_state = None  # the factors go now, before the trim (the caller may keep `gen`)
-            if gen.stats.dense_layers:  # gigabytes freed on the CPU: back to the OS, not kept by glibc
-                memory.return_free_heap()
+            try:
+                gen.close_strategy()  # it holds the factors' prepared (dense) deltas
+            finally:
+                gen.host_state = None  # the factors go now, before the trim (the caller may keep `gen`)
+                if gen.stats.dense_layers:  # gigabytes freed on the CPU: back to the OS, not kept by glibc
+                    memory.return_free_heap()
 
     # -- what every host shares --------------------------------------------------------------------
     def _refuse(self, gen: Generation, notice: str) -> str:
