@@ -13,4 +13,5 @@ hosts/       - the only modules that touch a WebUI (imported by scripts/autolora
 
 # Written into the infotext of every guided image: what the settings meant when it was made.
 # 2: the infotext holds only what differs from the defaults, and the strategy that ran.
-VERSION = "2"
+# 3: the strategy that ran is marked "(auto)" when `auto` picked it (it pastes as `auto`).
+VERSION = "3"

@@ -143,11 +143,13 @@ class Generation:
         return self.stats.guided_steps > self._guided_at_batch
 
     def infotext_fields(self) -> dict:
-        """The settings that differ from the defaults, the version, and the strategy that ran."""
+        """The settings that differ from the defaults, the version, and the strategy that ran
+        (params.strategy_that_ran)."""
         from . import VERSION
         fields = params.infotext_fields(self.settings, VERSION)
         if fields and self.stats.strategy:
-            fields[params.BY_NAME["strategy"].infotext] = self.stats.strategy
+            fields[params.BY_NAME["strategy"].infotext] = params.strategy_that_ran(self.settings.strategy,
+                                                                                   self.stats.strategy)
         return fields
 
     # -- the end ------------------------------------------------------------------------------------

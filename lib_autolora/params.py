@@ -284,6 +284,14 @@ def _format(p: Param, v) -> str:
 
 
 VERSION_KEY = "AutoLoRA version"
+# Follows the strategy that ran when `auto` picked it ("dual (auto)"): the infotext says what ran,
+# and pasting restores `auto`, not a strategy the user never chose (an explicit one ignores memory).
+PICKED_BY_AUTO = " (auto)"
+
+
+def strategy_that_ran(requested: str, ran: str) -> str:
+    """The infotext's strategy: the one that ran, marked when `auto` picked it."""
+    return f"{ran}{PICKED_BY_AUTO}" if requested == "auto" else ran
 
 
 def infotext_fields(settings, version: str = "") -> dict:
@@ -302,6 +310,8 @@ def infotext_fields(settings, version: str = "") -> dict:
 def _from_infotext(param: Param, raw):
     """An infotext value: its word for unset ("cfg", "off", "same") is unset, a number a number
     (hires γ -1 included); a bad value is the default."""
+    if param.name == "strategy" and str(raw).endswith(PICKED_BY_AUTO):
+        return "auto"
     try:
         if param.kind == "optional":
             return None if str(raw).strip().lower() == param.unset else _number(param, raw)
@@ -382,8 +392,9 @@ def controls_markdown() -> str:
               "Positional args of an enabled run with every default (the same as `[{\"enabled\": true}]`):", "",
               f"    {json.dumps(positional_example(), ensure_ascii=False)}", "",
               f"Every guided image's infotext holds `AutoLoRA: True`, `{VERSION_KEY}` and each setting that "
-              "differs from its default, the strategy as the one that ran; pasting restores every control "
-              "(a key that is missing is the default)."]
+              "differs from its default, and the strategy that ran (`dual (auto)` when `auto` picked it); "
+              "pasting restores every control (a key that is missing is the default; a strategy `auto` picked "
+              "pastes as `auto`)."]
     return "\n".join(lines) + "\n"
 
 

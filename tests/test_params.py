@@ -75,6 +75,17 @@ def test_infotext_round_trip_every_setting():
     assert settings_from_infotext({}) == AutoLoraSettings()
 
 
+def test_the_infotext_marks_the_strategy_auto_picked():
+    assert params.strategy_that_ran("auto", "dual") == "dual (auto)"
+    assert params.strategy_that_ran("swap", "batched") == "batched", "a fallback from the user's choice: what ran"
+    for requested, ran in (("auto", "batched"), ("sequential", "sequential")):
+        written = params.strategy_that_ran(requested, ran)
+        assert settings_from_infotext({"AutoLoRA": "True", "AutoLoRA strategy": written}).strategy == requested, \
+            "pasting restores the user's choice, not a strategy auto picked"
+    # version 2 wrote the strategy that ran unmarked: it pastes as written
+    assert settings_from_infotext({"AutoLoRA": "True", "AutoLoRA strategy": "dual", "AutoLoRA version": "2"}).strategy == "dual"
+
+
 def test_ui_values_follow_arg_order_and_parse_back():
     s = AutoLoraSettings(True, 2.0, None, 6.0, 1.0, 0.0, 0.5, ("a",), "batched", True)
     assert settings_from_args(params.ui_values(s)) == s

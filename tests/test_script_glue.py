@@ -316,7 +316,9 @@ def test_the_line_under_the_images_says_what_ran_and_the_infotext_names_the_stra
         script.process_before_every_sampling(p, True, c=1, uc=2)
         script.postprocess_batch(p, True)
         script.postprocess(p, processed, True)
-    assert p.extra_generation_params["AutoLoRA strategy"] == "batched"
+    assert p.extra_generation_params["AutoLoRA strategy"] == "batched (auto)", "what ran, and that auto picked it"
+    strategy = params.BY_NAME["strategy"]
+    assert params.paste_value(strategy, p.extra_generation_params) == "auto", "pasting restores the user's choice"
     assert processed.comments.startswith("an earlier comment\nAutoLoRA: 3 of 4 steps guided, base branch 'batched', ")
     assert processed.comments.endswith(" s for the whole generation\n")
 

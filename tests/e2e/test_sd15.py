@@ -388,6 +388,10 @@ def test_infotext_paste_round_trip_of_every_control(webui):
     status, info = webui.post("/sdapi/v1/png-info", {"image": base64.b64encode(first.pngs[0]).decode()})
     assert status == 200 and info["parameters"]["AutoLoRA gamma"] == "1.2", info
     assert info["parameters"]["AutoLoRA strategy"] == "sequential"
+    # The default `auto`: the infotext names the strategy it picked, and pasting restores `auto`.
+    auto = webui.txt2img(with_autolora(lora_req(webui), {"enabled": True}))
+    assert f"AutoLoRA strategy: {auto.stats['strategy']} (auto)" in auto.infotext, auto.infotext
+    assert webui.txt2img({"infotext": auto.infotext}).stats["settings"]["strategy"] == "auto"
 
 
 def test_each_strategy(webui):
