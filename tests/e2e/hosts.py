@@ -382,7 +382,7 @@ def ensure_network_type_lora(host: Host, kind: str, checkpoint: Path) -> Path:
     if path is None:
         path = lora_dir / "autolora-e2e" / name
         _make(host, [str(host.python), str(REPO / "tests" / "e2e" / "makers" / "network_types.py"),
-                     "--forge", str(host.root), "--type", kind, "--ckpt", str(checkpoint), "--out", str(path),
+                     "--type", kind, "--ckpt", str(checkpoint), "--out", str(path),
                      "--seed", "1"], path)
     return path
 

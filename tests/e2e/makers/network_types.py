@@ -5,7 +5,7 @@ comfy/lora.py; Forge main and the October-2025 Neo tree: backend/patcher/lora.py
 
 Written the way the suite's kohya LoRA is (../shared/webui/forge_random_checkpoint.py): module names
 and shapes from diffusers' UNet2DConditionModel and transformers' CLIPTextModel built on the meta
-device from the tree's backend/huggingface/runwayml/stable-diffusion-v1-5 configs, kohya/LyCORIS names
+device from runwayml/stable-diffusion-v1-5's configs (SD15_UNET, SD15_TEXT_ENCODER), kohya/LyCORIS names
 (`lora_unet_<diffusers module path with _>`, `lora_te_text_model_encoder_layers_N_...`), float16
 tensors, deterministic by seed, saved tensor by tensor with sorted keys (byte-reproducible).
 
@@ -29,7 +29,7 @@ WebUI's log line "[LORA] Loaded <file> for ...-UNet with N keys" against them.
 Sizes: ΔW has about the magnitude of the random checkpoint's own weights (scale 1), so that every type
 visibly changes a 64x64 image at strength 1.
 
-    python tests/e2e/makers/network_types.py --forge WEBUI --type loha --out models/Lora/x.safetensors \
+    python tests/e2e/makers/network_types.py --type loha --out models/Lora/x.safetensors \
         [--ckpt models/Stable-diffusion/rand_sd15.safetensors (dora: the row norms)] [--seed 1] [--rank 4] [--scale 1]
 (run with the host's venv python: torch, diffusers, transformers, safetensors)
 """
@@ -48,7 +48,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from streamed_checkpoint import save_streamed  # noqa: E402
 
 TYPES = ("locon", "loha", "lokr", "dora", "oft")
-REPO = "runwayml/stable-diffusion-v1-5"
 # kohya sd-scripts networks/lora.py: LoRA targets, and with conv_dim the conv targets (3x3 included)
 ATTENTION_BLOCKS = ("Transformer2DModel",)
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -61,14 +60,24 @@ def kohya_name(prefix: str, module_path: str) -> str:
     return prefix + "_" + module_path.replace(".", "_")
 
 
-def targets(forge: Path, with_convs: bool) -> list:
+# The structure fields of runwayml/stable-diffusion-v1-5's unet/config.json and text_encoder/config.json
+# (the copies Forge ships in backend/huggingface/; reForge, Forge Classic and A1111 ship none): they
+# fix the module names and shapes, nothing else is read from them.
+SD15_UNET = {"attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
+             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+             "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 64}
+SD15_TEXT_ENCODER = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+                     "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu", "projection_dim": 768}
+
+
+def targets(with_convs: bool) -> list:
     """[(kohya name, diffusers or transformers path, module, part)] in a fixed order."""
     import transformers
     from diffusers import UNet2DConditionModel
-    cfg_dir = forge / "backend" / "huggingface" / REPO
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg_dir / "unet")))
-        te = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(str(cfg_dir / "text_encoder")))
+        unet = UNet2DConditionModel(**SD15_UNET)
+        te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT_ENCODER))
     blocks = ATTENTION_BLOCKS + (CONV_BLOCKS if with_convs else ())
     out, seen = [], set()
     for name, mod in unet.named_modules():
@@ -185,7 +194,6 @@ def make(kind: str, mods: list, g: torch.Generator, rank: int, scale: float, nor
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--forge", required=True, type=Path, help="the WebUI tree (backend/huggingface/... configs)")
     ap.add_argument("--type", required=True, choices=TYPES)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ckpt", type=Path, help="the SD1.5 checkpoint (needed by dora: its weights' row norms)")
@@ -195,7 +203,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     with_convs = args.type in ("locon", "loha", "lokr")
-    mods = targets(args.forge.resolve(), with_convs)
+    mods = targets(with_convs)
     norms = {}
     if args.type == "dora":
         if args.ckpt is None:
