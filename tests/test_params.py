@@ -83,7 +83,8 @@ def test_the_infotext_marks_the_strategy_auto_picked():
         assert settings_from_infotext({"AutoLoRA": "True", "AutoLoRA strategy": written}).strategy == requested, \
             "pasting restores the user's choice, not a strategy auto picked"
     # version 2 wrote the strategy that ran unmarked: it pastes as written
-    assert settings_from_infotext({"AutoLoRA": "True", "AutoLoRA strategy": "dual", "AutoLoRA version": "2"}).strategy == "dual"
+    version_2 = {"AutoLoRA": "True", "AutoLoRA strategy": "dual", "AutoLoRA version": "2"}
+    assert settings_from_infotext(version_2).strategy == "dual"
 
 
 def test_ui_values_follow_arg_order_and_parse_back():

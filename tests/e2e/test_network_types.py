@@ -195,7 +195,8 @@ def read_log_since(webui, offset: int, wait_for: str, timeout: float = 10) -> st
 
 # The LoRA loader's report: a line per part on Forge and its forks (ldm_patched/modules/sd.py,
 # backend/patcher/lora.py), with the keys it skipped and, on Forge, whether it patches on the fly ...
-LOADED_PER_PART = r"\[LORA\] Loaded \S*{file} for \S+-{part} with (\d+) keys.*?\(skipped (\d+) keys\)(?: with on_the_fly = (\w+))?"
+LOADED_PER_PART = (r"\[LORA\] Loaded \S*{file} for \S+-{part} with (\d+) keys.*?\(skipped (\d+) keys\)"
+                   r"(?: with on_the_fly = (\w+))?")
 # ... or one line for both on reForge, whose skipped keys are each a warning of their own.
 LOADED_BOTH = r"\[LORA\] Loaded \S*{file} for \S+ with \d+ keys \(UNet: (\d+), CLIP: (\d+)\)"
 REFORGE_SKIPPED = r"lora key not loaded|NOT LOADED"
