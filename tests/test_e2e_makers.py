@@ -58,3 +58,78 @@ def test_streamed_file_is_byte_reproducible_and_header_aligned(streamed, tmp_pat
     assert header_length % 8 == 0
     data_bytes = sum(t.numel() * t.element_size() for t in source.values())
     assert a.stat().st_size == 8 + header_length + data_bytes
+
+
+# -- the network-type LoRA maker (tests/e2e/makers/network_types.py) --------------------------------------
+
+NETWORK_TYPES = MAKER.parent / "network_types.py"
+
+
+@pytest.fixture(scope="module")
+def network_types():
+    spec = importlib.util.spec_from_file_location("network_types", NETWORK_TYPES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_network_type_maker_enumerates_sd15_layers(network_types):
+    """SD1.5's layers as kohya names them: each once; the UNet's attention blocks (16 of them, 12
+    layers each), with convs also its 22 resnets and 6 resamplers; the text encoder's 12 x 6 Linears;
+    shapes where the channel bookkeeping of the up path (skip connections) shows."""
+    attention, every = network_types.targets(False), network_types.targets(True)
+    for mods in (attention, every):
+        names = [name for name, *_ in mods]
+        assert len(names) == len(set(names))
+    resnet_layers = sum(1 for _, path, _, _ in every if ".resnets." in path)
+    assert sum(1 for m in attention if m[3] == "unet") == 16 * 12  # proj_in/out, 2 x 4 attention, 2 ff
+    assert sum(1 for m in attention if m[3] == "te") == 12 * 6
+    # conv1, time_emb_proj, conv2 in each of 22 resnets; a conv_shortcut where channels change: the
+    # first resnet of down blocks 1 and 2, and every resnet of the up path (its input carries a skip)
+    assert resnet_layers == 22 * 3 + 2 + 12
+    assert sum(1 for _, path, _, _ in every if "samplers." in path) == 6
+    shapes = {path: shape for _, path, shape, _ in every}
+    assert shapes["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"] == (320, 768, ())
+    assert shapes["down_blocks.1.attentions.1.transformer_blocks.0.ff.net.0.proj"] == (5120, 640, ())
+    assert shapes["up_blocks.0.resnets.0.conv1"] == (1280, 2560, (3, 3))
+    assert shapes["up_blocks.1.resnets.2.conv1"] == (1280, 1920, (3, 3))
+    assert shapes["up_blocks.3.resnets.0.conv_shortcut"] == (320, 960, (1, 1))
+    assert shapes["up_blocks.3.resnets.2.conv_shortcut"] == (320, 640, (1, 1))
+    assert shapes["text_model.encoder.layers.11.mlp.fc1"] == (3072, 768, ())
+
+
+def test_network_type_maker_matches_the_diffusers_classes(network_types):
+    """Where diffusers and transformers are installed: the same layers, in the same order, as
+    UNet2DConditionModel and CLIPTextModel built from the configs give (the maker's earlier source)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**network_types.SD15_UNET)
+        te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**network_types.SD15_TEXT_ENCODER))
+    want = []
+    for name, block in unet.named_modules():
+        if type(block).__name__ in ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"):
+            for sub, layer in block.named_modules():
+                if isinstance(layer, torch.nn.Linear):
+                    want.append((f"{name}.{sub}", (layer.out_features, layer.in_features, ())))
+                elif isinstance(layer, torch.nn.Conv2d):
+                    want.append((f"{name}.{sub}", (layer.out_channels, layer.in_channels, tuple(layer.kernel_size))))
+    want += [(name, (layer.out_features, layer.in_features, ())) for name, layer in te.named_modules()
+             if (".self_attn." in name or ".mlp." in name) and isinstance(layer, torch.nn.Linear)]
+    assert [(path, shape) for _, path, shape, _ in network_types.targets(True)] == want
+
+
+def test_network_type_file_is_reproducible_and_counts_its_modules(network_types, tmp_path):
+    paths = [tmp_path / "a" / "lora.safetensors", tmp_path / "b" / "lora.safetensors"]
+    for path in paths:
+        path.parent.mkdir()
+        assert network_types.main(["--type", "loha", "--out", str(path), "--seed", "3"]) == 0
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    from safetensors import safe_open
+    with safe_open(str(paths[0]), framework="pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    mods = network_types.targets(True)
+    assert meta["autolora_e2e_unet_modules"] == str(sum(1 for m in mods if m[3] == "unet"))
+    assert meta["autolora_e2e_te_modules"] == str(sum(1 for m in mods if m[3] == "te"))
+    assert keys == {f"{name}.{tensor}" for name, *_ in mods
+                    for tensor in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")}

@@ -184,7 +184,10 @@ HOSTS = {
                "sd3": ArchSpec("sd3", "random-sd3.safetensors", "random_sd3_lora", "autolora_e2e_sd3_lora_b",
                                options={"show_progress_type": "Approx cheap", "lora_functional": False},
                                ui_defaults=A1111_UI, lora_maker="make_random_sd3_lora.py")},
-        make_checkpoint=_a1111_checkpoint_cmd, gradio="3.41"),
+        make_checkpoint=_a1111_checkpoint_cmd, gradio="3.41",
+        # extensions-builtin/Lora: network_lora (LoCon's 3x3 convs), network_hada, network_lokr, network_oft,
+        # and network.py's dora_scale
+        network_types=("locon", "loha", "lokr", "dora", "oft")),
     # Forge (main): the UI is built (the UI test reads /config).
     "forge": HostSpec(
         name="forge", env_var="AUTOLORA_FORGE",

@@ -1,5 +1,5 @@
-"""LoRA files of the other network types (LoCon with 3x3 convs, LoHa, LoKr, DoRA, OFT) on the Forge
-family, once per LoRA mode of the host, SD1.5, 64x64, 4 steps.
+"""LoRA files of the other network types (LoCon with 3x3 convs, LoHa, LoKr, DoRA, OFT) on every WebUI,
+once per LoRA mode of the host, SD1.5, 64x64, 4 steps.
 
 The files are random-weight SD1.5 networks in the layouts the hosts' LoRA loaders read
 (makers/network_types.py), made into models/Lora/autolora-e2e/ when missing. A host takes part with the
@@ -8,9 +8,11 @@ other hosts and types are skipped with the reason.
 
 For each type, in this order (a fixture runs it once and the tests below judge it):
   1. the plain image without and with `<lora:name:1>`, with the WebUI's defaults (empty negative prompt,
-     the UI's default sampler, schedule type and CFG), both drawn and visibly different; the server log
-     says the loader took every module of the file ("[LORA] Loaded <file> for ...-UNet with N keys
-     ... (skipped 0 keys)", the same for CLIP) and nothing was unmatched or failed to merge;
+     the UI's default sampler, schedule type and CFG), both drawn and visibly different; the loader took
+     every module of the file: the Forge family's log says so ("[LORA] Loaded <file> for ...-UNet with N
+     keys ... (skipped 0 keys)", the same for CLIP); A1111 logs nothing on success and keeps only the
+     modules it matched to a layer, which AutoLoRA's stats count (`modules`, from the γ 1 run of `auto`);
+     and the log shows nothing unmatched or failed to merge;
   2. AutoLoRA at γ 1 and γ 0 for every base-branch strategy: HTTP 200; γ 1 = the plain LoRA image,
      γ 0 = the image without the LoRA (identities within the suite's tolerance), with the base branch run;
   3. the plain images again, byte-identical to the first ones: the weights were not changed.
@@ -72,6 +74,7 @@ class TypeRun:
     file: str
     meta: dict
     mode: str = ""
+    host_family: str = ""
     plain: Result = None
     lora: Result = None
     log: str = ""  # the server log written while the plain LoRA image was made
@@ -203,6 +206,18 @@ REFORGE_SKIPPED = r"lora key not loaded|NOT LOADED"
 LOADED_ANY = r"-CLIP with \d+ keys|\(UNet: \d+, CLIP: \d+\)"
 
 
+def loader_report_of_a1111(run) -> Optional[dict]:
+    """A1111's Lora extension logs the keys it could not match only at debug level and keeps the
+    others as the network's modules: those AutoLoRA read from it (stats `modules`, the text encoder's
+    and the UNet's; skipped ones are named in its notices)."""
+    call = run.autolora.get(("auto", 1.0))
+    if call is None or call.result is None:
+        return None
+    stats = call.result.stats
+    skipped = sum(1 for notice in stats["notices"] if "kept in both branches" in notice)
+    return {"UNet": (stats["modules"]["unet"], skipped, None), "CLIP": (stats["modules"]["text_encoder"], 0, None)}
+
+
 def loader_report(log: str, file: str) -> Optional[dict]:
     """{"UNet"/"CLIP": (keys loaded, keys skipped, on the fly: "True"/"False"/None)}, or None without a report."""
     name = re.escape(file)
@@ -224,8 +239,6 @@ def type_lora(host, kind):
     """The LoRA file of this type for this host (made when missing), or a skip with the reason."""
     if host is None:
         pytest.skip("no host")
-    if host.spec.family != "forge":
-        pytest.skip(f"{host.name}: not a Forge-family host (this module drives the Forge family's LoRA loaders)")
     if kind not in host.spec.network_types:
         pytest.skip(f"{host.spec.label or host.name}: its LoRA loader reads no {kind} files "
                     f"(reads: {', '.join(host.spec.network_types) or 'none'})")
@@ -252,13 +265,13 @@ def run(type_lora, kind, host, mode, request) -> TypeRun:
 
 def _run(webui, kind, type_lora) -> TypeRun:
     name = type_lora.stem
-    out = TypeRun(kind, type_lora.name, safetensors_metadata(type_lora), webui.mode)
+    out = TypeRun(kind, type_lora.name, safetensors_metadata(type_lora), webui.mode, webui.host.spec.family)
     if webui.server.proc.poll() is not None:  # ended during another type's run and was not restarted
         webui.server.restart()
     out.plain = plain(webui, base_req(webui))
     offset = webui.server.log_path.stat().st_size
     out.lora = plain(webui, lora_req(webui, name))
-    out.log = read_log_since(webui, offset, LOADED_ANY)
+    out.log = read_log_since(webui, offset, LOADED_ANY if webui.host.spec.family == "forge" else "")
     for strategy in STRATEGIES:
         for gamma in GAMMAS:
             args = {"enabled": True, "gamma": gamma, "strategy": strategy}
@@ -276,14 +289,17 @@ parametrize_types = pytest.mark.parametrize("kind", TYPES)
 @parametrize_types
 def test_the_loader_takes_every_module_and_the_lora_changes_the_image(run):
     n_unet, n_te = int(run.meta["autolora_e2e_unet_modules"]), int(run.meta["autolora_e2e_te_modules"])
-    report = loader_report(run.log, run.file)
-    assert report, f"{run.kind}: no '[LORA] Loaded' report for UNet and CLIP:\n{run.log[-3000:]}"
+    a1111 = run.host_family != "forge"
+    report = loader_report_of_a1111(run) if a1111 else loader_report(run.log, run.file)
+    assert report, (f"{run.kind}: no AutoLoRA stats of the γ 1 `auto` run" if a1111 else
+                    f"{run.kind}: no '[LORA] Loaded' report for UNet and CLIP:\n{run.log[-3000:]}")
     assert report["UNet"][:2] == (n_unet, 0) and report["CLIP"][:2] == (n_te, 0), (run.kind, report)
     if report["UNet"][2]:  # Forge says whether it patches on the fly: the LoRA mode took
         assert report["UNet"][2] == str(run.mode == "online"), (run.mode, report)
     bad = [line for line in run.log.splitlines()
            if (run.file in line and re.search(r"unmatched|[Mm]ismatch", line))
-           or re.search(r"\bERROR (lora|loha|lokr|oft|boft|glora|diff|set) ", line)]
+           or re.search(r"\bERROR (lora|loha|lokr|oft|boft|glora|diff|set) ", line)
+           or re.search(r"^\*\*\* .*network|loading network \S+: \w+", line)]  # A1111's errors.report, .display
     assert not bad, f"{run.kind}: the loader did not take the file cleanly: {bad[:5]}"
     assert_drawn(run.plain.image, f"{run.kind}: no-LoRA image")
     assert_drawn(run.lora.image, f"{run.kind}: LoRA image")

@@ -1,11 +1,13 @@
-"""Random-weight SD1.5 LoRA files of the other network types users load into Forge's LoRA extension:
-LoCon, LoHa, LoKr, DoRA and OFT, in the key layouts the Forge family's LoRA loaders read
-(Forge Neo 2.x: modules_forge/packages/comfy/weight_adapter/{lora,loha,lokr,oft}.py and
-comfy/lora.py; Forge main and the October-2025 Neo tree: backend/patcher/lora.py, without OFT).
+"""Random-weight SD1.5 LoRA files of the other network types users load into the WebUIs' LoRA extensions:
+LoCon, LoHa, LoKr, DoRA and OFT, in the key layouts their loaders read (A1111: extensions-builtin/Lora;
+Forge Neo 2.x: modules_forge/packages/comfy/weight_adapter/{lora,loha,lokr,oft}.py and comfy/lora.py;
+Forge main and the October-2025 Neo tree: backend/patcher/lora.py, without OFT).
 
-Written the way the suite's kohya LoRA is (../shared/webui/forge_random_checkpoint.py): module names
-and shapes from diffusers' UNet2DConditionModel and transformers' CLIPTextModel built on the meta
-device from runwayml/stable-diffusion-v1-5's configs (SD15_UNET, SD15_TEXT_ENCODER), kohya/LyCORIS names
+Written the way the suite's kohya LoRA is (../shared/webui/forge_random_checkpoint.py): the module
+names and shapes diffusers' UNet2DConditionModel and transformers' CLIPTextModel give
+runwayml/stable-diffusion-v1-5's configs (SD15_UNET, SD15_TEXT_ENCODER), enumerated here in the order
+their named_modules() visits them, so that no WebUI's venv needs diffusers (the files are byte for byte
+those built from the two classes on the meta device, diffusers 0.31, transformers 4.46), kohya/LyCORIS names
 (`lora_unet_<diffusers module path with _>`, `lora_te_text_model_encoder_layers_N_...`), float16
 tensors, deterministic by seed, saved tensor by tensor with sorted keys (byte-reproducible).
 
@@ -31,7 +33,7 @@ visibly changes a 64x64 image at strength 1.
 
     python tests/e2e/makers/network_types.py --type loha --out models/Lora/x.safetensors \
         [--ckpt models/Stable-diffusion/rand_sd15.safetensors (dora: the row norms)] [--seed 1] [--rank 4] [--scale 1]
-(run with the host's venv python: torch, diffusers, transformers, safetensors)
+(run with the host's venv python: torch, safetensors)
 """
 from __future__ import annotations
 
@@ -48,9 +50,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from streamed_checkpoint import save_streamed  # noqa: E402
 
 TYPES = ("locon", "loha", "lokr", "dora", "oft")
-# kohya sd-scripts networks/lora.py: LoRA targets, and with conv_dim the conv targets (3x3 included)
-ATTENTION_BLOCKS = ("Transformer2DModel",)
-CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 SEED_OFFSET = {t: 1000 * (i + 1) for i, t in enumerate(TYPES)}  # each type its own random stream
 OFT_BLOCK = 32  # diag-OFT block size (a divisor of every SD1.5 output width)
 OFT_CONSTRAINT = 10.0  # comfy's OFTAdapter: ||Q||_F is scaled down to alpha when larger (alpha > 0)
@@ -69,43 +68,84 @@ SD15_UNET = {"attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 128
              "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 64}
 SD15_TEXT_ENCODER = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
                      "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu", "projection_dim": 768}
+TIME_EMBED_DIM = 4 * SD15_UNET["block_out_channels"][0]  # diffusers' TimestepEmbedding width
+
+
+def _resnet(path: str, c_in: int, c_out: int) -> list:
+    """ResnetBlock2D's layers in diffusers' registration order: conv1, time_emb_proj, conv2, conv_shortcut."""
+    layers = [(f"{path}.conv1", (c_out, c_in, (3, 3))), (f"{path}.time_emb_proj", (c_out, TIME_EMBED_DIM, ())),
+              (f"{path}.conv2", (c_out, c_out, (3, 3)))]
+    return layers + ([(f"{path}.conv_shortcut", (c_out, c_in, (1, 1)))] if c_in != c_out else [])
+
+
+def _transformer(path: str, c: int) -> list:
+    """Transformer2DModel's layers (one BasicTransformerBlock, 1x1-conv projections as in SD1.5)."""
+    block, ctx = f"{path}.transformer_blocks.0", SD15_UNET["cross_attention_dim"]
+    layers = [(f"{path}.proj_in", (c, c, (1, 1)))]
+    for attn, kv_in in (("attn1", c), ("attn2", ctx)):
+        layers += [(f"{block}.{attn}.to_q", (c, c, ())), (f"{block}.{attn}.to_k", (c, kv_in, ())),
+                   (f"{block}.{attn}.to_v", (c, kv_in, ())), (f"{block}.{attn}.to_out.0", (c, c, ()))]
+    layers += [(f"{block}.ff.net.0.proj", (8 * c, c, ())), (f"{block}.ff.net.2", (c, 4 * c, ()))]
+    return layers + [(f"{path}.proj_out", (c, c, (1, 1)))]
+
+
+def unet_blocks() -> list:
+    """[(block kind, [(path, shape)])] of SD1.5's UNet2DConditionModel, in the order its named_modules()
+    visits them (diffusers registers down_blocks, up_blocks, then mid_block; a cross-attention block its
+    attentions before its resnets); shape = (out, in, kernel), kernel () for a Linear."""
+    channels, per_block = SD15_UNET["block_out_channels"], SD15_UNET["layers_per_block"]
+    blocks, c_in = [], channels[0]
+    for i, (kind, c) in enumerate(zip(SD15_UNET["down_block_types"], channels)):
+        path = f"down_blocks.{i}"
+        attention = [("attention", _transformer(f"{path}.attentions.{j}", c)) for j in range(per_block)]
+        resnets = [("conv", _resnet(f"{path}.resnets.{j}", c_in if j == 0 else c, c)) for j in range(per_block)]
+        blocks += (attention if kind.startswith("CrossAttn") else []) + resnets
+        if i < len(channels) - 1:
+            blocks.append(("conv", [(f"{path}.downsamplers.0.conv", (c, c, (3, 3)))]))
+        c_in = c
+    reversed_channels, previous = channels[::-1], channels[-1]
+    for i, (kind, c) in enumerate(zip(SD15_UNET["up_block_types"], reversed_channels)):
+        path, skip_in = f"up_blocks.{i}", reversed_channels[min(i + 1, len(channels) - 1)]
+        resnets = []
+        for j in range(per_block + 1):
+            skip = skip_in if j == per_block else c
+            resnets.append(("conv", _resnet(f"{path}.resnets.{j}", (previous if j == 0 else c) + skip, c)))
+        attention = [("attention", _transformer(f"{path}.attentions.{j}", c)) for j in range(per_block + 1)]
+        blocks += (attention if kind.startswith("CrossAttn") else []) + resnets
+        if i < len(channels) - 1:
+            blocks.append(("conv", [(f"{path}.upsamplers.0.conv", (c, c, (3, 3)))]))
+        previous = c
+    c = channels[-1]
+    return blocks + [("attention", _transformer("mid_block.attentions.0", c)),
+                     ("conv", _resnet("mid_block.resnets.0", c, c)), ("conv", _resnet("mid_block.resnets.1", c, c))]
+
+
+def text_encoder_layers() -> list:
+    """[(path, shape)] of CLIPTextModel's attention and MLP Linears, in transformers' order."""
+    d, inner = SD15_TEXT_ENCODER["hidden_size"], SD15_TEXT_ENCODER["intermediate_size"]
+    layers = []
+    for n in range(SD15_TEXT_ENCODER["num_hidden_layers"]):
+        path = f"text_model.encoder.layers.{n}"
+        layers += [(f"{path}.self_attn.{proj}", (d, d, ())) for proj in ("k_proj", "v_proj", "q_proj", "out_proj")]
+        layers += [(f"{path}.mlp.fc1", (inner, d, ())), (f"{path}.mlp.fc2", (d, inner, ()))]
+    return layers
 
 
 def targets(with_convs: bool) -> list:
-    """[(kohya name, diffusers or transformers path, module, part)] in a fixed order."""
-    import transformers
-    from diffusers import UNet2DConditionModel
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
-        te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT_ENCODER))
-    blocks = ATTENTION_BLOCKS + (CONV_BLOCKS if with_convs else ())
-    out, seen = [], set()
-    for name, mod in unet.named_modules():
-        if type(mod).__name__ not in blocks:
-            continue
-        for sub, child in mod.named_modules():
-            path = f"{name}.{sub}"
-            if not sub or path in seen:
-                continue
-            if isinstance(child, torch.nn.Linear) or (isinstance(child, torch.nn.Conv2d) and
-                                                      (with_convs or child.kernel_size == (1, 1))):
-                seen.add(path)
-                out.append((kohya_name("lora_unet", path), path, child, "unet"))
-    for name, mod in te.named_modules():
-        if (".self_attn." in name or ".mlp." in name) and isinstance(mod, torch.nn.Linear):
-            out.append((kohya_name("lora_te", name), name, mod, "te"))
+    """[(kohya name, diffusers or transformers path, shape, part)] in a fixed order: kohya sd-scripts'
+    LoRA targets (networks/lora.py: the Transformer2DModel blocks' Linears and 1x1 convs), with
+    `with_convs` (its conv_dim) every layer of the ResnetBlock2D / Downsample2D / Upsample2D blocks too."""
+    out = []
+    for kind, layers in unet_blocks():
+        for path, shape in layers:
+            if kind == "attention" or with_convs:
+                out.append((kohya_name("lora_unet", path), path, shape, "unet"))
+    out += [(kohya_name("lora_te", path), path, shape, "te") for path, shape in text_encoder_layers()]
     return out
 
 
-def shape_of(mod) -> tuple:
-    """(out, in, kernel) of a Linear (kernel ()) or Conv2d (kernel (kh, kw))."""
-    if isinstance(mod, torch.nn.Linear):
-        return mod.out_features, mod.in_features, ()
-    return mod.out_channels, mod.in_channels, tuple(mod.kernel_size)
-
-
-def fan_in(mod) -> int:
-    o, i, k = shape_of(mod)
+def fan_in(shape: tuple) -> int:
+    o, i, k = shape
     return i * math.prod(k)
 
 
@@ -152,9 +192,9 @@ def make(kind: str, mods: list, g: torch.Generator, rank: int, scale: float, nor
     def randn(*shape, std=1.0):
         return torch.randn(*shape, generator=g) * std
 
-    for name, path, mod, part in mods:
-        o, i, k = shape_of(mod)
-        n = fan_in(mod)
+    for name, path, shape, part in mods:
+        o, i, k = shape
+        n = fan_in(shape)
         target = scale / math.sqrt(n)  # the std of ΔW's entries
         if kind in ("locon", "dora"):
             down = randn(rank, i, *k, std=target)
