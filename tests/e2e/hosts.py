@@ -84,6 +84,8 @@ class HostSpec:
     config_keys: Optional[Callable] = None
     # LoRA file types the host's LoRA loader reads (tests/e2e/test_network_types.py, makers/network_types.py)
     network_types: tuple = ()
+    # (LoRA mode, type) -> why the WebUI itself fails at the plain LoRA image of that type (run and seen)
+    network_type_failures: dict = field(default_factory=dict)
     # (spec, root) -> the spec for the tree installed at root (one env var, trees with different flags)
     for_tree: Optional[Callable] = None
     label: str = ""  # what the tree is, for messages (e.g. "Forge Neo 2.26")
@@ -166,6 +168,14 @@ def _neo_config_keys(root) -> dict:
     return {"VERSION_UID": m.group(1)} if m else {}
 
 
+# Seen on A1111 v1.10.1 on the CPU (full precision, --no-half), without AutoLoRA in the request: with
+# lora_functional on, the generic NetworkModule.forward applies a LoHa/LoKr delta computed in the file's
+# float16 to float32 activations (extensions-builtin/Lora/network.py, `self.ops(x, weight=updown)`).
+A1111_FUNCTIONAL_FP16_DELTA = ("the WebUI's own lora_functional forward fails on float16 LoHa/LoKr files in full "
+                               "precision, in a request without AutoLoRA (RuntimeError: expected m1 and m2 to "
+                               "have the same dtype)")
+
+
 HOSTS = {
     "a1111": HostSpec(
         name="a1111", env_var="AUTOLORA_A1111",
@@ -187,7 +197,9 @@ HOSTS = {
         make_checkpoint=_a1111_checkpoint_cmd, gradio="3.41",
         # extensions-builtin/Lora: network_lora (LoCon's 3x3 convs), network_hada, network_lokr, network_oft,
         # and network.py's dora_scale
-        network_types=("locon", "loha", "lokr", "dora", "oft")),
+        network_types=("locon", "loha", "lokr", "dora", "oft"),
+        network_type_failures={(mode, kind): A1111_FUNCTIONAL_FP16_DELTA for mode in ("functional",)
+                               for kind in ("loha", "lokr")}),
     # Forge (main): the UI is built (the UI test reads /config).
     "forge": HostSpec(
         name="forge", env_var="AUTOLORA_FORGE",
@@ -257,6 +269,9 @@ HOSTS = {
                # the test machine's 24 GB once a LoRA is merged (reForge was killed), so bf16/fp16 storage
                "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl", args=("--unet-in-bf16", "--clip-in-fp16"),
                                 ui_defaults=_ui("Euler a", "Automatic", 7))},
+        # No SD3: its ldm_patched backend builds and samples the A1111 SD3 file, but the WebUI's loader
+        # (modules_forge/forge_loader.py, load_model_for_a1111) makes a bare nn.Module for SD3 and fails at
+        # `sd_model.model.diffusion_model` before any sampler runs (its SD3 work was reverted in Aug 2024).
         make_checkpoint=_a1111_checkpoint_cmd, family="forge",
         network_types=("locon", "loha", "lokr", "dora", "oft"), label="reForge"),
     "forge-classic": HostSpec(
