@@ -269,9 +269,10 @@ HOSTS = {
                # the test machine's 24 GB once a LoRA is merged (reForge was killed), so bf16/fp16 storage
                "sdxl": ArchSpec("sdxl", "rand_sdxl.safetensors", "rand_lora_sdxl", args=("--unet-in-bf16", "--clip-in-fp16"),
                                 ui_defaults=_ui("Euler a", "Automatic", 7))},
-        # No SD3: its ldm_patched backend builds and samples the A1111 SD3 file, but the WebUI's loader
-        # (modules_forge/forge_loader.py, load_model_for_a1111) makes a bare nn.Module for SD3 and fails at
-        # `sd_model.model.diffusion_model` before any sampler runs (its SD3 work was reverted in Aug 2024).
+        # No SD3: started with the SD3 file A1111 runs (no extension linked), its loader fails before any
+        # sampler runs ("loading stable diffusion model: AttributeError: 'Module' object has no attribute
+        # 'model'", modules_forge/forge_loader.py load_model_for_a1111 builds a bare nn.Module for SD3),
+        # and txt2img answers that error; its ldm_patched backend alone builds that model.
         make_checkpoint=_a1111_checkpoint_cmd, family="forge",
         network_types=("locon", "loha", "lokr", "dora", "oft"), label="reForge"),
     "forge-classic": HostSpec(
