@@ -1,4 +1,5 @@
-"""The e2e suite's model makers that run without a WebUI: the streamed safetensors writer."""
+"""The e2e suite's model makers that run without a WebUI: the streamed safetensors writer and the
+network-type LoRA maker."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,12 +13,17 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 MAKER = Path(__file__).resolve().parent / "e2e" / "makers" / "streamed_checkpoint.py"
 
 
-@pytest.fixture(scope="module")
-def streamed():
-    spec = importlib.util.spec_from_file_location("streamed_checkpoint", MAKER)
+def load_maker(path: Path):
+    """A maker script as a module (the makers are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def streamed():
+    return load_maker(MAKER)
 
 
 def tensors():
@@ -67,10 +73,7 @@ NETWORK_TYPES = MAKER.parent / "network_types.py"
 
 @pytest.fixture(scope="module")
 def network_types():
-    spec = importlib.util.spec_from_file_location("network_types", NETWORK_TYPES)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_maker(NETWORK_TYPES)
 
 
 def test_network_type_maker_enumerates_sd15_layers(network_types):
