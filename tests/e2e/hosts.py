@@ -198,8 +198,7 @@ HOSTS = {
         # extensions-builtin/Lora: network_lora (LoCon's 3x3 convs), network_hada, network_lokr, network_oft,
         # and network.py's dora_scale
         network_types=("locon", "loha", "lokr", "dora", "oft"),
-        network_type_failures={(mode, kind): A1111_FUNCTIONAL_FP16_DELTA for mode in ("functional",)
-                               for kind in ("loha", "lokr")}),
+        network_type_failures={("functional", kind): A1111_FUNCTIONAL_FP16_DELTA for kind in ("loha", "lokr")}),
     # Forge (main): the UI is built (the UI test reads /config).
     "forge": HostSpec(
         name="forge", env_var="AUTOLORA_FORGE",
