@@ -1,9 +1,12 @@
-"""The e2e suite's model makers that run without a WebUI: the streamed safetensors writer and the
-network-type LoRA maker."""
+"""The e2e suite's model makers that run without a WebUI: the streamed safetensors writer, the
+network-type LoRA maker, and how the suite runs a maker."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ def load_maker(path: Path):
     """A maker script as a module (the makers are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -136,3 +140,25 @@ def test_network_type_file_is_reproducible_and_counts_its_modules(network_types,
     assert meta["autolora_e2e_te_modules"] == str(sum(1 for m in mods if m[3] == "te"))
     assert keys == {f"{name}.{tensor}" for name, *_ in mods
                     for tensor in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")}
+
+
+# A maker as the suite runs them: its output path on the command line; this one writes the name it
+# was given, then exits with the code in its second argument.
+FAKE_MAKER = "import sys\nopen(sys.argv[1], 'w').write(sys.argv[1].rsplit('/', 1)[-1])\nsys.exit(int(sys.argv[2]))\n"
+
+
+@pytest.mark.parametrize("exit_code", [0, 1])
+def test_the_suite_keeps_a_model_file_only_when_its_maker_finished(tmp_path, exit_code):
+    hosts = load_maker(MAKER.parent.parent / "hosts.py")
+    maker = tmp_path / "maker.py"
+    maker.write_text(FAKE_MAKER)
+    out = tmp_path / "models" / "Lora" / "autolora-e2e" / "rand_lora.safetensors"
+    argv = [sys.executable, str(maker), str(out), str(exit_code)]
+    if exit_code:
+        with pytest.raises(subprocess.CalledProcessError):
+            hosts._make(SimpleNamespace(root=tmp_path), argv, out)
+        assert not out.exists()  # a later run makes it again instead of loading half a file
+    else:
+        hosts._make(SimpleNamespace(root=tmp_path), argv, out)
+        assert out.read_text() == out.name  # the maker saw the model's own file name
+    assert [p for p in out.parent.rglob("*") if p.is_file() and p != out] == []

@@ -406,11 +406,23 @@ def ensure_network_type_lora(host: Host, kind: str, checkpoint: Path) -> Path:
 
 
 def _make(host: Host, argv: list, out: Path):
+    """Run a maker whose argv names `out`; the file appears only whole. A maker that fails (a full
+    disk half way through a 7 GB SDXL file) leaves nothing, where `_find` would take a partial file
+    for the model in every later run."""
     if not Path(argv[1]).exists():  # argv[1]: the maker script
         raise FileNotFoundError(f"{out.name} is missing and the maker {argv[1]} is not there "
                                 f"(set AUTOLORA_MODEL_MAKERS)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(argv, check=True, cwd=str(host.root), stdout=subprocess.DEVNULL)
+    # The same file name in a folder beside it: makers read the format from the suffix and write the
+    # stem into the metadata (a LoRA's `ss_output_name`, A1111's alias for it).
+    partial = out.parent / ".autolora-e2e-partial" / out.name
+    partial.parent.mkdir(exist_ok=True)
+    try:
+        subprocess.run([str(partial) if a == str(out) else a for a in argv], check=True, cwd=str(host.root),
+                       stdout=subprocess.DEVNULL)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # -- the server ------------------------------------------------------------------------------------
