@@ -1,9 +1,8 @@
-"""The parts of the e2e suite that run without a WebUI: the streamed safetensors writer, the
-network-type LoRA maker, how the suite runs a maker, and the config a WebUI starts from."""
+"""The e2e suite's model makers that run without a WebUI: the streamed safetensors writer, the
+network-type LoRA maker, and how the suite runs a maker."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -163,21 +162,3 @@ def test_the_suite_keeps_a_model_file_only_when_its_maker_finished(tmp_path, exi
         hosts._make(SimpleNamespace(root=tmp_path), argv, out)
         assert out.read_text() == out.name  # the maker saw the model's own file name
     assert [p for p in out.parent.rglob("*") if p.is_file() and p != out] == []
-
-
-def test_the_webui_starts_from_our_checkpoint_and_gets_its_config_back(tmp_path):
-    hosts = load_maker(MAKER.parent.parent / "hosts.py")
-    sd_dir = tmp_path / "models" / "Stable-diffusion"
-    (sd_dir / "autolora-e2e").mkdir(parents=True)
-    config = tmp_path / "config.json"
-    original = '{"VERSION_UID": "x", "sd_model_checkpoint": "autolora-e2e/rand_sdxl.safetensors"}'
-    config.write_text(original)
-    host = SimpleNamespace(root=tmp_path, spec=SimpleNamespace(config_keys=None), name="stand-in")
-    server = hosts.Server(host, sd_dir / "autolora_e2e_rand_sd15.safetensors", tmp_path)
-    server._launch = lambda timeout, mode: server  # no process: only what start() does to the files
-    server._link_extension = server._link_other_extensions = lambda: None
-    server.start()
-    assert json.loads(config.read_text()) == {"VERSION_UID": "x",
-                                               "sd_model_checkpoint": "autolora_e2e_rand_sd15.safetensors"}
-    server.stop()
-    assert config.read_text() == original

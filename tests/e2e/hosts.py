@@ -488,27 +488,11 @@ class Server:
             config.update(keys)
             path.write_text(json.dumps(config, indent=4), encoding="utf8")
 
-    def _remember_checkpoint(self):
-        """Our checkpoint in config.json, as a user's WebUI remembers the last one (put back at stop()).
-        Forge Neo builds its UI's checkpoint dropdown from this option, not from --ckpt (without it, from
-        the first listed file, such as another arch's checkpoint of the suite), and the page it serves
-        selects the dropdown's checkpoint again when it loads: a generation from the UI ran on it."""
-        path = self.host.root / "config.json"
-        if not path.exists():
-            return  # the host writes a fresh one itself (Forge Neo 2.x: with VERSION_UID)
-        sd_dir = self.host.root / "models" / "Stable-diffusion"
-        if not self.ckpt.is_relative_to(sd_dir):
-            return
-        config = json.loads(path.read_text(encoding="utf8") or "{}")
-        config["sd_model_checkpoint"] = self.ckpt.relative_to(sd_dir).as_posix()
-        path.write_text(json.dumps(config, indent=4), encoding="utf8")
-
     def start(self, timeout: float = 600):
         self._ensure_config_keys()
         for name in PERSISTED_FILES:
             path = self.host.root / name
             self._saved[name] = path.read_bytes() if path.exists() else None
-        self._remember_checkpoint()
         self._link_extension()
         self._link_other_extensions()
         return self._launch(timeout, "w")
