@@ -262,9 +262,7 @@ def main(argv=None) -> int:
         meta["ss_network_args"] = '{"algo": "%s", "conv_dim": "%d"}' % (args.type, args.rank)
     if args.type == "locon":
         meta["ss_network_args"] = '{"conv_dim": "%d", "conv_alpha": "%d"}' % (args.rank, args.rank)
-    tmp = args.out + ".part"
-    save_streamed(tensors, tmp, meta)
-    os.replace(tmp, args.out)
+    save_streamed(tensors, args.out, meta)  # whole or not at all: the suite's _make moves it in
     print(f"wrote {args.out}: {args.type}, {len(tensors)} tensors, {n_unet} UNet + {n_te} text-encoder modules, "
           f"rank {args.rank}, seed {args.seed}")
     return 0
