@@ -129,7 +129,10 @@ FORGE_HIRES_FIELDS = {"hr_additional_modules": ["Use same choices"], "styles": [
 # Forge main's and the October-2025 Neo tree's backend/patcher/lora.py merge lora (LoCon's mid and
 # DoRA's dora_scale included), loha, lokr and glora patches; no OFT (Neo 2.x: comfy's weight_adapter has it).
 FORGE_NETWORK_TYPES = ("locon", "loha", "lokr", "dora")
-FORGE_NEO_2_ARGS = ("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
+# Neither Forge Neo tree has --ckpt: argparse takes it for --ckpt-dirs and lists the file as a folder of
+# its own, under a title with no name (" [3cba21b97a]"), which neither the options API nor the page's
+# checkpoint dropdown selects; the checkpoint is selected through the options API alone.
+FORGE_NEO_ARGS = ("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
                     "--server-name", "127.0.0.1", "--port", "{port}")
 
 
@@ -226,10 +229,8 @@ HOSTS = {
     # Forge Neo release 2.x (2.26: the folder webui/ of exo101/sd-webui-forge-neo-v3 that
     # tests/e2e/install/forge-neo.sh installs by default; ../shared/webui/FORGE-NEO-226.md). Its backend
     # is ComfyUI's port: backend/args.py is ComfyUI's cli_args (--cpu, --use-pytorch-cross-attention;
-    # --always-cpu and --attention-pytorch make it exit), there is no --ckpt (argparse takes it for
-    # --ckpt-dirs and lists the file as a folder), so the checkpoint is selected only through the options
-    # API (Server._wait_for_extension_routes). No forge_inference_memory option (setting it is an error);
-    # the UNet storage dtype, and with it on-the-fly ("fp16 LoRA") LoRAs, is read when a checkpoint is
+    # --always-cpu and --attention-pytorch make it exit), no --ckpt (FORGE_NEO_ARGS). No
+    # forge_inference_memory option (setting it is an error); the UNet storage dtype, and with it on-the-fly ("fp16 LoRA") LoRAs, is read when a checkpoint is
     # selected: reselect_after. UI defaults: modules_forge/presets.py, the "sd" preset (the default
     # forge_preset, modules_forge/shared_options.py): Euler a, Automatic, CFG 6 (modules/ui.py's CFG slider
     # starts at 6 too); "xl": Euler a, Automatic, CFG 4.5 (its Shift 9 applies to rectified-flow SDXL
@@ -237,7 +238,7 @@ HOSTS = {
     # An October-2025 tree at AUTOLORA_FORGE_NEO gets FORGE_NEO_2025_10 below (for_tree).
     "forge-neo": HostSpec(
         name="forge-neo", env_var="AUTOLORA_FORGE_NEO",
-        base_args=FORGE_NEO_2_ARGS,
+        base_args=FORGE_NEO_ARGS,
         cpu_args=("--skip-torch-cuda-test", "--cpu", "--use-pytorch-cross-attention"),
         # "online": LoRAs patched on the fly (LowVramPatch per layer); 2.26 applies them to weights of
         # any dtype, so the fp32 UNet of "Automatic" with the "(fp16 LoRA)" switch.
@@ -296,7 +297,7 @@ HOSTS = {
 # options; on a CPU it needs PyTorch attention. Its presets (modules_forge/presets.py) differ from Forge main's.
 FORGE_NEO_2025_10 = HostSpec(
     name="forge-neo", env_var="AUTOLORA_FORGE_NEO",
-    base_args=FORGE_FAMILY_ARGS,
+    base_args=FORGE_NEO_ARGS,
     cpu_args=("--skip-torch-cuda-test", "--always-cpu", "--attention-pytorch"),
     lora_modes=FORGE_LORA_MODES,
     sdxl_mode="merged",
@@ -559,12 +560,18 @@ class Server:
     def _wait_for_extension_routes(self, deadline: float):
         """The host answers before its on_app_started callbacks ran, which add AutoLoRA's routes.
         Then the checkpoint is selected by its listed title: --ckpt is not enough everywhere (Forge
-        Neo loads its preset's checkpoint); config.json is put back at stop()."""
+        Neo has none), and the same title goes into the UI preset's own checkpoint option where the
+        host has presets (Forge Neo: each page load selects `forge_checkpoint_<preset>`, saved
+        whenever a user picked a checkpoint on the page, before `sd_model_checkpoint`;
+        modules_forge/main_entry.py on_preset_change); config.json is put back at stop()."""
         while time.time() < deadline:
             if get_status(f"{self.url}/autolora/v1/params", self.auth) != 404:
                 title = self._checkpoint_title()
-                status, body = post_json(f"{self.url}/sdapi/v1/options", {"sd_model_checkpoint": title},
-                                         auth=self.auth)
+                selection = {"sd_model_checkpoint": title}
+                options = get_json(f"{self.url}/sdapi/v1/options", timeout=60, auth=self.auth)
+                if f"forge_checkpoint_{options.get('forge_preset')}" in options:
+                    selection[f"forge_checkpoint_{options['forge_preset']}"] = title
+                status, body = post_json(f"{self.url}/sdapi/v1/options", selection, auth=self.auth)
                 if status != 200:
                     raise RuntimeError(f"selecting {title} failed: HTTP {status} {body}")
                 return self
