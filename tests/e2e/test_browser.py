@@ -412,6 +412,9 @@ def test_generate_from_the_ui_writes_the_infotext(page):
 
     images, infotext = page.generate()
     assert any(w == SIZE and h == SIZE for _, w, h in images), images
+    # The page generates with its own checkpoint dropdown's choice (Forge Neo's reselects on load):
+    # on another checkpoint the LoRA would not apply and no step would be guided.
+    assert f"Model: {page.webui.models['ckpt'].stem}," in infotext, f"not the suite's checkpoint:\n{infotext}"
     missing = [text for text in EXPECTED_INFOTEXT if text not in infotext]
     assert not missing, f"missing {missing} in the infotext:\n{infotext}"
     assert f"Steps: {STEPS}," in infotext and f"Size: {SIZE}x{SIZE}" in infotext, infotext
