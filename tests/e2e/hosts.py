@@ -230,9 +230,10 @@ HOSTS = {
     # tests/e2e/install/forge-neo.sh installs by default; ../shared/webui/FORGE-NEO-226.md). Its backend
     # is ComfyUI's port: backend/args.py is ComfyUI's cli_args (--cpu, --use-pytorch-cross-attention;
     # --always-cpu and --attention-pytorch make it exit), no --ckpt (FORGE_NEO_ARGS). No
-    # forge_inference_memory option (setting it is an error); the UNet storage dtype, and with it on-the-fly ("fp16 LoRA") LoRAs, is read when a checkpoint is
-    # selected: reselect_after. UI defaults: modules_forge/presets.py, the "sd" preset (the default
-    # forge_preset, modules_forge/shared_options.py): Euler a, Automatic, CFG 6 (modules/ui.py's CFG slider
+    # forge_inference_memory option (setting it is an error); the UNet storage dtype, and with it
+    # on-the-fly ("fp16 LoRA") LoRAs, is read when a checkpoint is selected: reselect_after. UI
+    # defaults: modules_forge/presets.py, the "sd" preset (the default forge_preset,
+    # modules_forge/shared_options.py): Euler a, Automatic, CFG 6 (modules/ui.py's CFG slider
     # starts at 6 too); "xl": Euler a, Automatic, CFG 4.5 (its Shift 9 applies to rectified-flow SDXL
     # models only). Clip skip 2 (modules/shared_options.py), the same for every request.
     # An October-2025 tree at AUTOLORA_FORGE_NEO gets FORGE_NEO_2025_10 below (for_tree).
