@@ -114,8 +114,12 @@ def _ui(sampler: str, scheduler: str, cfg: float) -> dict:
 
 
 A1111_UI = _ui("DPM++ 2M", "Automatic", 7)
-FORGE_FAMILY_ARGS = ("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
-                     "--server-name", "127.0.0.1", "--port", "{port}", "--ckpt", "{ckpt}")
+# Neither Forge Neo tree has --ckpt: argparse takes it for --ckpt-dirs and lists the file as a folder of
+# its own, under a title with no name (" [3cba21b97a]"), which neither the options API nor the page's
+# checkpoint dropdown selects; the checkpoint is selected through the options API alone.
+FORGE_NEO_ARGS = ("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
+                  "--server-name", "127.0.0.1", "--port", "{port}")
+FORGE_FAMILY_ARGS = (*FORGE_NEO_ARGS, "--ckpt", "{ckpt}")
 # "online" is Forge's on-the-fly LoRA ("... (fp16 LoRA)" storage; Forge applies LoRAs online only to
 # low-bit weights, so fp8 here). Forge re-reads its model-loading options only when a memory option
 # changes too, hence the 1024/1025 MB pair.
@@ -129,11 +133,6 @@ FORGE_HIRES_FIELDS = {"hr_additional_modules": ["Use same choices"], "styles": [
 # Forge main's and the October-2025 Neo tree's backend/patcher/lora.py merge lora (LoCon's mid and
 # DoRA's dora_scale included), loha, lokr and glora patches; no OFT (Neo 2.x: comfy's weight_adapter has it).
 FORGE_NETWORK_TYPES = ("locon", "loha", "lokr", "dora")
-# Neither Forge Neo tree has --ckpt: argparse takes it for --ckpt-dirs and lists the file as a folder of
-# its own, under a title with no name (" [3cba21b97a]"), which neither the options API nor the page's
-# checkpoint dropdown selects; the checkpoint is selected through the options API alone.
-FORGE_NEO_ARGS = ("--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check", "--api",
-                    "--server-name", "127.0.0.1", "--port", "{port}")
 
 
 def neo_tree(root: Path) -> str:
@@ -570,8 +569,9 @@ class Server:
                 title = self._checkpoint_title()
                 selection = {"sd_model_checkpoint": title}
                 options = get_json(f"{self.url}/sdapi/v1/options", timeout=60, auth=self.auth)
-                if f"forge_checkpoint_{options.get('forge_preset')}" in options:
-                    selection[f"forge_checkpoint_{options['forge_preset']}"] = title
+                preset_checkpoint = f"forge_checkpoint_{options.get('forge_preset')}"
+                if preset_checkpoint in options:
+                    selection[preset_checkpoint] = title
                 status, body = post_json(f"{self.url}/sdapi/v1/options", selection, auth=self.auth)
                 if status != 200:
                     raise RuntimeError(f"selecting {title} failed: HTTP {status} {body}")
