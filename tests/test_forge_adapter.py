@@ -675,41 +675,49 @@ def test_weight_adapter_patches_give_the_same_factors_as_forge_mains_tuples():
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
 
 
-def test_our_text_encodings_leave_no_infotext_on_forge_main_nor_on_later_neo(monkeypatch):
+@pytest.mark.parametrize("host", ["forge main", "neo 2.26", "neo 2.29"])
+def test_our_text_encodings_leave_no_infotext_on_forge_main_nor_on_later_neo(monkeypatch, host):
     """The text engines leave Emphasis/TI notes for get_conds_with_caching in a module global of
-    classic_engine (Forge main) or in `dynamic_args.last_extra_generation_params` (later Neo, a class
-    attribute that processing.py clears in place); AutoLoRA's encodings put back what was there."""
+    classic_engine (Forge main and Neo's October tree, whose `dynamic_args` is a dict) or in
+    `dynamic_args.last_extra_generation_params` (Neo 2.x, a class attribute that processing.py
+    clears in place; 2.29 renamed classic_engine to sd_engine); AutoLoRA's encodings put back what
+    was there."""
     import sys
     import types
     from contextlib import nullcontext
 
     from lib_autolora.hosts.forge import ForgeAPI
 
-    def install(engine_has_global):
-        engine = types.ModuleType("backend.text_processing.classic_engine")
-        args = types.ModuleType("backend.args")
+    args = types.ModuleType("backend.args")
+    text_processing = types.ModuleType("backend.text_processing")
+    modules = {"backend": types.ModuleType("backend"), "backend.text_processing": text_processing,
+               "backend.args": args, "modules": types.ModuleType("modules"),
+               "modules.devices": types.ModuleType("modules.devices")}
+    if host == "forge main":
+        args.dynamic_args = dict(embedding_dir="./embeddings", emphasis_name="original")
+        engine = modules["backend.text_processing.classic_engine"] = types.ModuleType("classic_engine")
+        engine.last_extra_generation_params = buffer = {"TI": "before"}
+        text_processing.classic_engine = engine
+    else:
         args.dynamic_args = type("dynamic_args", (), {"last_extra_generation_params": {"TI": "before"}})
-        if engine_has_global:
-            engine.last_extra_generation_params = {"TI": "before"}
-        devices = types.ModuleType("modules.devices")
-        devices.autocast = nullcontext
-        for name, module in {"backend": types.ModuleType("backend"), "backend.text_processing": types.ModuleType("x"),
-                             "backend.text_processing.classic_engine": engine, "backend.args": args,
-                             "modules": types.ModuleType("modules"), "modules.devices": devices}.items():
-            monkeypatch.setitem(sys.modules, name, module)
-        sys.modules["backend"].text_processing = sys.modules["backend.text_processing"]
-        sys.modules["backend.text_processing"].classic_engine = engine
-        sys.modules["modules"].devices = devices
-        return engine.last_extra_generation_params if engine_has_global else args.dynamic_args.last_extra_generation_params
+        buffer = args.dynamic_args.last_extra_generation_params
+        if host == "neo 2.26":
+            engine = modules["backend.text_processing.classic_engine"] = types.ModuleType("classic_engine")
+            text_processing.classic_engine = engine
+        else:  # no classic_engine: importing it fails
+            modules["backend.text_processing.classic_engine"] = None
+    modules["modules.devices"].autocast = nullcontext
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["backend"].text_processing = text_processing
+    sys.modules["modules"].devices = modules["modules.devices"]
 
     api = object.__new__(ForgeAPI)
     api.options = lambda: SimpleNamespace(CLIP_stop_at_last_layers=1)
     p = SimpleNamespace(sd_model=SimpleNamespace(set_clip_skip=lambda n: None))
-    for engine_has_global in (True, False):
-        buffer = install(engine_has_global)
-        with api.encoding(p):
-            buffer["Emphasis"] = "No norm"  # what an encoding of ours would leave
-        assert buffer == {"TI": "before"}, engine_has_global
+    with api.encoding(p):
+        buffer["Emphasis"] = "No norm"  # what an encoding of ours would leave
+    assert buffer == {"TI": "before"}
 
 
 @pytest.mark.parametrize("strategy", ["batched", "dual", "sequential", "swap"])

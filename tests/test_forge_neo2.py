@@ -24,8 +24,8 @@ from standins.forge import (
     standin_compile_weighted_conditions, schedules_of, standin_reconstruct_cond_batch,
     standin_reconstruct_multicond_batch)
 from standins.forge_neo2 import (
-    StandInComfyModelPatcher, StandInContextHandler, join_dicts, lora_adapter, standin_get_learned_conditioning,
-    standin_load_lora_for_models, standin_merge_lora_to_weight)
+    StandInComfyModelPatcher, StandInComfyModelPatcher229, StandInContextHandler, join_dicts, lora_adapter,
+    standin_get_learned_conditioning, standin_load_lora_for_models, standin_merge_lora_to_weight)
 
 CPU = torch.device("cpu")
 TOL = 2e-5
@@ -52,30 +52,43 @@ def neo_patches(model, dora=False, seed=1):
     return a, b
 
 
-class NeoBench:
-    """The UNet patcher chain 2.26 builds for `<lora:A:1> <lora:B:0.7>`, merged ("offline") by
-    loading, and the model without A to compare the base branch with."""
+HOSTS = ("2.26", "2.29 merged", "2.29 online")
 
-    def __init__(self, dora=False):
+
+class NeoBench:
+    """The UNet patcher chain a Neo release (`host`) builds for `<lora:A:1> <lora:B:0.7>`, merged
+    ("offline") by loading or, on 2.29 online, applied by the layers in each forward; and the model
+    without A to compare the base branch with."""
+
+    def __init__(self, dora=False, host="2.26"):
         torch.manual_seed(0)
         self.model = StandInKModel().eval()
-        del self.model.lora_loader  # 2.26 has none
+        del self.model.lora_loader  # 2.x has none
         self.clean = copy.deepcopy(self.model)
         a, b = neo_patches(self.model, dora=dora)
-        self.root = StandInComfyModelPatcher(self.model, CPU, CPU)
-        unet, _ = standin_load_lora_for_models(self.root, None, a, None, 1.0, FILES[0])
-        self.unet, _ = standin_load_lora_for_models(unet, None, b, None, 0.7, FILES[1])
-        self.unet.patch_model()
+        self.root, unet = self._chain(self.model, host, [(a, 1.0, FILES[0]), (b, 0.7, FILES[1])])
+        self.unet = unet
         self.base_model = copy.deepcopy(self.clean)
-        only_b = StandInComfyModelPatcher(self.base_model, CPU, CPU)
-        only_b, _ = standin_load_lora_for_models(only_b, None, neo_patches(self.base_model, dora=dora)[1], None, 0.7,
-                                                 FILES[1])
-        only_b.patch_model()
+        self._chain(self.base_model, host, [(neo_patches(self.base_model, dora=dora)[1], 0.7, FILES[1])])
         g = torch.Generator().manual_seed(3)
         self.x = torch.randn(2, 4, 4, 4, generator=g)
         self.sigma = torch.full((2,), 1.2)
         self.texts = {b: schedules_of(torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g),
                                       [[(0, 1.0)], [(1, 1.0)]]) for b in ("lora", "base")}
+
+    @staticmethod
+    def _chain(model, host, loras):
+        """(root patcher, the one sampled with) after the host loaded `loras` [(patches, strength, file)]."""
+        online = host == "2.29 online"
+        root = (StandInComfyModelPatcher if host == "2.26" else StandInComfyModelPatcher229)(model, CPU, CPU)
+        unet = root
+        for patches, strength, filename in loras:
+            unet, _ = standin_load_lora_for_models(unet, None, patches, None, strength, filename, online_mode=online)
+        if online:
+            unet.load_weight_functions()
+        else:
+            unet.patch_model()
+        return root, unet
 
     def entries(self, branch):
         multicond, uncond = self.texts[branch]
@@ -131,6 +144,22 @@ def test_the_parent_chain_tells_the_loras_apart():
     assert guided_sources(untold, {FILES[0]}, set(FILES) | {"C.safetensors"}) is None
 
 
+def test_online_loras_are_told_apart_by_their_weight_wrappers():
+    """2.29 keeps an online LoRA out of `patches`: one wrapper per weight names its file. The sets
+    come from the wrappers (any LoRA may be guided alone); another extension's wrapper is no LoRA."""
+    bench = NeoBench(host="2.29 online")
+    assert not bench.unet.patches
+    to_k = "diffusion_model.to_k.weight"
+    bench.unet.add_weight_wrapper(to_k, lambda weight: weight)  # e.g. another extension's
+    sets = patch_sets(bench.unet, FILES)
+    assert list(sets) == [(FILES[0], 1.0, 1.0, True), (FILES[1], 0.7, 1.0, True)]
+    assert set(sets[(FILES[1], 0.7, 1.0, True)]) == {to_k, "diffusion_model.out.weight"}
+    assert all(len(entry) == 5 for patches in sets.values() for entries in patches.values() for entry in entries)
+    assert guided_sources(sets, {FILES[0]}, set(FILES)) == {FILES[0]}
+    ff = bench.factors()
+    assert ff.online and ff.files == {FILES[0]} and not ff.skipped
+
+
 def test_factors_of_the_guided_lora_only():
     bench = NeoBench()
     ff = bench.factors()
@@ -141,9 +170,10 @@ def test_factors_of_the_guided_lora_only():
     torch.testing.assert_close(ff.factors.deltas[module].forward(x), x @ (up @ down).T * (alpha / 3), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("host", HOSTS)
 @pytest.mark.parametrize("strategy", ["auto", "batched", "dual", "sequential", "swap"])
-def test_identities_through_neo2_sampling(strategy):
-    bench = NeoBench()
+def test_identities_through_neo2_sampling(strategy, host):
+    bench = NeoBench(host=host)
     before = weights_of(bench.model)
     backup_before = {k: v.weight.clone() for k, v in bench.unet.backup.items()}
     lora, base = bench.plain(bench.model, "lora", 6.0), bench.plain(bench.base_model, "base", 6.0)
@@ -158,12 +188,13 @@ def test_identities_through_neo2_sampling(strategy):
     assert all(torch.equal(backup_before[k], v.weight) for k, v in bench.unet.backup.items())
 
 
+@pytest.mark.parametrize("host", HOSTS)
 @pytest.mark.parametrize("strategy", ["batched", "dual", "swap"])
-def test_an_in_place_merge_never_touches_a_live_or_backed_up_weight(strategy):
-    """DoRA (non-additive) makes the binding merge the patches itself: 2.26's merge writes into the
+def test_an_in_place_merge_never_touches_a_live_or_backed_up_weight(strategy, host):
+    """DoRA (non-additive) makes the binding merge the patches itself: 2.x's merge writes into the
     tensor it is given, so it must be handed copies. The loaded weights and the originals in the
     backup stay bit-identical, and unpatching gives back the checkpoint."""
-    bench = NeoBench(dora=True)
+    bench = NeoBench(dora=True, host=host)
     clean = weights_of(bench.clean)
     before = weights_of(bench.model)
     backup_before = {k: v.weight.clone() for k, v in bench.unet.backup.items()}

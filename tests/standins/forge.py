@@ -172,6 +172,17 @@ def standin_sampling_function_inner(model, x, timestep, uncond, cond, cond_scale
     return result
 
 
+def standin_get_weight_and_bias(layer):
+    """backend/operations.py `get_weight_and_bias` (Forge Neo 2.29): the layer's `weight_function`s
+    (patches applied in each forward: online LoRAs, low-VRAM layers) on a copy of its weight."""
+    weight = layer.weight
+    if getattr(layer, "weight_function", None):
+        weight = weight.clone()
+        for f in layer.weight_function:
+            weight = f(weight)
+    return weight, layer.bias
+
+
 class StandInLinear(torch.nn.Module):
     """Forge's ForgeOperations.Linear is a torch.nn.Module, not a torch.nn.Linear."""
 
@@ -182,13 +193,20 @@ class StandInLinear(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.randn(o) * 0.1, requires_grad=False)
 
     def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        return torch.nn.functional.linear(x, *standin_get_weight_and_bias(self))
+
+
+class StandInConv2d(torch.nn.Conv2d):
+    """ForgeOperations.Conv2d: a torch.nn.Conv2d whose forward applies its weight functions."""
+
+    def forward(self, x):
+        return self._conv_forward(x, *standin_get_weight_and_bias(self))
 
 
 class TinyNet(torch.nn.Module):
     def __init__(self, c=4, d=16, e=8, v=6):
         super().__init__()
-        self.conv = torch.nn.Conv2d(c, d, 3, padding=1)
+        self.conv = StandInConv2d(c, d, 3, padding=1)
         self.to_k = StandInLinear(e, d)
         self.qkv = StandInLinear(d, 3 * d)  # a fused projection, patched through `offset` slices
         self.vec = StandInLinear(v, d)

@@ -19,6 +19,13 @@
   `execute(calc, model, [cond, uncond], x, timestep, model_options)`); the sampler's model options
   are merged into the patcher's with `join_dicts` (nested dicts merged, lists concatenated);
 - `standin_get_learned_conditioning(model, prompts, steps, hires_steps=None)`: 4 arguments.
+
+`StandInComfyModelPatcher229` is release 2.29.1's ModelPatcher (ComfyUI v0.33.1's), copied from its
+source as published (youlijie/sd-webui-forge-classic, release "2.29.1"; no 2.29 tree could be
+installed and run here): merged LoRAs as 5-tuples in `patches` (no online flag), an online LoRA as
+one `OnlineLoRAPatch(filename, key, [entry])` per key in `weight_wrapper_patches`, which `load()`
+puts into each layer's `weight_function` and the layer applies to a copy of its weight per forward
+(standins/forge.py `standin_get_weight_and_bias`).
 """
 from __future__ import annotations
 
@@ -159,6 +166,54 @@ class StandInComfyModelPatcher:
         for key, saved in self.backup.items():
             _set_attr(self.model, key, saved.weight)
         self.backup.clear()
+
+
+class StandInOnlineLoRAPatch:
+    """2.29.1 backend/patcher/base.py `OnlineLoRAPatch`: one LoRA's entry on one weight, merged into
+    the weight it is given in each forward."""
+
+    def __init__(self, name, key, patch):
+        self.name, self.key, self.patch = name, key, [patch]
+
+    def __call__(self, weight):
+        return standin_merge_lora_to_weight(self.patch, weight, self.key, computation_dtype=weight.dtype)
+
+
+class StandInComfyModelPatcher229(StandInComfyModelPatcher):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_wrapper_patches = {}
+
+    def clone(self):
+        n = super().clone()
+        n.weight_wrapper_patches = self.weight_wrapper_patches.copy()
+        return n
+
+    def add_weight_wrapper(self, name, function):
+        self.weight_wrapper_patches[name] = self.weight_wrapper_patches.get(name, []) + [function]
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0, *, filename=None, online_mode=None):
+        model_sd = self.model.state_dict()
+        added = []
+        for k in patches:
+            key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+            if key in model_sd:
+                added.append(k)
+                if online_mode:
+                    self.add_weight_wrapper(key, StandInOnlineLoRAPatch(
+                        filename, k, [strength_patch, patches[k], strength_model, offset, function]))
+                else:
+                    current = self.patches.pop(key, [])
+                    current.append((strength_patch, patches[k], strength_model, offset, function))
+                    self.patches[key] = current
+        self.patches_uuid = object()
+        return added
+
+    def load_weight_functions(self):
+        """What `load()` gives each layer: its weight's wrappers as `weight_function`."""
+        for key, wrappers in self.weight_wrapper_patches.items():
+            path, _, _attr = key.rpartition(".")
+            self.model.get_submodule(path).weight_function = list(wrappers)
 
 
 def standin_load_lora_for_models(unet, clip, unet_patches, clip_patches, strength, filename, online_mode=False):

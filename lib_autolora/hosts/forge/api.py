@@ -137,13 +137,15 @@ class ForgeAPI(FamilyAPI):
 
     @staticmethod
     def infotext_buffer() -> dict:
-        """Where the text engines leave infotext for `get_conds_with_caching` (Emphasis, TI): a
-        global of classic_engine on Forge main, `dynamic_args` on Forge Neo 2.x."""
-        import backend.text_processing.classic_engine as classic_engine
-        if hasattr(classic_engine, "last_extra_generation_params"):
-            return classic_engine.last_extra_generation_params
+        """Where the text engines leave infotext for `get_conds_with_caching` (Emphasis, TI):
+        `dynamic_args` on Forge Neo 2.x (whose engine module was renamed in 2.29), else a global of
+        classic_engine (Forge main, Neo's October tree, where `dynamic_args` is a dict)."""
         from backend.args import dynamic_args
-        return dynamic_args.last_extra_generation_params
+        buffer = getattr(dynamic_args, "last_extra_generation_params", None)
+        if isinstance(buffer, dict):
+            return buffer
+        import backend.text_processing.classic_engine as classic_engine
+        return classic_engine.last_extra_generation_params
 
     def before_encoding(self, p) -> None:
         p.sd_model.set_clip_skip(int(self.options().CLIP_stop_at_last_layers))

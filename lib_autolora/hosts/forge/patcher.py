@@ -11,7 +11,9 @@ Two layouts exist, told apart by what a patcher holds, never by the WebUI's name
   a weight is merged, emptied when the model is unpatched). Each LoRA is added on a fresh clone
   (`load_lora_for_models`: `clone()` + `add_patches`); where a clone records its `parent` (not
   Forge Classic), the links of the parent chain that added entries are the LoRAs, in the order
-  they were loaded, and the clones share one backup.
+  they were loaded, and the clones share one backup. Since Forge Neo 2.29 an online LoRA is not
+  among `patches` but one weight wrapper per key and LoRA (`weight_wrapper_patches[key]`, each an
+  `OnlineLoRAPatch` that names its file and holds its one entry), applied in each forward.
 
 An entry is (strength_patch, v, strength_model, offset, function[, online]) where `v` is a
 ("lora", (...)) tuple or a ComfyUI weight adapter. Nothing here merges: factors.py does, always on
@@ -56,12 +58,31 @@ def _identity(filename, patches: dict) -> tuple:
 
 def patch_sets(patcher, loaded_files: tuple = ()) -> dict:
     """The patcher's LoRA patches per LoRA file, {(filename, strength_patch, strength_model,
-    online): {key: [entries]}}. With ComfyUI's layout the files come from the parent chain when it
-    has one link per LoRA of `loaded_files` (in the order the host loaded them); otherwise every
+    online): {key: [entries]}}, in the order the host applies them: merged ones, then online ones.
+    With ComfyUI's layout the files of merged patches come from the parent chain when it has one
+    link per LoRA of `loaded_files` (in the order the host loaded them); otherwise every merged
     LoRA patch is filed under UNKNOWN_FILE."""
     keyed = getattr(patcher, "lora_patches", None)
     if keyed:
         return keyed
+    return {**_merged_sets(patcher, loaded_files), **_online_sets(patcher)}
+
+
+def _online_sets(patcher) -> dict:
+    """Forge Neo 2.29's online LoRAs, read from their weight wrappers (which name their file);
+    wrappers of other kinds (not one entry and a name) are not LoRAs."""
+    sets: dict = {}
+    for key, wrappers in (getattr(patcher, "weight_wrapper_patches", None) or {}).items():
+        for wrapper in wrappers:
+            entries = getattr(wrapper, "patch", None)
+            if not hasattr(wrapper, "name") or not isinstance(entries, list) or len(entries) != 1:
+                continue
+            entry = tuple(entries[0])
+            sets.setdefault((wrapper.name, entry[0], entry[2], True), {}).setdefault(key, []).append(entry)
+    return sets
+
+
+def _merged_sets(patcher, loaded_files: tuple) -> dict:
     patches = getattr(patcher, "patches", None) or {}
     if not patches:
         return {}
